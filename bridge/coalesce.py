@@ -1,0 +1,241 @@
+"""Coalescer: pending changes keyed by user, merged in source order (pure; injected clock).
+
+Rules: later values win per field; a user deletion supersedes what came before it; a change after
+a deletion starts afresh (the batch deletes, then re-creates). A user becomes *due* when its
+oldest pending change has waited the flush window, no request of its own is in flight, and its
+per-user rate limit (1 request/s) allows it. While a user waits, changes keep merging into one
+pending entry instead of queueing requests: that is what keeps the call count down.
+"""
+
+from __future__ import annotations
+
+import heapq
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.events import UNCHANGED, Origin, SubscriptionChange, UserChange, UserRef
+
+MAX_ORIGINS = 8  # origins kept per batch for dead letters and logs (all seqs are kept)
+
+
+@dataclass(frozen=True, slots=True)
+class UserBatch:
+    """The net effect of one user's pending changes, ready to be turned into requests."""
+
+    user: UserRef
+    delete_user: bool
+    tags: dict[str, str | None]
+    properties: dict[str, Any]
+    aliases: dict[str, str | None]
+    subscriptions: dict[str, SubscriptionChange]
+    seqs: array
+    origins: tuple[Origin, ...]
+    changes: int  # how many UserChanges were merged into this batch
+    attempt: int = 0
+    first_commit_time: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.delete_user or self.tags or self.properties or self.aliases or self.subscriptions)
+
+
+@dataclass(slots=True)
+class _Pending:
+    user: UserRef
+    first_at: float
+    delete_user: bool = False
+    tags: dict[str, str | None] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    aliases: dict[str, str | None] = field(default_factory=dict)
+    subscriptions: dict[str, SubscriptionChange] = field(default_factory=dict)
+    seqs: array = field(default_factory=lambda: array("q"))
+    origins: list[Origin] = field(default_factory=list)
+    changes: int = 0
+    attempt: int = 0
+    not_before: float = 0.0
+    size: int = 256
+    first_commit_time: float | None = None
+
+    def merge(self, ch: UserChange) -> int:
+        """Apply one change on top; return the growth in estimated bytes."""
+        before = self.size
+        if ch.delete_user:
+            self.delete_user = True
+            self.tags.clear()
+            self.properties.clear()
+            self.aliases.clear()
+            self.subscriptions.clear()
+            self.size = 256 + 8 * len(self.seqs)
+        for k, v in ch.tags.items():
+            if k not in self.tags:
+                self.size += 64 + len(k)
+            self.tags[k] = v
+            self.size += len(v) if v else 0
+        for k, v in ch.properties.items():
+            self.properties[k] = v
+            self.size += 64
+        for k, a in ch.aliases.items():
+            self.aliases[k] = a
+            self.size += 64 + len(k)
+        for sub in ch.subscriptions:
+            self.subscriptions[sub.channel] = _merge_sub(self.subscriptions.get(sub.channel), sub)
+            self.size += 128
+        self.seqs.append(ch.origin.seq)
+        self.size += 8
+        if len(self.origins) < MAX_ORIGINS:
+            self.origins.append(ch.origin)
+        elif self.origins:
+            self.origins[-1] = ch.origin  # keep the first few and the latest
+        if self.first_commit_time is None:
+            self.first_commit_time = ch.origin.commit_time
+        self.changes += 1
+        return self.size - before
+
+    def freeze(self) -> UserBatch:
+        return UserBatch(
+            self.user, self.delete_user, dict(self.tags), dict(self.properties), dict(self.aliases),
+            dict(self.subscriptions), self.seqs, tuple(self.origins), self.changes, self.attempt,
+            self.first_commit_time,
+        )
+
+
+def _merge_sub(older: SubscriptionChange | None, newer: SubscriptionChange) -> SubscriptionChange:
+    if older is None:
+        return newer
+    token = older.token if newer.token is UNCHANGED else newer.token
+    enabled = newer.enabled if newer.enabled is not None else older.enabled
+    # What OneSignal holds is the address before the first change of this window.
+    previous = older.previous if older.token is not UNCHANGED else (older.previous or newer.previous)
+    return SubscriptionChange(newer.channel, token, enabled, previous)
+
+
+class Coalescer:
+    """Pending user changes and the schedule of when each user may be sent next."""
+
+    def __init__(self, flush_interval_s: float = 0.2, user_interval_s: float = 1.0) -> None:
+        self.flush_interval_s = flush_interval_s
+        self.user_interval_s = user_interval_s
+        self._pending: dict[UserRef, _Pending] = {}
+        self._in_flight: set[UserRef] = set()
+        self._last_sent: dict[UserRef, float] = {}
+        self._heap: list[tuple[float, int, UserRef]] = []
+        self._tick = 0
+        self.pending_bytes = 0
+        self.coalesced = 0  # changes merged into an already pending user
+
+    # -- input ---------------------------------------------------------------------------
+
+    def add(self, change: UserChange, now: float) -> None:
+        p = self._pending.get(change.user)
+        if p is None:
+            p = self._pending[change.user] = _Pending(change.user, first_at=now)
+            self.pending_bytes += p.size
+            self.pending_bytes += p.merge(change)
+            self._schedule(p)
+        else:
+            self.coalesced += 1
+            self.pending_bytes += p.merge(change)
+
+    def requeue(self, batch: UserBatch, not_before: float, now: float) -> None:
+        """A batch that failed retriably goes back *under* whatever arrived since it left."""
+        self._in_flight.discard(batch.user)
+        newer = self._pending.pop(batch.user, None)
+        if newer is not None:
+            self.pending_bytes -= newer.size
+        p = _Pending(batch.user, first_at=now, attempt=batch.attempt + 1, not_before=not_before)
+        p.delete_user = batch.delete_user
+        p.tags, p.properties, p.aliases = dict(batch.tags), dict(batch.properties), dict(batch.aliases)
+        p.subscriptions = dict(batch.subscriptions)
+        p.seqs = array("q", batch.seqs)
+        p.origins = list(batch.origins)
+        p.changes = batch.changes
+        p.first_commit_time = batch.first_commit_time
+        p.size = 256 + 8 * len(p.seqs) + 96 * (len(p.tags) + len(p.properties) + len(p.aliases))
+        if newer is not None:
+            if newer.delete_user:
+                newer.seqs = array("q", p.seqs) + newer.seqs
+                newer.attempt, newer.not_before = p.attempt, not_before
+                newer.first_commit_time = p.first_commit_time
+                newer.size += 8 * len(p.seqs)
+                p = newer
+            else:
+                p.tags.update(newer.tags)
+                p.properties.update(newer.properties)
+                p.aliases.update(newer.aliases)
+                for ch, sub in newer.subscriptions.items():
+                    p.subscriptions[ch] = _merge_sub(p.subscriptions.get(ch), sub)
+                p.seqs.extend(newer.seqs)
+                p.changes += newer.changes
+                p.size += newer.size
+        self._pending[batch.user] = p
+        self.pending_bytes += p.size
+        self._schedule(p)
+
+    # -- output --------------------------------------------------------------------------
+
+    def _due(self, p: _Pending) -> float:
+        due = max(p.first_at + self.flush_interval_s, p.not_before)
+        last = self._last_sent.get(p.user)
+        if last is not None:
+            due = max(due, last + self.user_interval_s)
+        return due
+
+    def _schedule(self, p: _Pending) -> None:
+        if p.user in self._in_flight:
+            return  # scheduled again when the in-flight batch finishes
+        self._tick += 1
+        heapq.heappush(self._heap, (self._due(p), self._tick, p.user))
+
+    def next_due(self) -> float | None:
+        while self._heap:
+            due, _, user = self._heap[0]
+            p = self._pending.get(user)
+            if p is None or user in self._in_flight or self._due(p) != due:
+                heapq.heappop(self._heap)
+                if p is not None and user not in self._in_flight:
+                    self._schedule(p)
+                continue
+            return due
+        return None
+
+    def take_due(self, now: float, limit: int) -> list[UserBatch]:
+        """Remove and return up to `limit` due users' batches; they are now in flight."""
+        out: list[UserBatch] = []
+        while len(out) < limit:
+            due = self.next_due()
+            if due is None or due > now:
+                break
+            _, _, user = heapq.heappop(self._heap)
+            p = self._pending.pop(user)
+            self.pending_bytes -= p.size
+            self._in_flight.add(user)
+            out.append(p.freeze())
+        return out
+
+    def finished(self, user: UserRef, last_request_at: float | None) -> None:
+        """The user's in-flight batch is done; its next batch may go a rate-limit interval later."""
+        self._in_flight.discard(user)
+        if last_request_at is not None:
+            self._last_sent[user] = last_request_at
+        p = self._pending.get(user)
+        if p is not None:
+            self._schedule(p)
+
+    def forget_idle(self, now: float) -> None:
+        """Drop rate-limit memory older than the interval (keeps memory bounded)."""
+        cutoff = now - self.user_interval_s
+        stale = [u for u, t in self._last_sent.items() if t < cutoff]
+        for u in stale:
+            del self._last_sent[u]
+
+    @property
+    def pending_users(self) -> int:
+        return len(self._pending)
+
+    @property
+    def in_flight_users(self) -> int:
+        return len(self._in_flight)
+
+    def pending_batches(self) -> list[UserBatch]:
+        return [p.freeze() for p in self._pending.values()]

@@ -1,0 +1,326 @@
+"""Configuration: YAML with `${ENV}` interpolation, parsed once at start-up into typed values.
+
+Every problem is reported with the file, the key path and what was expected. Unknown keys are
+errors. Secrets (`onesignal.api_key`, DSN passwords) are `SecretStr`: they never print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bridge.errors import ConfigError
+
+RESERVED_TAG_KEYS = frozenset(
+    "message notification subscription user template app org dynamic_content data_feed journey "
+    "custom_data".split()
+)
+PROPERTY_KEYS = frozenset(
+    "language timezone_id country lat long first_active last_active".split()
+)
+DECODERS = frozenset(
+    "micro_timestamp milli_timestamp nano_timestamp date_days zoned_timestamp decimal micro_time".split()
+)
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_ALIAS_LABEL = re.compile(r"^[^/?#&=\s\x00-\x1f\x7f]{1,128}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OneSignalConfig(_Strict):
+    app_id: str = Field(min_length=1)
+    api_key: SecretStr
+    base_url: str = "https://api.onesignal.com"
+    request_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("expected an http(s) URL such as https://api.onesignal.com")
+        return v.rstrip("/")
+
+
+class PostgresSourceConfig(_Strict):
+    kind: Literal["postgres"]
+    dsn: SecretStr
+    slot: str = "onesignal_bridge"
+    publication: str = "onesignal_bridge"
+    snapshot: Literal["initial", "never", "when_needed"] = "initial"
+    heartbeat_interval_s: float | None = Field(default=None, gt=0)
+    status_interval_s: float = Field(default=1.0, gt=0)
+    standby: bool = Field(default=True, description="wait on an advisory lock when another replica streams")
+
+    @field_validator("slot", "publication")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError("expected a plain SQL identifier (letters, digits, underscore)")
+        return v
+
+
+class OutboxSourceConfig(_Strict):
+    kind: Literal["outbox"]
+    dsn: SecretStr
+    poll_interval_ms: int = Field(default=1000, gt=0)
+    batch_size: int = Field(default=1000, gt=0)
+
+
+class KafkaSourceConfig(_Strict):
+    kind: Literal["kafka"]
+    bootstrap_servers: str
+    group_id: str = "onesignal-bridge"
+    topics: list[str] | None = None
+    topic_pattern: str | None = None
+    format: Literal["debezium-json", "debezium-flat"] = "debezium-json"
+    dead_letter_topic: str | None = None
+    consumer: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _topics(self) -> "KafkaSourceConfig":
+        if not self.topics and not self.topic_pattern:
+            raise ValueError("set `topics` (a list) or `topic_pattern` (a regular expression)")
+        return self
+
+
+SourceConfig = Annotated[
+    Union[PostgresSourceConfig, OutboxSourceConfig, KafkaSourceConfig], Field(discriminator="kind")
+]
+
+
+class ColumnSpec(_Strict):
+    """Long form of a mapped column: how to read a raw value (Kafka without schema)."""
+
+    column: str
+    decode: str | None = None
+    scale: int | None = None
+
+    @field_validator("decode")
+    @classmethod
+    def _decode(cls, v: str | None) -> str | None:
+        if v is not None and v not in DECODERS:
+            raise ValueError(f"unknown decode {v!r}; expected one of {', '.join(sorted(DECODERS))}")
+        return v
+
+
+ColumnRef = Union[str, ColumnSpec]
+
+
+class SubscriptionSpec(_Strict):
+    column: str
+    enabled: str | None = None  # consent column
+
+
+class MappingConfig(_Strict):
+    table: str
+    identity: dict[str, str]
+    aliases: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, ColumnRef] = Field(default_factory=dict)
+    properties: dict[str, ColumnRef] = Field(default_factory=dict)
+    subscriptions: dict[Literal["email", "sms"], Union[str, SubscriptionSpec]] = Field(default_factory=dict)
+    on_delete: Literal["delete_user", "remove_tags", "ignore"] = "ignore"
+    on_truncate: Literal["ignore", "delete_users", "remove_tags"] = "ignore"
+    on_address_change: Literal["delete", "disable"] = "delete"
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        parts = v.split(".")
+        if len(parts) == 1:
+            parts = ["public", v]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError("expected schema.table, e.g. public.users")
+        return ".".join(parts)
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) != 1:
+            raise ValueError("expected exactly one `alias_label: column`, e.g. {external_id: id}")
+        (label,) = v
+        if label == "onesignal_id":
+            raise ValueError("onesignal_id is assigned by OneSignal; use external_id or a custom alias")
+        if not _ALIAS_LABEL.match(label):
+            raise ValueError(f"alias label {label!r} must be 1-128 chars without /?#&=, spaces or control chars")
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, str]) -> dict[str, str]:
+        for label in v:
+            if label == "onesignal_id" or not _ALIAS_LABEL.match(label):
+                raise ValueError(f"alias label {label!r} is not usable (1-128 chars, no /?#&=, not onesignal_id)")
+        if len(v) > 19:
+            raise ValueError("OneSignal allows at most 20 aliases per user")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, ColumnRef]) -> dict[str, ColumnRef]:
+        for key in v:
+            if key in RESERVED_TAG_KEYS:
+                raise ValueError(f"tag key {key!r} is reserved by OneSignal; rename it")
+            if not key:
+                raise ValueError("tag keys must not be empty")
+        return v
+
+    @field_validator("properties")
+    @classmethod
+    def _properties(cls, v: dict[str, ColumnRef]) -> dict[str, ColumnRef]:
+        for key in v:
+            if key == "tags":
+                raise ValueError("map tags under `tags:`, not `properties.tags`")
+            if key not in PROPERTY_KEYS:
+                raise ValueError(f"unknown OneSignal property {key!r}; expected one of {', '.join(sorted(PROPERTY_KEYS))}")
+        return v
+
+    @property
+    def identity_label(self) -> str:
+        return next(iter(self.identity))
+
+    @property
+    def identity_column(self) -> str:
+        return next(iter(self.identity.values()))
+
+
+class DeliveryConfig(_Strict):
+    flush_interval_ms: int = Field(default=200, ge=0)
+    app_requests_per_second: float = Field(default=900, gt=0)
+    user_requests_per_second: float = Field(default=1.0, gt=0, le=1.0)
+    max_pending_users: int = Field(default=100_000, gt=0)
+    max_pending_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_in_flight: int = Field(default=64, gt=0)
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    default_region: str = Field(default="US", min_length=2, max_length=2)
+
+
+class MetricsConfig(_Strict):
+    port: int = Field(default=9464, ge=0, le=65535)
+    host: str = "0.0.0.0"
+
+
+class Config(_Strict):
+    onesignal: OneSignalConfig
+    source: SourceConfig
+    mappings: list[MappingConfig] = Field(min_length=1)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _unique_tables(self) -> "Config":
+        seen: set[str] = set()
+        for m in self.mappings:
+            if m.table in seen:
+                raise ValueError(f"table {m.table} is mapped twice; merge the two entries")
+            seen.add(m.table)
+        return self
+
+    def mapping_for(self, table: str) -> MappingConfig | None:
+        for m in self.mappings:
+            if m.table == table:
+                return m
+        return None
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _interpolate(node: Any, path: str, env: dict[str, str], where: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env, where) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env, where) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{where}: {path}: environment variable {name} is not set; "
+                f"export it or write the value (or ${{{name}:-default}}) in the file"
+            )
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    skip_tags = {"postgres", "outbox", "kafka", "str", "ColumnSpec", "SubscriptionSpec"}
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and str(part) in skip_tags:
+            continue
+        elif "[" in str(part) or str(part).startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: Any, *, where: str = "<config>", env: dict[str, str] | None = None) -> Config:
+    """Validate a YAML tree into a `Config`; raise `ConfigError` naming file, key path and fix."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level (onesignal:, source:, mappings:)")
+    data = _interpolate(data, "", dict(os.environ) if env is None else env, where)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        seen: set[str] = set()
+        for err in exc.errors(include_url=False, include_input=False):
+            path = _loc(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see docs/configuration.md)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            elif err["type"] == "union_tag_invalid":
+                msg = "source.kind must be one of postgres, outbox, kafka"
+            msg = msg.removeprefix("Value error, ")
+            line = f"{where}: {path}: {msg}"
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{p}:{at}: not valid YAML: {problem}") from None
+    return parse_config(data, where=str(p), env=env)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, for logs and `check` output."""
+    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn)

@@ -1,0 +1,279 @@
+"""Dispatcher: the asyncio shell around the coalescer that sends due users' batches to OneSignal.
+
+- App-wide token bucket (`delivery.app_requests_per_second`), per-user spacing (1 request/s, kept
+  by the coalescer's schedule and between the requests of one batch), a cap on in-flight requests.
+- 429: the user waits at least `Retry-After`. 5xx, timeouts, connection errors: the batch goes back
+  into the coalescer with exponential backoff and full jitter, with no limit in time, without
+  blocking other users. 400/409: the request is dead-lettered and the rest of the batch goes on.
+  401/403: dispatching stops (readiness false, the source is held back, nothing is confirmed) and
+  one probe batch is retried every `AUTH_PROBE_S` until the key works again.
+- A batch is *done* (its source positions may be confirmed) when every request succeeded or was
+  dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Callable, Iterable
+
+from bridge.coalesce import Coalescer, UserBatch
+from bridge.config import DeliveryConfig
+from bridge.deadletter import DeadLetter, DeadLetterStore
+from bridge.events import UserChange
+from bridge.observability import metrics as m
+from bridge.onesignal import errors
+from bridge.onesignal.client import OneSignalClient, Request
+from bridge.onesignal.ratelimit import TokenBucket
+from bridge.plan import plan
+
+log = logging.getLogger("bridge.dispatch")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 60.0
+AUTH_PROBE_S = 5.0
+# The per-user interval is counted from when the previous response *arrived*: OneSignal received
+# that request earlier still, so the gap it sees is never shorter than ours.
+USER_SPACING_MARGIN_S = 0.02
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** min(attempt, 16))))
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        client: OneSignalClient,
+        delivery: DeliveryConfig,
+        dead_letters: DeadLetterStore,
+        on_done: Callable[[Iterable[int]], None],
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.delivery = delivery
+        self.dead_letters = dead_letters
+        self.on_done = on_done
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.user_interval = 1.0 / delivery.user_requests_per_second + USER_SPACING_MARGIN_S
+        self.coalescer = Coalescer(delivery.flush_interval_ms / 1000.0, self.user_interval)
+        self.bucket = TokenBucket(delivery.app_requests_per_second)
+        self.slots = asyncio.Semaphore(delivery.max_in_flight)
+        self.auth_error: errors.AuthError | None = None
+        self.ok_since_start = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._probe_at = 0.0
+
+    # -- input side (called by the pipeline) -------------------------------------------
+
+    def submit(self, change: UserChange) -> None:
+        before = self.coalescer.coalesced
+        self.coalescer.add(change, self.clock())
+        if self.coalescer.coalesced != before:
+            m.COALESCED.inc()
+        self._update_room()
+        self._wake.set()
+
+    def has_room(self) -> bool:
+        c = self.coalescer
+        return (
+            self.auth_error is None
+            and c.pending_users < self.delivery.max_pending_users
+            and c.pending_bytes < self.delivery.max_pending_bytes
+        )
+
+    async def wait_for_room(self) -> None:
+        if not self.has_room():
+            m.BACKPRESSURE.inc()
+        while not self.has_room():
+            self._room.clear()
+            await self._room.wait()
+
+    def _update_room(self) -> None:
+        c = self.coalescer
+        m.PENDING_USERS.set(c.pending_users)
+        m.PENDING_BYTES.set(c.pending_bytes)
+        if self.has_room():
+            self._room.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.auth_error is None
+
+    @property
+    def idle(self) -> bool:
+        return not self._tasks and self.coalescer.pending_users == 0
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self._stopping:
+            now = self.clock()
+            free = self.delivery.max_in_flight - len(self._tasks)
+            if self.auth_error is not None:
+                free = 1 if (not self._tasks and now >= self._probe_at) else 0
+            if free > 0:
+                for batch in self.coalescer.take_due(now, free):
+                    task = asyncio.create_task(self._deliver(batch))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
+                self._update_room()
+            due = self.coalescer.next_due()
+            timeout = None if due is None else max(0.0, due - self.clock())
+            if self.auth_error is not None:
+                timeout = max(0.05, self._probe_at - now)
+            if free <= 0 and self._tasks:
+                timeout = None  # a finishing task wakes us
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout if timeout is None else max(timeout, 0.001))
+            except TimeoutError:
+                pass
+            if len(self.coalescer._last_sent) > 4 * self.delivery.max_in_flight + 10000:
+                self.coalescer.forget_idle(self.clock())
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed unexpectedly", exc_info=task.exception())
+        self._wake.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking new batches; wait up to `timeout` for in-flight ones, then abandon them."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+    async def flush_all(self, timeout: float) -> bool:
+        """Send everything pending now (used by shutdown with a deadline, and by tests)."""
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            if self.idle:
+                return True
+            await asyncio.sleep(0.02)
+        return self.idle
+
+    # -- one user's batch ----------------------------------------------------------------
+
+    async def _deliver(self, batch: UserBatch) -> None:
+        user = batch.user
+        last_at: float | None = None
+        letters: list[DeadLetter] = []
+        try:
+            for i, req in enumerate(plan(batch)):
+                if last_at is not None:
+                    wait = last_at + self.user_interval - self.clock()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                try:
+                    last_at = await self._send(req)
+                except (errors.Conflict, errors.Rejected) as exc:
+                    last_at = self.clock()
+                    letters.append(self._letter(batch, req, exc))
+                except errors.NotFound as exc:  # e.g. an alias update for a user that is gone
+                    last_at = self.clock()
+                    letters.append(self._letter(batch, req, exc))
+        except errors.RateLimited as exc:
+            m.API_RATE_LIMITED.inc()
+            m.API_RETRIES.labels("rate_limited").inc()
+            self._requeue(batch, exc.retry_after + self.rng.uniform(0, 0.25), last_at)
+            return
+        except errors.AuthError as exc:
+            if self.auth_error is None:
+                log.error("%s; stopped consuming until the key works again (probing every %ss)", exc, AUTH_PROBE_S)
+            self.auth_error = exc
+            m.READY.set(0)
+            self._probe_at = self.clock() + AUTH_PROBE_S
+            self._requeue(batch, AUTH_PROBE_S, last_at)
+            return
+        except errors.OneSignalError as exc:  # retriable: 5xx, timeouts, connection errors
+            m.API_RETRIES.labels(exc.reason).inc()
+            delay = backoff(batch.attempt, self.rng)
+            if batch.attempt in (0, 3, 10) or batch.attempt % 50 == 0:
+                log.warning("%s; user %s retried in %.1fs (attempt %d)", exc, user, delay, batch.attempt + 1)
+            self._requeue(batch, delay, last_at)
+            return
+        except asyncio.CancelledError:
+            self.coalescer.finished(user, last_at)  # abandoned at shutdown: not confirmed, re-read next start
+            raise
+        if letters:
+            await self._store_letters(letters)
+        if self.auth_error is not None:
+            log.warning("OneSignal accepts the API key again; resuming")
+            self.auth_error = None
+            self._room.set()
+        self.ok_since_start = True
+        m.READY.set(1)
+        if batch.first_commit_time is not None:
+            m.END_TO_END.observe(max(0.0, time.time() - batch.first_commit_time))
+        self.coalescer.finished(user, last_at)
+        self.on_done(batch.seqs)
+        self._update_room()
+
+    async def _send(self, req: Request) -> float:
+        """Send one request; return when its answer arrived (the per-user interval starts there)."""
+        await self.bucket.acquire()
+        async with self.slots:
+            t0 = time.perf_counter()
+            try:
+                resp = await self.client.send(req)
+                status = str(resp.status)
+                if resp.status == 202 and req.endpoint == "POST /subscriptions":
+                    m.SUBSCRIPTION_TRANSFERS.inc()
+                return self.clock()
+            except errors.OneSignalError as exc:
+                status = str(exc.status) if exc.status else exc.reason
+                raise
+            finally:
+                m.API_REQUESTS.labels(req.endpoint, status).inc()
+                m.API_DURATION.labels(req.endpoint).observe(time.perf_counter() - t0)
+
+    def _requeue(self, batch: UserBatch, delay: float, last_at: float | None) -> None:
+        now = self.clock()
+        self.coalescer.finished(batch.user, now)  # the failed request may have counted too
+        self.coalescer.requeue(batch, now + delay, now)
+        self._update_room()
+
+    def _letter(self, batch: UserBatch, req: Request, exc: errors.OneSignalError) -> DeadLetter:
+        first = batch.origins[0] if batch.origins else None
+        positions = ",".join(o.position for o in batch.origins[:4])
+        log.warning("dead-lettered %s %s for user %s: %s", req.method, req.endpoint, batch.user, exc)
+        return DeadLetter(
+            table=first.table if first else "",
+            row_key=";".join(sorted({o.key for o in batch.origins}))[:500],
+            field=None,
+            reason=exc.reason,
+            message=f"user {batch.user}: {exc}",
+            position=positions,
+            user=str(batch.user),
+            request={"method": req.method, "path": req.path, "body": req.body},
+            origins=batch.origins,
+        )
+
+    async def _store_letters(self, letters: list[DeadLetter]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.dead_letters.put(letters)
+                break
+            except Exception as exc:  # the store is down: do not confirm, keep trying
+                attempt += 1
+                delay = backoff(attempt, self.rng)
+                log.error("cannot store %d dead letter(s) (%s); retrying in %.1fs", len(letters), exc, delay)
+                await asyncio.sleep(delay)
+        for d in letters:
+            m.DEAD_LETTERS.labels(d.table, d.reason).inc()

@@ -1,0 +1,341 @@
+"""Mapping: a `ChangeEvent` becomes zero or more `UserChange`s (pure; compiled once from config).
+
+Values are formatted the way OneSignal wants them: tag values are strings (booleans
+`true`/`false`, numbers as written, timestamps as unix seconds), NULL deletes a tag or alias,
+an unchanged TOAST column changes nothing. A value OneSignal would reject becomes a `Rejection`
+(dead letter) naming table, row key and field; the row's other fields still sync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import functools
+import re
+import zoneinfo
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import orjson
+
+from bridge import addresses
+from bridge.config import ColumnSpec, Config, MappingConfig, SubscriptionSpec
+from bridge.events import (
+    UNCHANGED,
+    ChangeEvent,
+    Op,
+    Origin,
+    Rejection,
+    SubscriptionChange,
+    UserChange,
+    UserRef,
+)
+
+_ALIAS_ID = re.compile(r"^[^/?#&=\s\x00-\x1f\x7f]{1,128}$")
+_EPOCH_DATE = dt.date(1970, 1, 1)
+
+
+class InvalidValue(ValueError):
+    """A column value OneSignal would reject; the message says what is expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class MappingResult:
+    changes: tuple[UserChange, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
+
+
+EMPTY = MappingResult()
+
+
+def unix_seconds(value: dt.datetime | dt.date) -> int:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:  # timestamp without time zone: read as UTC
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return int(value.timestamp())
+    return (value - _EPOCH_DATE).days * 86400
+
+
+def tag_value(value: Any) -> str:
+    """Format a column value as a OneSignal tag value (always a string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if not value.is_integer() else str(int(value))
+    if isinstance(value, (dt.datetime, dt.date)):
+        return str(unix_seconds(value))
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def alias_id(value: Any) -> str:
+    text = tag_value(value)
+    if not _ALIAS_ID.match(text):
+        raise InvalidValue(
+            f"{text[:40]!r} is not a usable alias id (1-128 characters, no spaces, control characters or /?#&=)"
+        )
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _language(value: Any) -> str:
+    text = str(value).strip().replace("_", "-").split("-")[0].lower()
+    if not re.fullmatch(r"[a-z]{2}", text):
+        raise InvalidValue(f"{str(value)[:20]!r} is not an ISO 639-1 language code (two letters, e.g. en)")
+    return text
+
+
+def _timezone(value: Any) -> str:
+    text = str(value).strip()
+    if text not in _timezones():
+        raise InvalidValue(f"{text[:40]!r} is not an IANA time zone (e.g. Europe/Paris)")
+    return text
+
+
+def _country(value: Any) -> str:
+    text = str(value).strip().upper()
+    if not re.fullmatch(r"[A-Z]{2}", text):
+        raise InvalidValue(f"{str(value)[:20]!r} is not an ISO 3166-1 alpha-2 country code (e.g. FR)")
+    return text
+
+
+def _coordinate(limit: float) -> Callable[[Any], float]:
+    def conv(value: Any) -> float:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise InvalidValue(f"{str(value)[:20]!r} is not a number") from None
+        if not -limit <= f <= limit:
+            raise InvalidValue(f"{f} is outside -{limit}..{limit}")
+        return f
+
+    return conv
+
+
+def _timestamp(value: Any) -> int:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return unix_seconds(value)
+    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        return int(value)
+    raise InvalidValue(f"{str(value)[:30]!r} is not a timestamp")
+
+
+PROPERTY_FORMATS: dict[str, Callable[[Any], Any]] = {
+    "language": _language,
+    "timezone_id": _timezone,
+    "country": _country,
+    "lat": _coordinate(90.0),
+    "long": _coordinate(180.0),
+    "first_active": _timestamp,
+    "last_active": _timestamp,
+}
+
+
+def _column(ref: str | ColumnSpec) -> str:
+    return ref if isinstance(ref, str) else ref.column
+
+
+def render_key(key: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in key.items()) or "(no key)"
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    """One table's mapping, compiled: column lookups resolved once."""
+
+    table: str
+    label: str
+    identity_column: str
+    aliases: tuple[tuple[str, str], ...]
+    tags: tuple[tuple[str, str], ...]
+    properties: tuple[tuple[str, str], ...]
+    subscriptions: tuple[tuple[str, str, str | None], ...]  # channel, column, consent column
+    on_delete: str
+    default_region: str
+    columns: frozenset[str] = field(default=frozenset())
+
+    @classmethod
+    def compile(cls, m: MappingConfig, default_region: str = "US") -> "TableMapping":
+        subs = []
+        for channel, spec in m.subscriptions.items():
+            if isinstance(spec, SubscriptionSpec):
+                subs.append((channel, spec.column, spec.enabled))
+            else:
+                subs.append((channel, spec, None))
+        tm = cls(
+            table=m.table,
+            label=m.identity_label,
+            identity_column=m.identity_column,
+            aliases=tuple(m.aliases.items()),
+            tags=tuple((k, _column(v)) for k, v in m.tags.items()),
+            properties=tuple((k, _column(v)) for k, v in m.properties.items()),
+            subscriptions=tuple(subs),
+            on_delete=m.on_delete,
+            default_region=default_region,
+        )
+        cols = {tm.identity_column, *(c for _, c in tm.aliases), *(c for _, c in tm.tags)}
+        cols |= {c for _, c in tm.properties}
+        cols |= {c for _, c, _ in tm.subscriptions} | {e for _, _, e in tm.subscriptions if e}
+        object.__setattr__(tm, "columns", frozenset(cols))
+        return tm
+
+    # -- the mapping itself -------------------------------------------------------------
+
+    def map(self, event: ChangeEvent) -> MappingResult:
+        if event.op is Op.TRUNCATE:
+            return EMPTY
+        key = render_key(event.key)
+        origin = Origin(event.table, key, event.position, event.seq, event.commit_time)
+
+        def reject(fld: str | None, reason: str, payload: Mapping[str, Any] | None = None) -> Rejection:
+            return Rejection(event.table, key, fld, reason, event.position, event.seq, payload)
+
+        if event.op is Op.DELETE:
+            return self._map_delete(event, origin, reject)
+
+        row = event.new or {}
+        ident = row.get(self.identity_column, UNCHANGED)
+        if ident is UNCHANGED and event.old is not None:
+            ident = event.old.get(self.identity_column, UNCHANGED)
+        if ident is UNCHANGED or ident is None:
+            why = "is NULL" if ident is None else "is missing from the change"
+            return MappingResult(rejections=(reject(
+                self.identity_column,
+                f"identity column {self.identity_column} {why}: the row cannot be matched to a OneSignal "
+                f"user; fill it in (or filter such rows out of the publication)",
+                _jsonable(row),
+            ),))
+        try:
+            user = UserRef(self.label, alias_id(ident))
+        except InvalidValue as exc:
+            return MappingResult(rejections=(reject(self.identity_column, f"identity: {exc}", _jsonable(row)),))
+
+        rejections: list[Rejection] = []
+        tags: dict[str, str | None] = {}
+        for tag, col in self.tags:
+            v = row.get(col, UNCHANGED)
+            if v is UNCHANGED:
+                continue
+            tags[tag] = None if v is None else tag_value(v)
+        props: dict[str, Any] = {}
+        for prop, col in self.properties:
+            v = row.get(col, UNCHANGED)
+            if v is UNCHANGED or v is None:
+                continue
+            try:
+                props[prop] = PROPERTY_FORMATS[prop](v)
+            except InvalidValue as exc:
+                rejections.append(reject(col, f"property {prop}: {exc}", {col: _jsonable_value(v)}))
+        aliases: dict[str, str | None] = {}
+        for label, col in self.aliases:
+            v = row.get(col, UNCHANGED)
+            if v is UNCHANGED:
+                continue
+            if v is None:
+                aliases[label] = None
+                continue
+            try:
+                aliases[label] = alias_id(v)
+            except InvalidValue as exc:
+                rejections.append(reject(col, f"alias {label}: {exc}", {col: _jsonable_value(v)}))
+        subs: list[SubscriptionChange] = []
+        old = event.old or {}
+        for channel, col, consent_col in self.subscriptions:
+            v = row.get(col, UNCHANGED)
+            consent = row.get(consent_col, UNCHANGED) if consent_col else UNCHANGED
+            if v is UNCHANGED and consent is UNCHANGED:
+                continue
+            enabled = None if consent_col is None or consent is UNCHANGED else bool(consent)
+            token: str | None | Any = v
+            if v is not None and v is not UNCHANGED:
+                try:
+                    token = addresses.normalize(channel, v, self.default_region)
+                except addresses.InvalidAddress as exc:
+                    rejections.append(reject(col, f"{channel} subscription: {exc}", {col: _jsonable_value(v)}))
+                    continue
+            prev = old.get(col, UNCHANGED)
+            previous = None
+            if prev not in (UNCHANGED, None):
+                try:
+                    previous = addresses.normalize(channel, prev, self.default_region)
+                except addresses.InvalidAddress:
+                    previous = None
+            subs.append(SubscriptionChange(channel, token, enabled, previous))
+        changes = [UserChange(user, origin, tags=tags, properties=props, aliases=aliases,
+                              subscriptions=tuple(subs))]
+        # The identity itself changed: the old user is treated like a deleted row.
+        if event.op is Op.UPDATE and event.old is not None:
+            old_ident = event.old.get(self.identity_column, UNCHANGED)
+            if old_ident not in (UNCHANGED, None) and tag_value(old_ident) != user.id:
+                try:
+                    old_user = UserRef(self.label, alias_id(old_ident))
+                    gone = self._on_delete(old_user, origin)
+                    if gone is not None:
+                        changes.insert(0, gone)
+                except InvalidValue:
+                    pass
+        return MappingResult(tuple(changes), tuple(rejections))
+
+    def _on_delete(self, user: UserRef, origin: Origin) -> UserChange | None:
+        if self.on_delete == "delete_user":
+            return UserChange(user, origin, delete_user=True)
+        if self.on_delete == "remove_tags" and self.tags:
+            return UserChange(user, origin, tags={t: None for t, _ in self.tags})
+        return None
+
+    def _map_delete(self, event: ChangeEvent, origin: Origin, reject: Callable[..., Rejection]) -> MappingResult:
+        if self.on_delete == "ignore":
+            return EMPTY
+        old = event.old or {}
+        ident = old.get(self.identity_column, UNCHANGED)
+        if ident is UNCHANGED or ident is None:
+            return MappingResult(rejections=(reject(
+                self.identity_column,
+                f"the deleted row's identity column {self.identity_column} was not sent by the source, so "
+                f"on_delete={self.on_delete} cannot find the user; run "
+                f"`ALTER TABLE {event.table} REPLICA IDENTITY FULL` (onesignal-bridge setup does it)",
+                _jsonable(old),
+            ),))
+        try:
+            user = UserRef(self.label, alias_id(ident))
+        except InvalidValue as exc:
+            return MappingResult(rejections=(reject(self.identity_column, f"identity: {exc}"),))
+        change = self._on_delete(user, origin)
+        return MappingResult((change,) if change else ())
+
+
+def _jsonable_value(v: Any) -> Any:
+    if v is UNCHANGED:
+        return "<unchanged>"
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (dt.datetime, dt.date)):
+        return v.isoformat()
+    if isinstance(v, (dict, list)):
+        return v
+    return str(v)
+
+
+def _jsonable(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: _jsonable_value(v) for k, v in (row or {}).items()}
+
+
+class Mapper:
+    """All tables' mappings; `map(event)` is the pipeline's mapping stage."""
+
+    def __init__(self, config: Config) -> None:
+        region = config.delivery.default_region
+        self.tables = {m.table: TableMapping.compile(m, region) for m in config.mappings}
+
+    def map(self, event: ChangeEvent) -> MappingResult:
+        tm = self.tables.get(event.table)
+        return tm.map(event) if tm is not None else EMPTY

@@ -1,0 +1,68 @@
+"""Every metric the bridge exports: names and label keys in one place (Prometheus conventions)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+PREFIX = "onesignal_bridge"
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+UP = Gauge(f"{PREFIX}_up", "1 while the bridge process runs", registry=REGISTRY)
+READY = Gauge(f"{PREFIX}_ready", "1 when the source is connected and OneSignal accepts the key", registry=REGISTRY)
+BUILD = Info(f"{PREFIX}_build", "Version of the running bridge", registry=REGISTRY)
+
+SOURCE_LAG_SECONDS = Gauge(
+    f"{PREFIX}_source_lag_seconds",
+    "Commit time of the newest change seen minus that of the newest confirmed",
+    registry=REGISTRY,
+)
+SLOT_LAG_BYTES = Gauge(
+    f"{PREFIX}_replication_slot_lag_bytes",
+    "Current WAL LSN minus the slot's confirmed flush LSN",
+    registry=REGISTRY,
+)
+KAFKA_CONSUMER_LAG = Gauge(
+    f"{PREFIX}_kafka_consumer_lag", "High watermark minus committed offset", ["topic", "partition"], registry=REGISTRY
+)
+OUTBOX_DEPTH = Gauge(f"{PREFIX}_outbox_depth", "Rows waiting in the outbox table", registry=REGISTRY)
+CONFIRMED_POSITION = Gauge(
+    f"{PREFIX}_confirmed_position", "Last source position confirmed (LSN as a number)", registry=REGISTRY
+)
+
+CHANGES = Counter(f"{PREFIX}_changes_total", "Row changes read from the source", ["table", "op"], registry=REGISTRY)
+COALESCED = Counter(
+    f"{PREFIX}_user_changes_coalesced_total",
+    "User changes merged into an already pending change for the same user (calls saved)",
+    registry=REGISTRY,
+)
+PENDING_USERS = Gauge(f"{PREFIX}_pending_users", "Users with changes waiting to be sent", registry=REGISTRY)
+PENDING_BYTES = Gauge(f"{PREFIX}_pending_bytes", "Estimated memory held by pending changes", registry=REGISTRY)
+BACKPRESSURE = Counter(
+    f"{PREFIX}_backpressure_waits_total", "Times the source paused because the pending budget was full",
+    registry=REGISTRY,
+)
+
+API_REQUESTS = Counter(
+    f"{PREFIX}_api_requests_total", "OneSignal API requests by endpoint and status", ["endpoint", "status"],
+    registry=REGISTRY,
+)
+API_DURATION = Histogram(
+    f"{PREFIX}_api_request_duration_seconds", "OneSignal API request duration", ["endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+)
+API_RETRIES = Counter(f"{PREFIX}_api_retries_total", "Retried OneSignal requests", ["reason"], registry=REGISTRY)
+API_RATE_LIMITED = Counter(f"{PREFIX}_api_rate_limited_total", "429 answers from OneSignal", registry=REGISTRY)
+
+DEAD_LETTERS = Counter(
+    f"{PREFIX}_dead_letters_total", "Changes that can never be applied, stored with their reason",
+    ["table", "reason"], registry=REGISTRY,
+)
+END_TO_END = Histogram(
+    f"{PREFIX}_end_to_end_latency_seconds", "Database commit to OneSignal 2xx",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5, 10, 30, 60, 300), registry=REGISTRY,
+)
+SUBSCRIPTION_TRANSFERS = Counter(
+    f"{PREFIX}_subscription_transfers_total", "Subscriptions OneSignal moved from another user (202)",
+    registry=REGISTRY,
+)

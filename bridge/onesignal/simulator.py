@@ -1,0 +1,585 @@
+"""A local OneSignal REST API (user model) for development, staging and the tests.
+
+It answers the endpoints of `onesignal-api.md` from in-memory state (`simstate.py`), enforces
+the documented rate limits (429 + `Retry-After`), and injects faults (5xx, latency, requests
+held open) so the bridge's retry and dead-letter paths can be exercised for real.
+
+Order in which a request to `/apps/...` is handled, so that a failed request changes nothing:
+faults -> auth -> app id -> rate limit -> validation -> state change. Everything under
+`/_simulator/` is a control endpoint: no auth, no limits, no faults, not logged in the stats.
+
+Run it: `python -m bridge.onesignal.simulator --port 8089 [--api-key KEY]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import http
+import logging
+import os
+import random
+import re
+import signal
+import sys
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable
+
+import orjson
+from aiohttp import web
+
+from bridge.onesignal.simstate import SimError, SimState
+
+log = logging.getLogger("bridge.onesignal.simulator")
+
+REQUEST_LOG_SIZE = 100_000
+# The text OneSignal's edge answers for a missing or wrong key (the SDK's error catalog).
+ACCESS_DENIED = ("Access denied.  Please include an 'Authorization: ...' header with a valid API key "
+                 "(https://documentation.onesignal.com/docs/en/keys-and-ids#api-keys).")
+RATE_LIMIT_BODY = {"errors": [{"code": "Rate Limit Exceeded", "title": "API rate limit exceeded"}]}
+_BAD_GATEWAY_HTML = (b"<html><head><title>502 Bad Gateway</title></head>"
+                     b"<body><center><h1>502 Bad Gateway</h1></center></body></html>")
+_USERS = "/apps/{app_id}/users"
+_BY_ALIAS = _USERS + "/by/{alias_label}/{alias_id}"
+_SUBSCRIPTION = "/apps/{app_id}/subscriptions/{subscription_id}"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RateLimited(Exception):
+    """Raised by a handler when a limiter refuses the request; becomes a 429."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"rate limited for {wait_s:.3f}s")
+        self.wait_s = wait_s
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def _error(status: int, code: str, title: str) -> web.Response:
+    return _json({"errors": [{"code": code, "title": title}]}, status)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (unknown path, wrong method, body too large) in the structured shape."""
+    return _error(exc.status, "not-found" if exc.status == 404 else "invalid-request", exc.reason)
+
+
+def _rate_limited(wait_s: float) -> web.Response:
+    """429 with Retry-After in whole seconds, rounded up: waiting that long always succeeds."""
+    retry_after = max(1, int(-(-wait_s // 1)))
+    return _json(RATE_LIMIT_BODY, 429, {"Retry-After": str(retry_after)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rate limits (the caller supplies a monotonic `now` in seconds).
+
+
+class WriteLimiter:
+    """The documented write limits: N accepted writes per trailing second per app, and one
+    accepted write per `user_interval_s` per user or subscription. Refused writes are not
+    recorded, so a client that honours Retry-After is never starved by its own retries."""
+
+    def __init__(self, app_rate_per_s: int, user_interval_s: float) -> None:
+        self.app_rate_per_s = app_rate_per_s
+        self.user_interval_s = user_interval_s
+        self._window: deque[float] = deque()
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def admit(self, keys: Iterable[str], now: float) -> float | None:
+        """Record and return None when the write is accepted, else the seconds to wait."""
+        keys = list(keys)
+        self._prune(now)
+        waits = [0.0]
+        if self.app_rate_per_s > 0 and len(self._window) >= self.app_rate_per_s:
+            waits.append(1.0 - (now - self._window[0]))
+        for key in keys:
+            last = self._last.get(key)
+            if last is not None:
+                waits.append(self.user_interval_s - (now - last))
+        wait = max(waits)
+        if wait > 0:
+            return wait
+        self._window.append(now)
+        self.touch(keys, now)
+        return None
+
+    def touch(self, keys: Iterable[str], now: float) -> None:
+        """Mark keys as written at `now` (e.g. the onesignal_id of a user a create just made)."""
+        for key in keys:
+            self._last[key] = now
+            self._last.move_to_end(key)
+
+    def _prune(self, now: float) -> None:
+        while self._window and now - self._window[0] >= 1.0:
+            self._window.popleft()
+        while self._last:
+            key, last = next(iter(self._last.items()))
+            if now - last < self.user_interval_s:
+                break
+            del self._last[key]
+
+
+class ViewLimiter:
+    """App-wide limit on View endpoints: a token bucket of `rate_per_s` (burst of the same size)."""
+
+    def __init__(self, rate_per_s: float) -> None:
+        self.rate_per_s = rate_per_s
+        self._capacity = max(1.0, rate_per_s)
+        self._tokens = self._capacity
+        self._stamp: float | None = None
+
+    def admit(self, now: float) -> float | None:
+        if self.rate_per_s <= 0:
+            return None
+        if self._stamp is not None:
+            self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return None
+        return (1.0 - self._tokens) / self.rate_per_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+
+
+@dataclass
+class Faults:
+    """What to break, and where. Decided per request before anything else happens."""
+
+    error_rate: float = 0.0
+    status: int = 503
+    latency_ms: float = 0.0
+    timeout_rate: float = 0.0
+    hold_s: float = 30.0
+    paths: re.Pattern[str] | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+    def applies_to(self, path: str) -> bool:
+        return self.paths is None or self.paths.search(path) is not None
+
+    def public(self) -> dict[str, Any]:
+        return {"error_rate": self.error_rate, "status": self.status, "latency_ms": self.latency_ms,
+                "timeout_rate": self.timeout_rate, "hold_s": self.hold_s,
+                "paths": self.paths.pattern if self.paths else None}
+
+
+def _rate(body: dict[str, Any], key: str, problems: list[str]) -> float:
+    value = body.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        problems.append(f"{key} must be a number between 0 and 1")
+        return 0.0
+    return float(value)
+
+
+def parse_faults(body: Any) -> Faults:
+    """Validate a POST /_simulator/faults body; SimError 400 names every bad field."""
+    if not isinstance(body, dict):
+        raise SimError.one(400, "invalid-body", "the faults body must be a JSON object")
+    problems: list[str] = []
+    faults = Faults(error_rate=_rate(body, "error_rate", problems),
+                    timeout_rate=_rate(body, "timeout_rate", problems))
+    status = body.get("status", 503)
+    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+        problems.append("status must be an HTTP error status (400-599)")
+    else:
+        faults.status = status
+    for key in ("latency_ms", "hold_s"):
+        value = body.get(key, getattr(faults, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            problems.append(f"{key} must be a non-negative number")
+        else:
+            setattr(faults, key, float(value))
+    if body.get("paths") is not None:
+        try:
+            faults.paths = re.compile(body["paths"])
+        except (re.error, TypeError):
+            problems.append("paths must be a regular expression")
+    if isinstance(body.get("seed"), int):
+        faults.rng.seed(body["seed"])
+    if problems:
+        raise SimError(400, [{"code": "invalid-faults", "title": p} for p in problems])
+    return faults
+
+
+def _fault_response(status: int) -> web.Response:
+    """Deterministic bodies per status so clients' defensive parsing gets exercised:
+    502 an HTML page, 504 an empty body, 429 the rate-limit body, others the basic shape."""
+    if status == 502:
+        return web.Response(body=_BAD_GATEWAY_HTML, status=502, content_type="text/html")
+    if status == 504:
+        return web.Response(status=504)
+    if status == 429:
+        return _rate_limited(1.0)
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return _json({"errors": [phrase], "success": False}, status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator
+
+
+class Simulator:
+    """Everything the handlers share: the state, limiters, faults, stats and request log."""
+
+    def __init__(self, *, api_key: str | None, app_id: str | None, app_rate_per_s: int,
+                 user_interval_s: float, view_rate_per_s: float) -> None:
+        self._api_key = api_key
+        self.app_id = app_id
+        self._limits = (app_rate_per_s, user_interval_s, view_rate_per_s)
+        self.faults: Faults | None = None
+        self.stopping = asyncio.Event()
+        self.reset()
+
+    @property
+    def requires_key(self) -> bool:
+        return self._api_key is not None
+
+    def reset(self) -> None:
+        """Forget users, limiter windows, stats and the request log (faults stay)."""
+        app_rate, user_interval, view_rate = self._limits
+        self.state = SimState()
+        self.writes = WriteLimiter(app_rate, user_interval)
+        self.views = ViewLimiter(view_rate)
+        self.total_requests = 0
+        self.rate_limited = 0
+        self.by_endpoint: Counter[str] = Counter()
+        self.by_status: Counter[str] = Counter()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
+
+    # -- the pipeline every /apps/ request goes through ----------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/apps/"):
+            return await handler(request)
+        status, subject = 500, None
+        try:
+            try:
+                subject = await self._subject(request)
+            except web.HTTPException as exc:  # body over client_max_size: refused up front
+                response: web.StreamResponse = _http_error(exc)
+            else:
+                response = await self._pipeline(request, handler)
+            status = response.status
+            return response
+        finally:
+            self._record(request, status, subject)
+
+    async def _pipeline(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        faults = self.faults
+        if faults is not None and faults.applies_to(request.path):
+            injected = await self._inject(request, faults)
+            if injected is not None:
+                return injected
+        if not self._authorized(request):
+            return _error(401, "access-denied", ACCESS_DENIED)
+        app_id = request.match_info.get("app_id")
+        if self.app_id is not None and app_id is not None and app_id != self.app_id:
+            return _error(403, "access-denied", "the API key is not valid for this app id")
+        try:
+            return await handler(request)
+        except SimError as exc:
+            return _json(exc.body(), exc.status)
+        except RateLimited as exc:
+            return _rate_limited(exc.wait_s)
+        except web.HTTPException as exc:  # unknown path or method under /apps/
+            return _http_error(exc)
+
+    async def _inject(self, request: web.Request, faults: Faults) -> web.StreamResponse | None:
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        if faults.timeout_rate and faults.rng.random() < faults.timeout_rate:
+            await self._hold(request, faults.hold_s)
+            return web.Response(status=504)
+        if faults.error_rate and faults.rng.random() < faults.error_rate:
+            return _fault_response(faults.status)
+        return None
+
+    async def _hold(self, request: web.Request, seconds: float) -> None:
+        """Keep the request open without applying it, until `seconds` pass, the client goes
+        away, or the server shuts down (so shutdown never waits on a simulated timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self.stopping.is_set():
+            transport = request.transport
+            remaining = deadline - loop.time()
+            if remaining <= 0 or transport is None or transport.is_closing():
+                return
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=min(0.1, remaining))
+            except TimeoutError:
+                pass
+
+    def _authorized(self, request: web.Request) -> bool:
+        """Accept `Key <key>` or `Basic <key>`; compare in constant time; never log the key."""
+        if self._api_key is None:
+            return True
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() not in ("key", "basic"):
+            return False
+        return hmac.compare_digest(token.strip().encode(), self._api_key.encode())
+
+    async def _subject(self, request: web.Request) -> str | None:
+        """The user a request is about, for the log: the path's alias id, or for Create user the
+        body's external_id (else first alias). Read up front so faulted requests name it too."""
+        if "alias_id" in request.match_info:
+            return request.match_info["alias_id"]
+        route = request.match_info.route.resource
+        if request.method == "POST" and route is not None and route.canonical == _USERS:
+            return self.state.create_subject(await _read_json(request))
+        return None
+
+    def _record(self, request: web.Request, status: int, user: str | None) -> None:
+        route = request.match_info.route.resource
+        endpoint = f"{request.method} {route.canonical}" if route is not None else "UNMATCHED"
+        self.total_requests += 1
+        self.by_endpoint[endpoint] += 1
+        self.by_status[str(status)] += 1
+        if status == 429:
+            self.rate_limited += 1
+        self.requests.append({"time": time.time(), "method": request.method, "path": request.path,
+                              "endpoint": endpoint, "status": status, "user": user})
+
+    # -- limiter helpers ----------------------------------------------------------------------
+
+    def _admit_write(self, keys: list[str]) -> None:
+        wait = self.writes.admit(keys, time.monotonic())
+        if wait is not None:
+            raise RateLimited(wait)
+
+    def _admit_view(self) -> None:
+        wait = self.views.admit(time.monotonic())
+        if wait is not None:
+            raise RateLimited(wait)
+
+    def _alias_write(self, request: web.Request) -> tuple[str, str]:
+        label, alias_id = request.match_info["alias_label"], request.match_info["alias_id"]
+        self._admit_write(self.state.alias_keys(label, alias_id))
+        return label, alias_id
+
+    def _subscription_write(self, request: web.Request) -> str:
+        sub_id = request.match_info["subscription_id"]
+        self._admit_write([f"sub:{sub_id}"])
+        return sub_id
+
+    def _view_alias(self, request: web.Request) -> tuple[str, str]:
+        self._admit_view()
+        return request.match_info["alias_label"], request.match_info["alias_id"]
+
+    # -- API handlers -------------------------------------------------------------------------
+
+    async def create_user(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        self._admit_write(self.state.create_keys(body))
+        status, view = self.state.create_user(_parsed(body))
+        self.writes.touch([f"user:{view['identity']['onesignal_id']}"], time.monotonic())
+        return _json(view, status)
+
+    async def view_user(self, request: web.Request) -> web.Response:
+        return _json(self.state.view(self.state.require(*self._view_alias(request))))
+
+    async def update_user(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        return _json(self.state.update_user(*self._alias_write(request), _parsed(body)), 202)
+
+    async def delete_user(self, request: web.Request) -> web.Response:
+        return _json(self.state.delete_user(*self._alias_write(request)), 202)
+
+    async def get_identity(self, request: web.Request) -> web.Response:
+        return _json(self.state.get_identity(*self._view_alias(request)))
+
+    async def upsert_identity(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        return _json(self.state.upsert_identity(*self._alias_write(request), _parsed(body)))
+
+    async def delete_alias(self, request: web.Request) -> web.Response:
+        label, alias_id = self._alias_write(request)
+        return _json(self.state.delete_alias(label, alias_id, request.match_info["label_to_delete"]))
+
+    async def create_subscription(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        status, result = self.state.create_subscription(*self._alias_write(request), _parsed(body))
+        return _json(result, status)
+
+    async def update_subscription(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        return _json(self.state.update_subscription(self._subscription_write(request), _parsed(body)))
+
+    async def delete_subscription(self, request: web.Request) -> web.Response:
+        return _json(self.state.delete_subscription(self._subscription_write(request)), 202)
+
+    async def transfer_subscription(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        return _json(self.state.transfer_subscription(self._subscription_write(request), _parsed(body)))
+
+    # -- control handlers ---------------------------------------------------------------------
+
+    async def control_users(self, request: web.Request) -> web.Response:
+        return _json({"users": self.state.view_all()})
+
+    async def control_stats(self, request: web.Request) -> web.Response:
+        return _json({"total_requests": self.total_requests, "by_endpoint": dict(self.by_endpoint),
+                      "by_status": dict(self.by_status), "rate_limited": self.rate_limited})
+
+    async def control_requests(self, request: web.Request) -> web.Response:
+        return _json({"requests": list(self.requests)})
+
+    async def control_get_faults(self, request: web.Request) -> web.Response:
+        return _json({"faults": self.faults.public() if self.faults else None})
+
+    async def control_set_faults(self, request: web.Request) -> web.Response:
+        try:
+            self.faults = parse_faults(_parsed(await _read_json(request)))
+        except SimError as exc:
+            return _json(exc.body(), exc.status)
+        return _json({"faults": self.faults.public()})
+
+    async def control_clear_faults(self, request: web.Request) -> web.Response:
+        self.faults = None
+        return _json({"faults": None})
+
+    async def control_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json({"reset": True})
+
+
+class _InvalidJson:
+    """Marker for a body that is not JSON: refused only after the rate limiter saw the request."""
+
+
+_INVALID_JSON = _InvalidJson()
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _INVALID_JSON
+
+
+def _parsed(body: Any) -> Any:
+    if body is _INVALID_JSON:
+        raise SimError.one(400, "invalid-json", "the request body is not valid JSON")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
+
+SIMULATOR_KEY = web.AppKey("onesignal_simulator", Simulator)
+
+
+def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate_per_s: int = 1000,
+              user_interval_s: float = 1.0, view_rate_per_s: float = 10.0) -> web.Application:
+    """The simulator as an aiohttp application (api_key/app_id None: accept any)."""
+    sim = Simulator(api_key=api_key, app_id=app_id, app_rate_per_s=app_rate_per_s,
+                    user_interval_s=user_interval_s, view_rate_per_s=view_rate_per_s)
+    app = web.Application(middlewares=[sim.middleware], client_max_size=4 * 1024 * 1024)
+    app[SIMULATOR_KEY] = sim
+
+    async def on_shutdown(_: web.Application) -> None:
+        sim.stopping.set()
+
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_routes([
+        web.post(_USERS, sim.create_user),
+        web.get(_BY_ALIAS, sim.view_user, allow_head=False),
+        web.patch(_BY_ALIAS, sim.update_user),
+        web.delete(_BY_ALIAS, sim.delete_user),
+        web.get(_BY_ALIAS + "/identity", sim.get_identity, allow_head=False),
+        web.patch(_BY_ALIAS + "/identity", sim.upsert_identity),
+        web.delete(_BY_ALIAS + "/identity/{label_to_delete}", sim.delete_alias),
+        web.post(_BY_ALIAS + "/subscriptions", sim.create_subscription),
+        web.patch(_SUBSCRIPTION, sim.update_subscription),
+        web.delete(_SUBSCRIPTION, sim.delete_subscription),
+        web.patch(_SUBSCRIPTION + "/owner", sim.transfer_subscription),
+        web.get("/_simulator/users", sim.control_users, allow_head=False),
+        web.get("/_simulator/stats", sim.control_stats, allow_head=False),
+        web.get("/_simulator/requests", sim.control_requests, allow_head=False),
+        web.get("/_simulator/faults", sim.control_get_faults, allow_head=False),
+        web.post("/_simulator/faults", sim.control_set_faults),
+        web.delete("/_simulator/faults", sim.control_clear_faults),
+        web.post("/_simulator/reset", sim.control_reset),
+    ])
+    return app
+
+
+async def _serve_app(app: web.Application, host: str, port: int) -> None:
+    """Serve `app` until cancelled; logs the address (the real port when `port` is 0)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        sim = app[SIMULATOR_KEY]
+        bound = runner.addresses[0] if runner.addresses else (host, port)
+        log.info("OneSignal simulator listening on http://%s:%s (API key %s)", bound[0], bound[1],
+                 "required" if sim.requires_key else "not checked")
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def serve(host: str, port: int, api_key: str | None = None) -> None:
+    """Run the simulator with the documented limits until cancelled."""
+    await _serve_app(build_app(api_key=api_key), host, port)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="onesignal-bridge simulator",
+                                     description="A local OneSignal REST API with in-memory state.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--api-key", default=os.environ.get("ONESIGNAL_API_KEY") or None,
+                        help="required API key (default: $ONESIGNAL_API_KEY; unset: accept any)")
+    parser.add_argument("--app-id", default=None, help="only accept this app id (default: any)")
+    parser.add_argument("--app-rate-per-s", type=int, default=1000)
+    parser.add_argument("--user-interval-s", type=float, default=1.0)
+    parser.add_argument("--view-rate-per-s", type=float, default=10.0)
+    return parser.parse_args(argv)
+
+
+async def _run_until_signal(app: web.Application, host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(_serve_app(app, host, port))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("OneSignal simulator stopped")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: serve until SIGINT/SIGTERM; 0 on a clean stop, 1 when it cannot listen."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = build_app(api_key=args.api_key, app_id=args.app_id, app_rate_per_s=args.app_rate_per_s,
+                    user_interval_s=args.user_interval_s, view_rate_per_s=args.view_rate_per_s)
+    try:
+        asyncio.run(_run_until_signal(app, args.host, args.port))
+    except OSError as exc:
+        log.error("OneSignal simulator cannot listen on %s:%s: %s", args.host, args.port, exc.strerror)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The pipeline: source -> mapping -> coalescer/dispatcher, with the checkpoint watermark.
+
+Sources call `issue()` for every event they read (in source order), `put(event)` to hand it
+over (this awaits while the pending budget is full: backpressure), and `mark(position)` where
+confirming would be safe (a commit). They read `confirmable` to know what they may confirm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from bridge.checkpoint import Watermark
+from bridge.config import Config
+from bridge.deadletter import DeadLetter, DeadLetterStore
+from bridge.dispatch import Dispatcher
+from bridge.events import ChangeEvent
+from bridge.mapping import Mapper
+from bridge.observability import metrics as m
+from bridge.onesignal.client import OneSignalClient
+
+log = logging.getLogger("bridge.pipeline")
+
+
+class Pipeline:
+    def __init__(self, config: Config, client: OneSignalClient, dead_letters: DeadLetterStore) -> None:
+        self.config = config
+        self.watermark = Watermark()
+        self.mapper = Mapper(config)
+        self.dead_letters = dead_letters
+        self.dispatcher = Dispatcher(client, config.delivery, dead_letters, self.watermark.complete_many)
+
+    # -- the source's side ---------------------------------------------------------------
+
+    def issue(self) -> int:
+        return self.watermark.issue()
+
+    def mark(self, position: Any) -> None:
+        self.watermark.mark(position)
+
+    @property
+    def confirmable(self) -> Any:
+        return self.watermark.confirmable
+
+    @property
+    def idle(self) -> bool:
+        """Everything handed over so far is done (applied or dead-lettered)."""
+        return self.watermark.idle
+
+    async def put(self, event: ChangeEvent) -> None:
+        m.CHANGES.labels(event.table, event.op.value).inc()
+        result = self.mapper.map(event)
+        n = len(result.changes) + len(result.rejections)
+        if n == 0:
+            self.watermark.complete(event.seq)
+            return
+        # One seq per outcome, so the event is done only when all its outcomes are.
+        seqs = [event.seq] + [self.watermark.issue() for _ in range(n - 1)]
+        changes = [
+            dataclasses.replace(ch, origin=dataclasses.replace(ch.origin, seq=s))
+            for ch, s in zip(result.changes, seqs)
+        ]
+        rejected_seqs = seqs[len(changes):]
+        for ch in changes:
+            await self.dispatcher.wait_for_room()
+            self.dispatcher.submit(ch)
+        if result.rejections:
+            letters = [DeadLetter.from_rejection(r) for r in result.rejections]
+            for d in letters:
+                log.warning("dead-lettered: %s", d.message)
+            await self.dispatcher._store_letters(letters)
+            self.watermark.complete_many(rejected_seqs)

@@ -1,0 +1,99 @@
+"""`run`: wire source, pipeline, dispatcher and the HTTP endpoints; stop cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from bridge import __version__
+from bridge.config import Config, KafkaSourceConfig, PostgresSourceConfig
+from bridge.deadletter import DeadLetterStore, PostgresDeadLetters
+from bridge.errors import ConfigError
+from bridge.observability import metrics as m
+from bridge.observability.http import HealthServer
+from bridge.onesignal.client import OneSignalClient, build_http_client
+from bridge.pipeline import Pipeline
+
+log = logging.getLogger("bridge.run")
+
+
+def _source(config: Config):  # type: ignore[no-untyped-def]
+    tables = {mp.table for mp in config.mappings}
+    src = config.source
+    if isinstance(src, PostgresSourceConfig):
+        from bridge.sources.postgres import PostgresSource
+
+        return PostgresSource(src, tables)
+    raise ConfigError(f"source.kind {src.kind!r} is accepted by the configuration but not active in this version")
+
+
+def _dead_letters(config: Config) -> DeadLetterStore:
+    src = config.source
+    if isinstance(src, KafkaSourceConfig):
+        raise ConfigError("source.kind kafka is not active in this version")
+    return PostgresDeadLetters(src.dsn.get_secret_value())
+
+
+async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    m.UP.set(1)
+    m.READY.set(0)
+    m.BUILD.info({"version": __version__})
+    http = build_http_client(config.onesignal.base_url, config.onesignal.request_timeout_s,
+                             max_connections=config.delivery.max_in_flight)
+    client = OneSignalClient(http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value())
+    dead_letters = _dead_letters(config)
+    pipeline = Pipeline(config, client, dead_letters)
+    source = _source(config)
+    dispatcher = pipeline.dispatcher
+
+    def ready() -> tuple[bool, str]:
+        if not source.connected:
+            return False, "source not connected"
+        if dispatcher.auth_error is not None:
+            return False, "OneSignal rejects the API key"
+        return True, "ok"
+
+    health = HealthServer(config.metrics.host, config.metrics.port, ready)
+    port = await health.start()
+    log.info("onesignal-bridge %s: metrics and health on %s:%d", __version__, config.metrics.host, port)
+
+    async def drain() -> None:
+        ok = await dispatcher.flush_all(config.delivery.shutdown_timeout_s)
+        await dispatcher.drain(0 if ok else 1.0)
+        if not ok:
+            log.warning("shutdown deadline reached: %d user(s) not sent; they are re-read on the next start",
+                        dispatcher.coalescer.pending_users + dispatcher.coalescer.in_flight_users)
+
+    dispatch_task = asyncio.create_task(dispatcher.run())
+    source_task = asyncio.create_task(source.run(pipeline, stop, drain))
+    readiness = asyncio.create_task(_readiness(ready))
+    try:
+        done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        return 0
+    finally:
+        for t in (dispatch_task, source_task, readiness):
+            t.cancel()
+        await asyncio.gather(dispatch_task, source_task, readiness, return_exceptions=True)
+        await health.stop()
+        await http.aclose()
+        close = getattr(dead_letters, "close", None)
+        if close is not None:
+            await close()
+        m.UP.set(0)
+
+
+async def _readiness(ready) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        m.READY.set(1 if ready()[0] else 0)
+        await asyncio.sleep(1.0)

@@ -1,0 +1,82 @@
+"""`setup`: the SQL that prepares a database for the bridge (publication, slot, replica identity,
+dead-letter table), generated from the configuration and applied idempotently.
+
+The same statements ship as files in `sql/` for DBAs who prefer to run them by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from bridge.config import Config, PostgresSourceConfig
+from bridge.deadletter import SCHEMA_SQL
+
+
+@dataclass(frozen=True)
+class Statement:
+    why: str
+    text: str
+
+
+def _qualified(table: str) -> str:
+    schema, name = table.split(".", 1)
+    return f"{_ident(schema)}.{_ident(name)}"
+
+
+def _ident(name: str) -> str:
+    return name if name.isidentifier() and name.islower() else '"' + name.replace('"', '""') + '"'
+
+
+def needs_full_identity(config: Config) -> list[str]:
+    """Tables whose deletes or address changes need the whole old row (REPLICA IDENTITY FULL)."""
+    out = []
+    for m in config.mappings:
+        if m.on_delete != "ignore" or m.subscriptions:
+            out.append(m.table)
+    return out
+
+
+def statements(config: Config) -> list[Statement]:
+    src = config.source
+    out = [Statement("dead-letter store", SCHEMA_SQL)]
+    if not isinstance(src, PostgresSourceConfig):
+        return out
+    tables = ", ".join(_qualified(m.table) for m in config.mappings)
+    pub = _ident(src.publication)
+    out.append(Statement(
+        f"publication {src.publication} for the mapped tables",
+        "DO $$ BEGIN\n"
+        f"  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{src.publication}') THEN\n"
+        f"    ALTER PUBLICATION {pub} SET TABLE {tables};\n"
+        "  ELSE\n"
+        f"    CREATE PUBLICATION {pub} FOR TABLE {tables};\n"
+        "  END IF;\nEND $$;",
+    ))
+    for table in needs_full_identity(config):
+        out.append(Statement(
+            f"{table}: deletes and address changes need the old row",
+            f"ALTER TABLE {_qualified(table)} REPLICA IDENTITY FULL;",
+        ))
+    out.append(Statement(
+        f"replication slot {src.slot} (pgoutput)",
+        f"SELECT pg_create_logical_replication_slot('{src.slot}', 'pgoutput')\n"
+        f"WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{src.slot}');",
+    ))
+    return out
+
+
+def render(config: Config) -> str:
+    return "\n\n".join(f"-- {s.why}\n{s.text}" for s in statements(config)) + "\n"
+
+
+def apply(config: Config, dsn: str) -> list[str]:
+    """Run the statements; return what was done, one line each."""
+    done = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for s in statements(config):
+            conn.execute(sql.SQL(s.text))  # type: ignore[arg-type]
+            done.append(s.why)
+    return done

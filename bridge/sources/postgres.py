@@ -1,0 +1,339 @@
+"""`postgres` source: logical replication with the pgoutput plugin over psycopg 3.
+
+The replication connection runs `START_REPLICATION` and reads CopyData with
+`pgconn.get_copy_data`, woken by the socket becoming readable. Standby status updates confirm
+`flush_lsn` only up to the pipeline's low watermark (a commit whose changes were all applied or
+dead-lettered); a separate timer keeps sending them while the source is held back by
+backpressure, so the server never times the connection out. When the connection drops, the
+source reconnects and the slot resends everything after the last confirmed position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Protocol
+
+import psycopg
+from psycopg import pq
+
+from bridge.config import PostgresSourceConfig
+from bridge.errors import SourceError, SourceSetupError
+from bridge.events import UNCHANGED, ChangeEvent, Op
+from bridge.observability import metrics as m
+from bridge.sources import pgoutput as po
+from bridge.sources.pgtypes import converter_for
+
+log = logging.getLogger("bridge.source.postgres")
+
+RECONNECT_MAX_S = 30.0
+
+
+class Sink(Protocol):
+    def issue(self) -> int: ...
+    def mark(self, position: Any) -> None: ...
+    async def put(self, event: ChangeEvent) -> None: ...
+    @property
+    def confirmable(self) -> Any: ...
+    @property
+    def idle(self) -> bool: ...
+
+
+class _Table:
+    """A relation as announced by a Relation message, with its value converters resolved."""
+
+    __slots__ = ("name", "names", "convert", "key_idx")
+
+    def __init__(self, rel: po.Relation) -> None:
+        self.name = f"{rel.namespace}.{rel.name}"
+        self.names = [c.name for c in rel.columns]
+        self.convert: list[Callable[[str], Any]] = [converter_for(c.type_oid) for c in rel.columns]
+        self.key_idx = [i for i, c in enumerate(rel.columns) if c.is_key]
+
+    def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, conv, v in zip(self.names, self.convert, values):
+            if v is None or v is UNCHANGED:
+                out[name] = v
+            elif isinstance(v, str):
+                out[name] = conv(v)
+            else:
+                out[name] = v  # binary: left as bytes
+        return out
+
+    def key(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {self.names[i]: row.get(self.names[i]) for i in self.key_idx}
+
+
+def _now_us_since_2000() -> int:
+    return po.unix_to_pg_us(time.time())
+
+
+class PostgresSource:
+    def __init__(self, cfg: PostgresSourceConfig, tables: set[str], dsn: str | None = None) -> None:
+        self.cfg = cfg
+        self.tables = tables
+        self.dsn = dsn or cfg.dsn.get_secret_value()
+        self.connected = False
+        self.received_lsn = 0
+        self.flushed_lsn = 0
+        self._pg: pq.abc.PGconn | None = None
+        self._relations: dict[int, _Table | None] = {}
+        self._last_status = 0.0
+        self._newest_commit_time: float | None = None
+        self._commit_times: dict[int, float] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, sink: Sink, stop: asyncio.Event | None = None,
+                  drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Stream until `stop` is set; then stop reading, await `drain()`, confirm, and return."""
+        self._stop = stop or asyncio.Event()
+        self._drain = drain
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self._stream(sink)
+            except SourceSetupError:
+                raise
+            except (psycopg.Error, SourceError, OSError) as exc:
+                self.connected = False
+                delay = min(RECONNECT_MAX_S, 0.5 * 2 ** min(attempt, 6))
+                attempt += 1
+                log.warning("replication connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
+                await asyncio.sleep(delay)
+            else:
+                return
+
+    async def _stream(self, sink: Sink) -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            self.dsn, autocommit=True, replication="database", options="-c TimeZone=UTC -c DateStyle=ISO"
+        )
+        try:
+            pg = conn.pgconn
+            res = await _simple_query(pg, (
+                "SELECT confirmed_flush_lsn::text, plugin FROM pg_replication_slots "
+                f"WHERE slot_name = '{self.cfg.slot}'"
+            ))
+            row = (res.get_value(0, 0), res.get_value(0, 1)) if res.ntuples else None
+            row = tuple(v.decode() if v is not None else None for v in row) if row else None
+            if row is None:
+                raise SourceSetupError(
+                    f"replication slot {self.cfg.slot!r} does not exist: run `onesignal-bridge setup --config FILE`"
+                )
+            if row[1] != "pgoutput":
+                raise SourceSetupError(f"replication slot {self.cfg.slot!r} uses plugin {row[1]}, not pgoutput")
+            start = po.str_to_lsn(row[0]) if row[0] else 0
+            self.flushed_lsn = max(self.flushed_lsn, start)
+            self.received_lsn = max(self.received_lsn, start)
+            self._relations.clear()
+            self._pg = pg
+            await self._start_replication(pg)
+            self.connected = True
+            log.info("streaming from slot %s at %s", self.cfg.slot, po.lsn_to_str(start))
+            status_task = asyncio.create_task(self._status_timer(sink))
+            read_task = asyncio.create_task(self._read(pg, sink))
+            stop_task = asyncio.create_task(self._stop.wait())
+            try:
+                done, _ = await asyncio.wait({read_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                if read_task in done:
+                    read_task.result()
+                    return
+                read_task.cancel()
+                await asyncio.gather(read_task, return_exceptions=True)
+                if self._drain is not None:
+                    await self._drain()
+                self._send_status(sink, force=True)
+                log.info("stopped; confirmed up to %s", po.lsn_to_str(self.flushed_lsn))
+            finally:
+                for t in (status_task, read_task, stop_task):
+                    t.cancel()
+                self._pg = None
+        finally:
+            self.connected = False
+            await conn.close()
+
+    async def _start_replication(self, pg: Any) -> None:
+        pub = self.cfg.publication.replace("'", "''")
+        res = await _send_and_wait(pg, (
+            f"START_REPLICATION SLOT {self.cfg.slot} LOGICAL 0/0 "
+            f"(proto_version '1', publication_names '{pub}', messages 'true')"
+        ))
+        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
+            msg = res.error_message.decode(errors="replace") if res is not None else "no result"
+            if "does not exist" in msg and "publication" in msg:
+                raise SourceSetupError(f"{msg.strip()}: run `onesignal-bridge setup --config FILE`")
+            raise SourceError(f"START_REPLICATION failed: {msg.strip()}")
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _read(self, pg: Any, sink: Sink) -> None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(pg.socket, readable.set)
+        tx_commit_time: float | None = None
+        tx_lsn = 0
+        in_tx = False
+        try:
+            while True:
+                n, data = pg.get_copy_data(1)
+                if n == 0:
+                    readable.clear()
+                    try:
+                        await asyncio.wait_for(readable.wait(), timeout=self.cfg.status_interval_s)
+                    except TimeoutError:
+                        pass
+                    pg.consume_input()
+                    continue
+                if n < 0:
+                    res = pg.get_result()
+                    msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
+                    raise SourceError(f"replication stream ended: {msg or 'server closed the stream'}")
+                kind = data[0]
+                if kind == 0x6B:  # 'k' keepalive
+                    wal_end, _, reply = po.parse_keepalive(data)
+                    if not in_tx and sink.idle and wal_end > self.flushed_lsn:
+                        # Nothing of ours is pending: everything before wal_end is done.
+                        self.received_lsn = max(self.received_lsn, wal_end)
+                        self._idle_flush = wal_end
+                    if reply:
+                        self._send_status(sink, force=True)
+                    continue
+                if kind != 0x77:  # 'w'
+                    continue
+                _, wal_end, _, payload = po.parse_xlogdata(data)
+                msg = po.decode(payload)
+                t = type(msg)
+                if t is po.Insert or t is po.Update or t is po.Delete:
+                    table = self._relations.get(msg.relation_oid)
+                    if table is None:
+                        continue
+                    await sink.put(self._event(msg, table, sink, tx_lsn, tx_commit_time))
+                elif t is po.Begin:
+                    in_tx = True
+                    tx_lsn = msg.final_lsn
+                    tx_commit_time = msg.commit_time
+                elif t is po.Commit:
+                    in_tx = False
+                    self.received_lsn = max(self.received_lsn, msg.end_lsn)
+                    self._commit_times[msg.end_lsn] = msg.commit_time
+                    self._newest_commit_time = msg.commit_time
+                    sink.mark(msg.end_lsn)
+                    self._send_status(sink)
+                elif t is po.Relation:
+                    name = f"{msg.namespace}.{msg.name}"
+                    self._relations[msg.oid] = _Table(msg) if name in self.tables else None
+                elif t is po.Truncate:
+                    for oid in msg.relation_oids:
+                        table = self._relations.get(oid)
+                        if table is not None:
+                            log.warning("TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)",
+                                        table.name)
+                            await sink.put(ChangeEvent(table.name, Op.TRUNCATE, None, None, {}, sink.issue(),
+                                                       po.lsn_to_str(tx_lsn), tx_commit_time))
+                # Origin, Type and logical messages (heartbeats) need nothing.
+        finally:
+            loop.remove_reader(pg.socket)
+
+    def _event(self, msg: Any, table: _Table, sink: Sink, lsn: int, commit_time: float | None) -> ChangeEvent:
+        t = type(msg)
+        if t is po.Insert:
+            new = table.row(msg.new)
+            return ChangeEvent(table.name, Op.INSERT, new, None, table.key(new), sink.issue(),
+                               po.lsn_to_str(lsn), commit_time)
+        if t is po.Update:
+            new = table.row(msg.new)
+            old = table.row(msg.old) if msg.old is not None else None
+            if old is not None and msg.old_kind == "K":
+                old = {k: v for k, v in old.items() if v is not None}  # only key columns are real
+            if old is not None:  # unchanged TOAST in new: the old row (if full) has the value
+                new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None and msg.old_kind == "O"
+                           else v) for k, v in new.items()}
+            return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), sink.issue(),
+                               po.lsn_to_str(lsn), commit_time)
+        old = table.row(msg.old)
+        if msg.old_kind == "K":
+            old = {k: v for k, v in old.items() if v is not None}
+        return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), sink.issue(),
+                           po.lsn_to_str(lsn), commit_time)
+
+    # -- confirming ----------------------------------------------------------------------
+
+    _idle_flush = 0
+
+    def _send_status(self, sink: Sink, force: bool = False) -> None:
+        pg = self._pg
+        if pg is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_status < self.cfg.status_interval_s:
+            return
+        confirmable = sink.confirmable
+        flush = self.flushed_lsn
+        if confirmable is not None and confirmable > flush:
+            flush = confirmable
+        if sink.idle and self._idle_flush > flush:
+            flush = self._idle_flush
+        self.flushed_lsn = flush
+        written = max(self.received_lsn, flush)
+        pg.put_copy_data(po.standby_status_update(written, flush, flush, _now_us_since_2000()))
+        pg.flush()
+        self._last_status = now
+        m.CONFIRMED_POSITION.set(flush)
+        self._update_lag(flush)
+
+    def _update_lag(self, flush: int) -> None:
+        confirmed_time = None
+        for lsn in [k for k in self._commit_times if k <= flush]:
+            confirmed_time = self._commit_times.pop(lsn)
+        if self._newest_commit_time is None:
+            return
+        if not self._commit_times:
+            m.SOURCE_LAG_SECONDS.set(0)
+        elif confirmed_time is not None:
+            m.SOURCE_LAG_SECONDS.set(max(0.0, self._newest_commit_time - confirmed_time))
+
+    async def _status_timer(self, sink: Sink) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.status_interval_s)
+            try:
+                self._send_status(sink, force=True)
+            except psycopg.Error as exc:
+                log.debug("status update failed: %s", _clean(exc))
+                return
+
+
+async def _send_and_wait(pg: Any, query: str) -> Any:
+    """Send one query with the simple protocol (replication connections accept no other)."""
+    pg.send_query(query.encode())
+    loop = asyncio.get_running_loop()
+    while True:
+        if pg.flush() == 0:
+            pg.consume_input()
+            if not pg.is_busy():
+                break
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pg.socket, lambda: fut.done() or fut.set_result(None))
+        try:
+            await asyncio.wait_for(fut, 30)
+        finally:
+            loop.remove_reader(pg.socket)
+    return pg.get_result()
+
+
+async def _simple_query(pg: Any, query: str) -> Any:
+    res = await _send_and_wait(pg, query)
+    while pg.get_result() is not None:  # drain to the end of this query
+        pass
+    if res is None or res.status != pq.ExecStatus.TUPLES_OK:
+        msg = res.error_message.decode(errors="replace").strip() if res is not None else "no result"
+        raise SourceError(f"query on the replication connection failed: {msg}")
+    return res
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception as text without connection strings (which may carry passwords)."""
+    from bridge.config import redact_dsn
+
+    return redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)

@@ -1,0 +1,158 @@
+"""Test harness pieces: the simulator and the bridge as real processes, and polling helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "os_v2_app_testsecretkey0123456789abcdefghij"
+APP_ID = "3f1c2b8e-0000-4000-8000-000000000001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+class Simulator:
+    """`onesignal-bridge simulator` in its own process, spoken to over HTTP."""
+
+    def __init__(self, api_key: str = API_KEY) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = open(ROOT / ".pytest_cache" / f"simulator-{self.port}.log", "w+") if (ROOT / ".pytest_cache").exists() else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "simulator", "--port", str(self.port), "--api-key", api_key],
+            stdout=self.log, stderr=self.log, cwd=ROOT,
+        )
+        self.http = httpx.Client(base_url=self.base_url, timeout=10)
+        wait_until(self._up, 15, what="simulator to listen")
+
+    def _up(self) -> bool:
+        try:
+            return self.http.get("/_simulator/stats").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def users(self) -> list[dict[str, Any]]:
+        return self.http.get("/_simulator/users").json()["users"]
+
+    def user(self, external_id: str) -> dict[str, Any] | None:
+        for u in self.users():
+            if u["identity"].get("external_id") == external_id:
+                return u
+        return None
+
+    def by_external_id(self) -> dict[str, dict[str, Any]]:
+        return {u["identity"]["external_id"]: u for u in self.users() if "external_id" in u["identity"]}
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get("/_simulator/stats").json()
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self.http.get("/_simulator/requests").json()["requests"]
+
+    def faults(self, **kw: Any) -> None:
+        self.http.post("/_simulator/faults", json=kw).raise_for_status()
+
+    def clear_faults(self) -> None:
+        self.http.delete("/_simulator/faults").raise_for_status()
+
+    def reset(self) -> None:
+        self.http.post("/_simulator/reset").raise_for_status()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.http.close()
+
+
+def bridge_config(dsn: str, sim_url: str, mappings: list[dict[str, Any]], *, api_key: str = API_KEY,
+                  delivery: dict[str, Any] | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "onesignal": {"app_id": APP_ID, "api_key": api_key, "base_url": sim_url},
+        "source": {"kind": "postgres", "dsn": dsn, "slot": "onesignal_bridge", "publication": "onesignal_bridge",
+                   "snapshot": "never", **(source or {})},
+        "mappings": mappings,
+        "delivery": {"flush_interval_ms": 100, **(delivery or {})},
+        "metrics": {"port": 0, "host": "127.0.0.1"},
+    }
+
+
+class BridgeProcess:
+    """`onesignal-bridge run` as a child process (so tests can SIGKILL it)."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, *, log_level: str = "info",
+                 env: dict[str, str] | None = None, name: str = "bridge") -> None:
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        self.log_level = log_level
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    def start(self) -> "BridgeProcess":
+        self.runs += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n==== start #{self.runs} ====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path), "--log-level", self.log_level],
+            stdout=log, stderr=log, cwd=ROOT, env=self.env,
+        )
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                self.terminate(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=timeout)

@@ -1,0 +1,156 @@
+"""End to end: rows change in a real Postgres, the bridge streams them over logical replication,
+and the OneSignal simulator (real HTTP) ends with the users the database implies."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import psycopg
+import pytest
+
+from bridgeproc import API_KEY, bridge_config, run_cli, wait_until
+
+USERS_DDL = """
+CREATE TABLE users (
+    id bigint PRIMARY KEY, crm_id text, plan text, country text, created_at timestamptz,
+    locale text, tz text, vip boolean, score numeric(6,2)
+);
+CREATE TABLE profiles (id bigint PRIMARY KEY, user_id bigint NOT NULL, nickname text, bio text);
+ALTER TABLE profiles ALTER COLUMN bio SET STORAGE EXTERNAL;
+"""
+
+MAPPINGS = [
+    {
+        "table": "public.users",
+        "identity": {"external_id": "id"},
+        "aliases": {"crm_id": "crm_id"},
+        "tags": {"plan": "plan", "country": "country", "signup_at": "created_at", "vip": "vip", "score": "score"},
+        "properties": {"language": "locale", "timezone_id": "tz"},
+        "on_delete": "delete_user",
+    },
+    {
+        "table": "public.profiles",
+        "identity": {"external_id": "user_id"},
+        "tags": {"nickname": "nickname", "bio": "bio"},
+    },
+]
+
+
+def _prepare(pg_db, sim, bridge, **kw):  # type: ignore[no-untyped-def]
+    pg_db.execute(USERS_DDL)
+    cfg = bridge_config(pg_db.dsn, sim.base_url, MAPPINGS, **kw)
+    b = bridge(cfg)
+    out = run_cli("setup", "--config", str(b.config_path))
+    assert out.returncode == 0, out.stderr
+    return b
+
+
+def test_insert_update_delete_become_tags_properties_aliases_and_user_deletion(pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    pg_db.execute(
+        "INSERT INTO users VALUES (1, 'crm-1', 'pro', 'FR', '2024-01-02 03:04:05+00', 'fr-FR', 'Europe/Paris', true, 12.50),"
+        " (2, 'crm-2', 'free', 'DE', NULL, NULL, NULL, false, NULL)"
+    )
+    u1 = wait_until(lambda: sim.user("1"), what="user 1 in OneSignal")
+    assert u1["identity"]["crm_id"] == "crm-1"
+    assert u1["properties"]["tags"] == {
+        "plan": "pro", "country": "FR", "signup_at": "1704164645", "vip": "true", "score": "12.50",
+    }
+    assert u1["properties"]["language"] == "fr"
+    assert u1["properties"]["timezone_id"] == "Europe/Paris"
+    wait_until(lambda: sim.user("2"), what="user 2")
+
+    pg_db.execute("UPDATE users SET plan = NULL, crm_id = NULL, country = 'ES' WHERE id = 1")
+    wait_until(lambda: sim.user("1")["properties"]["tags"].get("country") == "ES", what="country ES")
+    u1 = sim.user("1")
+    assert "plan" not in u1["properties"]["tags"], "NULL must remove the tag"
+    assert "crm_id" not in u1["identity"], "NULL must remove the alias"
+
+    pg_db.execute("DELETE FROM users WHERE id = 2")
+    wait_until(lambda: sim.user("2") is None, what="user 2 deleted")
+    assert sim.user("1") is not None
+    assert sim.stats()["rate_limited"] == 0
+
+
+def test_unchanged_toast_column_keeps_its_tag(pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    rng = random.Random(7)
+    bio = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(4000))  # stored out of line
+    pg_db.execute("INSERT INTO profiles VALUES (1, 10, 'neo', %s)", bio)
+    wait_until(lambda: (sim.user("10") or {}).get("properties", {}).get("tags", {}).get("bio") == bio, what="bio tag")
+    pg_db.execute("UPDATE profiles SET nickname = 'trinity' WHERE id = 1")  # bio is unchanged TOAST
+    wait_until(lambda: sim.user("10")["properties"]["tags"].get("nickname") == "trinity", what="nickname")
+    assert sim.user("10")["properties"]["tags"]["bio"] == bio, "an unchanged TOAST column is neither NULL nor a change"
+
+
+def test_change_not_accepted_by_onesignal_is_never_confirmed_to_the_slot(pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'warmup')")
+    wait_until(lambda: sim.user("1"), what="warm-up user")
+
+    def confirmed() -> int:
+        (lsn,) = pg_db.fetch("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge'")[0]
+        return int(lsn)
+
+    sim.faults(error_rate=1.0, status=503)
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (2, 'outage')")
+    (commit_lsn,) = pg_db.fetch("SELECT pg_current_wal_lsn() - '0/0'")[0]
+    wait_until(lambda: sim.stats()["by_status"].get("503", 0) >= 2, what="the bridge to try and fail")
+    time.sleep(2.5)  # several status-update intervals while OneSignal refuses
+    assert confirmed() < commit_lsn, "a change OneSignal has not accepted was confirmed"
+    sim.clear_faults()
+    wait_until(lambda: sim.user("2"), what="user 2 after the outage")
+    wait_until(lambda: confirmed() >= commit_lsn, what="the slot to confirm once applied")
+
+
+def test_bridge_killed_mid_stream_loses_no_change(pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    rng = random.Random(42)
+    expected: dict[int, str] = {}
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        for i in range(1, 41):
+            conn.execute("INSERT INTO users (id, plan) VALUES (%s, 'v0')", (i,))
+            expected[i] = "v0"
+        for step in range(1, 301):
+            uid = rng.randint(1, 40)
+            with conn.transaction():
+                conn.execute("UPDATE users SET plan = %s WHERE id = %s", (f"v{step}", uid))
+            expected[uid] = f"v{step}"
+            if step == 120:
+                b.kill()
+            if step == 200:
+                b.start()
+    def converged() -> bool:
+        users = sim.by_external_id()
+        return all(users.get(str(i), {}).get("properties", {}).get("tags", {}).get("plan") == v for i, v in expected.items())
+    wait_until(converged, timeout=60, what="every user at its last value after SIGKILL and restart")
+    assert b.runs == 2
+
+
+def test_sigterm_confirms_what_was_applied_and_exits_zero(pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'a')")
+    wait_until(lambda: sim.user("1"), what="user 1")
+    (lsn,) = pg_db.fetch("SELECT pg_current_wal_lsn() - '0/0'")[0]
+    assert b.terminate(30) == 0
+    (confirmed,) = pg_db.fetch("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge'")[0]
+    assert confirmed >= lsn
+
+
+def test_api_key_never_appears_in_logs_even_at_debug(pg_db, sim, bridge):
+    wrong_key = "os_v2_app_wrongwrongwrong0123456789secret"
+    b = _prepare(pg_db, sim, bridge, api_key=wrong_key)
+    b.log_level = "debug"
+    b.start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'a')")
+    wait_until(lambda: "rejects" in b.logs() or "401" in b.logs(), what="the bridge to report the rejected key")
+    b.stop()
+    logs = b.logs()
+    assert "401" in logs
+    assert wrong_key not in logs
+    out = run_cli("check", "--config", str(b.config_path))
+    assert out.returncode != 0
+    assert "rejects the API key" in out.stdout
+    assert wrong_key not in out.stdout + out.stderr
+    assert API_KEY not in out.stdout + out.stderr

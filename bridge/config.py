@@ -44,7 +44,7 @@ class _Strict(BaseModel):
 
 class OneSignalConfig(_Strict):
     app_id: str = Field(min_length=1)
-    api_key: SecretStr
+    api_key: SecretStr = Field(min_length=1)
     base_url: str = "https://api.onesignal.com"
     request_timeout_s: float = Field(default=10.0, gt=0)
 
@@ -249,10 +249,11 @@ def _interpolate(node: Any, path: str, env: dict[str, str], where: str) -> Any:
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
+            value = env.get(name)
+            if default is not None and not value:  # `:-` as in the shell: unset or empty
                 return default
+            if value is not None:
+                return value
             raise ConfigError(
                 f"{where}: {path}: environment variable {name} is not set; "
                 f"export it or write the value (or ${{{name}:-default}}) in the file"
@@ -294,8 +295,11 @@ def parse_config(data: Any, *, where: str = "<config>", env: dict[str, str] | No
                 msg = "unknown key (check the spelling; see docs/configuration.md)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            elif err["type"] == "union_tag_invalid":
-                msg = "source.kind must be one of postgres, outbox, kafka"
+            elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                path = f"{path}.kind" if path == "source" else path
+                msg = "expected one of postgres, outbox, kafka" + (
+                    "" if err["type"] == "union_tag_invalid" else " (the key is missing)"
+                )
             msg = msg.removeprefix("Value error, ")
             line = f"{where}: {path}: {msg}"
             if line not in seen:
@@ -322,5 +326,5 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with its password replaced, for logs and `check` output."""
-    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn)
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)

@@ -87,7 +87,7 @@ class Dispatcher:
         c = self.coalescer
         return (
             self.auth_error is None
-            and c.pending_users < self.delivery.max_pending_users
+            and c.pending_users + c.in_flight_users < self.delivery.max_pending_users
             and c.pending_bytes < self.delivery.max_pending_bytes
         )
 

@@ -252,7 +252,6 @@ def standby_status_update(
 # pgoutput decoding
 # --------------------------------------------------------------------------------------------
 
-_U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
@@ -385,6 +384,7 @@ def _insert(
     pos: int,
     xid: int | None,
     _head: Callable[..., tuple[int, int, int]] = _OID_KIND_NCOLS.unpack_from,
+    _set: tuple[Callable[[Any, Any], None], ...] = _set_insert,
 ) -> Insert:
     oid, kind, ncols = _head(buf, pos)
     if kind != _N:
@@ -393,9 +393,9 @@ def _insert(
     if pos != len(buf):
         _done(buf, pos)
     obj = _new(Insert)
-    _set_insert[0](obj, oid)
-    _set_insert[1](obj, new)
-    _set_insert[2](obj, xid)
+    _set[0](obj, oid)
+    _set[1](obj, new)
+    _set[2](obj, xid)
     return obj
 
 

@@ -45,11 +45,14 @@ class _Table:
 
     __slots__ = ("name", "names", "convert", "key_idx")
 
-    def __init__(self, rel: po.Relation) -> None:
+    def __init__(self, rel: po.Relation, primary_key: list[str] | None = None) -> None:
         self.name = f"{rel.namespace}.{rel.name}"
         self.names = [c.name for c in rel.columns]
         self.convert: list[Callable[[str], Any]] = [converter_for(c.type_oid) for c in rel.columns]
-        self.key_idx = [i for i, c in enumerate(rel.columns) if c.is_key]
+        if primary_key:  # REPLICA IDENTITY FULL flags every column as key: name rows by their PK
+            self.key_idx = [self.names.index(k) for k in primary_key if k in self.names]
+        else:
+            self.key_idx = [i for i, c in enumerate(rel.columns) if c.is_key]
 
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -106,7 +109,23 @@ class PostgresSource:
             else:
                 return
 
+    async def _primary_keys(self) -> dict[str, list[str]]:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT n.nspname || '.' || c.relname, a.attname FROM pg_index i"
+                " JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true"
+                " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum"
+                " WHERE i.indisprimary ORDER BY 1, k.ord"
+            )
+            out: dict[str, list[str]] = {}
+            for table, col in await cur.fetchall():
+                if table in self.tables:
+                    out.setdefault(table, []).append(col)
+            return out
+
     async def _stream(self, sink: Sink) -> None:
+        self._pkeys = await self._primary_keys()
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, replication="database", options="-c TimeZone=UTC -c DateStyle=ISO"
         )
@@ -223,7 +242,7 @@ class PostgresSource:
                     self._send_status(sink)
                 elif t is po.Relation:
                     name = f"{msg.namespace}.{msg.name}"
-                    self._relations[msg.oid] = _Table(msg) if name in self.tables else None
+                    self._relations[msg.oid] = _Table(msg, self._pkeys.get(name)) if name in self.tables else None
                 elif t is po.Truncate:
                     for oid in msg.relation_oids:
                         table = self._relations.get(oid)

@@ -1,0 +1,128 @@
+{{/* Names ------------------------------------------------------------------------------- */}}
+
+{{- define "onesignal-bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "onesignal-bridge.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "onesignal-bridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "onesignal-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "onesignal-bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "onesignal-bridge.labels" -}}
+helm.sh/chart: {{ include "onesignal-bridge.chart" . }}
+{{ include "onesignal-bridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: bridge
+{{- end -}}
+
+{{- define "onesignal-bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "onesignal-bridge.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "onesignal-bridge.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "onesignal-bridge.secretName" -}}
+{{- default (include "onesignal-bridge.fullname" .) .Values.existingSecret -}}
+{{- end -}}
+
+{{- define "onesignal-bridge.sourceKind" -}}
+{{- .Values.config.source.kind | default "postgres" -}}
+{{- end -}}
+
+{{/* Where the configuration file lives in the container. */}}
+{{- define "onesignal-bridge.configDir" -}}/etc/onesignal-bridge{{- end -}}
+{{- define "onesignal-bridge.configPath" -}}/etc/onesignal-bridge/config.yaml{{- end -}}
+
+{{/* Guards: combinations the schema cannot express clearly, with a fix in each message. ---- */}}
+{{- define "onesignal-bridge.validate" -}}
+{{- $kind := include "onesignal-bridge.sourceKind" . -}}
+{{- $replicas := int .Values.replicaCount -}}
+{{- if and (eq $kind "postgres") (gt $replicas 2) -}}
+{{- fail (printf "replicaCount %d: source.kind postgres has one reader per replication slot; use 1, or 2 for a hot standby (scale out with source.kind kafka)" $replicas) -}}
+{{- end -}}
+{{- if and (eq $kind "postgres") (eq $replicas 2) (eq (toString .Values.config.source.standby) "false") -}}
+{{- fail "replicaCount 2 in postgres mode is a hot standby: it needs config.source.standby: true (the second replica waits on an advisory lock)" -}}
+{{- end -}}
+{{- if and (eq $kind "outbox") (gt $replicas 1) -}}
+{{- fail (printf "replicaCount %d: source.kind outbox runs a single replica (per-user order); use 1 (scale out with source.kind kafka)" $replicas) -}}
+{{- end -}}
+{{- $shutdown := 10.0 -}}
+{{- with .Values.config.delivery -}}
+{{- if hasKey . "shutdown_timeout_s" -}}{{- $shutdown = float64 .shutdown_timeout_s -}}{{- end -}}
+{{- end -}}
+{{- if le (float64 .Values.terminationGracePeriodSeconds) (addf $shutdown 5.0) -}}
+{{- fail (printf "terminationGracePeriodSeconds %v must exceed config.delivery.shutdown_timeout_s (%v) by more than 5 seconds, or pending changes are cut off at SIGKILL" .Values.terminationGracePeriodSeconds $shutdown) -}}
+{{- end -}}
+{{- $kafkaUser := .Values.secretKeys.kafkaUsername | default "" -}}
+{{- $kafkaPassword := .Values.secretKeys.kafkaPassword | default "" -}}
+{{- if and (or $kafkaUser $kafkaPassword) (not (and $kafkaUser $kafkaPassword)) -}}
+{{- fail "secretKeys.kafkaUsername and secretKeys.kafkaPassword go together: set both or neither" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bridge's configuration file: values.config plus the secret references and metrics. -- */}}
+{{- define "onesignal-bridge.config" -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- $kind := include "onesignal-bridge.sourceKind" . -}}
+{{- $onesignal := deepCopy (.Values.config.onesignal | default dict) -}}
+{{- if not $onesignal.app_id -}}
+{{- $_ := set $onesignal "app_id" "${ONESIGNAL_APP_ID}" -}}
+{{- end -}}
+{{- $_ := set $onesignal "api_key" "${ONESIGNAL_API_KEY}" -}}
+{{- $_ := set $cfg "onesignal" $onesignal -}}
+{{- $source := deepCopy (.Values.config.source | default dict) -}}
+{{- $_ := set $source "kind" $kind -}}
+{{- if or (eq $kind "postgres") (eq $kind "outbox") -}}
+{{- $_ := set $source "dsn" "${DATABASE_URL}" -}}
+{{- end -}}
+{{- if and (eq $kind "kafka") .Values.secretKeys.kafkaUsername .Values.secretKeys.kafkaPassword -}}
+{{- $consumer := deepCopy ($source.consumer | default dict) -}}
+{{- $_ := set $consumer "sasl.username" "${KAFKA_SASL_USERNAME}" -}}
+{{- $_ := set $consumer "sasl.password" "${KAFKA_SASL_PASSWORD}" -}}
+{{- $_ := set $source "consumer" $consumer -}}
+{{- end -}}
+{{- $_ := set $cfg "source" $source -}}
+{{- if not $cfg.delivery -}}
+{{- $_ := unset $cfg "delivery" -}}
+{{- end -}}
+{{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" (int .Values.metrics.port)) -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* PromQL label matchers selecting this release's series. */}}
+{{- define "onesignal-bridge.promSelector" -}}
+{{- if .Values.prometheusRule.selector -}}
+{{- .Values.prometheusRule.selector -}}
+{{- else -}}
+{{- printf "namespace=%q,job=%q" .Release.Namespace (include "onesignal-bridge.fullname" .) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,212 @@
+"""Delivery engine, end to end: coalescing, rate limits, outages, crashes, dead letters, backpressure.
+
+Real Postgres, the bridge as a process, the OneSignal simulator over HTTP."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import defaultdict
+
+import httpx
+import psutil
+import psycopg
+import pytest
+
+from bridgeproc import bridge_config, free_port, run_cli, wait_until
+
+DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text, score int, tz text);"
+MAPPING = [{
+    "table": "public.users", "identity": {"external_id": "id"},
+    "tags": {"plan": "plan", "score": "score"}, "properties": {"timezone_id": "tz"},
+    "on_delete": "delete_user",
+}]
+
+
+def _start(pg_db, sim, bridge, *, delivery=None, name="bridge"):  # type: ignore[no-untyped-def]
+    pg_db.execute(DDL)
+    port = free_port()
+    cfg = bridge_config(pg_db.dsn, sim.base_url, MAPPING, delivery=delivery)
+    cfg["metrics"]["port"] = port
+    b = bridge(cfg, name=name)
+    out = run_cli("setup", "--config", str(b.config_path))
+    assert out.returncode == 0, out.stderr
+    b.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    return b
+
+
+def _tags(sim):  # type: ignore[no-untyped-def]
+    return {k: v["properties"].get("tags", {}) for k, v in sim.by_external_id().items()}
+
+
+def _metric(b, name: str) -> float:  # type: ignore[no-untyped-def]
+    text = httpx.get(b.metrics_url, timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _max_requests_per_user_per_second(requests: list[dict]) -> float:
+    """The shortest gap between two accepted writes for the same user, as a rate."""
+    by_user: dict[str, list[float]] = defaultdict(list)
+    for r in requests:
+        if r["status"] < 300 and r["method"] != "GET":
+            by_user[r["user"]].append(r["time"])
+    shortest = min((b - a for ts in by_user.values() for a, b in zip(sorted(ts), sorted(ts)[1:])), default=10.0)
+    return 1.0 / shortest
+
+
+def test_fifty_users_updated_a_hundred_times_converge_within_rate_limits(pg_db, sim, bridge):
+    b = _start(pg_db, sim, bridge).start()
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO users (id, plan, score) SELECT g, 'p0', 0 FROM generate_series(1, 50) g")
+        t0 = time.monotonic()
+        for step in range(1, 101):
+            conn.execute("UPDATE users SET plan = %s, score = %s", (f"p{step}", step))
+            time.sleep(max(0.0, t0 + step * 0.05 - time.monotonic()))  # 100 rounds spread over 5 s
+    want = {str(i): {"plan": "p100", "score": "100"} for i in range(1, 51)}
+    wait_until(lambda: _tags(sim) == want, timeout=30, what="50 users at their last values")
+    stats = sim.stats()
+    assert stats["rate_limited"] == 0
+    reqs = sim.requests()
+    assert _max_requests_per_user_per_second(reqs) <= 1.0
+    # 5,050 row changes; at 1 request/s per user over ~6 s, about 6-7 requests per user.
+    assert len([r for r in reqs if r["method"] != "GET"]) <= 50 * 9
+    assert _metric(b, "onesignal_bridge_user_changes_coalesced_total") > 4000
+
+
+def test_onesignal_outage_of_twenty_seconds_loses_nothing(pg_db, sim, bridge):
+    b = _start(pg_db, sim, bridge, delivery={"max_pending_bytes": 32 * 1024 * 1024}).start()
+    rng = random.Random(3)
+    expected: dict[int, str] = {}
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO users (id, plan) SELECT g, 'start' FROM generate_series(1, 200) g")
+        expected.update({i: "start" for i in range(1, 201)})
+        deadline = time.monotonic() + 26
+        step = 0
+        outage_started = outage_ended = False
+        t0 = time.monotonic()
+        while time.monotonic() < deadline:
+            step += 1
+            uid = rng.randint(1, 200)
+            conn.execute("UPDATE users SET plan = %s WHERE id = %s", (f"s{step}", uid))
+            expected[uid] = f"s{step}"
+            elapsed = time.monotonic() - t0
+            if elapsed > 3 and not outage_started:
+                sim.faults(error_rate=1.0, status=503)
+                outage_started = True
+            if elapsed > 23 and not outage_ended:
+                sim.clear_faults()
+                outage_ended = True
+            time.sleep(0.005)
+    wait_until(lambda: all(_tags(sim).get(str(k), {}).get("plan") == v for k, v in expected.items()),
+               timeout=90, what="convergence after the outage")
+    assert sim.stats()["by_status"].get("503", 0) > 0, "the outage was not observed"
+    rss = psutil.Process(b.proc.pid).memory_info().rss
+    assert rss < 200 * 1024 * 1024, f"bridge RSS {rss / 2**20:.0f} MiB"
+    assert _metric(b, "onesignal_bridge_api_retries_total") > 0
+
+
+CRASH_RUNS = int(os.environ.get("ONESIGNAL_BRIDGE_CRASH_RUNS", "200" if os.environ.get("ONESIGNAL_BRIDGE_LONG") else "20"))
+
+
+def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge, tmp_path):
+    """Seeded random workloads; the bridge is SIGKILLed at a random moment and restarted."""
+    import uuid
+
+    failures = []
+    for run in range(CRASH_RUNS):
+        seed = 1000 + run
+        rng = random.Random(seed)
+        sim.reset()
+        name = f"crash_{uuid.uuid4().hex[:8]}"
+        dsn = pg_cluster.create_database(name)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(DDL)
+                cfg = bridge_config(dsn, sim.base_url, MAPPING, delivery={"flush_interval_ms": rng.choice([0, 50, 200])})
+                b = bridge(cfg, name=f"run{run}")
+                assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+                b.start()
+                n_users = rng.randint(5, 30)
+                kill_at = rng.randint(10, 150)
+                restart_at = kill_at + rng.randint(0, 60)
+                for step in range(200):
+                    uid = rng.randint(1, n_users)
+                    op = rng.random()
+                    with conn.transaction():
+                        if op < 0.15:
+                            conn.execute("DELETE FROM users WHERE id = %s", (uid,))
+                        else:
+                            conn.execute(
+                                "INSERT INTO users (id, plan, score) VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                                " SET plan = excluded.plan, score = excluded.score",
+                                (uid, rng.choice(["a", "b", "c", None]), step),
+                            )
+                    if step == kill_at:
+                        b.kill()
+                    if step == restart_at:
+                        b.start()
+                if not b.alive():
+                    b.start()
+                rows = conn.execute("SELECT id, plan, score FROM users").fetchall()
+            want = {str(i): ({"plan": p} if p is not None else {}) | {"score": str(s)} for i, p, s in rows}
+            try:
+                wait_until(lambda: _tags(sim) == want, timeout=45, what=f"run {run} (seed {seed}) to converge")
+            except AssertionError as exc:
+                failures.append(f"seed {seed}: {exc}")
+            b.stop()
+        finally:
+            pg_cluster.drop_database(name)
+    assert not failures, failures
+
+
+def test_invalid_value_is_dead_lettered_and_replayed_after_fix(pg_db, sim, bridge):
+    b = _start(pg_db, sim, bridge).start()
+    pg_db.execute("INSERT INTO users (id, plan, tz) VALUES (1, 'pro', 'Mars/Olympus_Mons'), (2, 'free', 'UTC')")
+    wait_until(lambda: sim.user("2"), what="the stream to keep flowing")
+    wait_until(lambda: pg_db.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters")[0][0] == 1, what="a dead letter")
+    table, key, field, reason, message = pg_db.fetch(
+        "SELECT source_table, row_key, field, reason, message FROM onesignal_bridge.dead_letters")[0]
+    assert (table, key, field) == ("public.users", "id=1", "tz")
+    assert "Mars/Olympus_Mons" in message and "time zone" in message
+    u1 = wait_until(lambda: sim.user("1"), what="user 1's other fields")
+    assert u1["properties"]["tags"]["plan"] == "pro"
+    assert "timezone_id" not in u1["properties"]
+    assert _metric(b, "onesignal_bridge_dead_letters_total") == 1
+
+    listed = run_cli("dlq", "list", "--config", str(b.config_path), "--table", "public.users")
+    assert listed.returncode == 0 and "Mars/Olympus_Mons" in listed.stdout
+    b.stop()  # stopped, so that only the replay can apply the fixed row
+    pg_db.execute("UPDATE users SET tz = 'Europe/Paris' WHERE id = 1")
+    replay = run_cli("dlq", "replay", "--config", str(b.config_path))
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert sim.user("1")["properties"]["timezone_id"] == "Europe/Paris"
+    (replayed,) = pg_db.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters WHERE replayed_at IS NOT NULL")[0]
+    assert replayed == 1
+
+
+def test_backpressure_keeps_memory_bounded_and_the_slot_holds_the_backlog(pg_db, sim, bridge):
+    budget_users = 2000
+    b = _start(pg_db, sim, bridge, delivery={"max_pending_users": budget_users}).start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (0, 'warm')")
+    wait_until(lambda: sim.user("0"), what="warm-up")
+    (before,) = pg_db.fetch("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots")[0]
+    sim.faults(error_rate=1.0, status=503)
+    pg_db.execute("INSERT INTO users (id, plan) SELECT g, 'x' FROM generate_series(1, 100000) g")
+    pg_db.execute("UPDATE users SET plan = 'y' WHERE id > 0")  # 200,000 changes in all
+    wait_until(lambda: _metric(b, "onesignal_bridge_pending_users") >= budget_users * 0.95, timeout=60,
+               what="the pending budget to fill")
+    peak = 0
+    for _ in range(20):
+        peak = max(peak, psutil.Process(b.proc.pid).memory_info().rss)
+        assert _metric(b, "onesignal_bridge_pending_users") <= budget_users
+        time.sleep(0.25)
+    assert peak < 150 * 2**20, f"peak RSS {peak / 2**20:.0f} MiB"
+    (after,) = pg_db.fetch("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots")[0]
+    (current,) = pg_db.fetch("SELECT pg_current_wal_lsn() - '0/0'")[0]
+    assert after < current, "the slot must keep the unconfirmed backlog"
+    assert _metric(b, "onesignal_bridge_backpressure_waits_total") >= 1

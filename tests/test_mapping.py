@@ -1,0 +1,309 @@
+"""Mapping: what a row change means for a OneSignal user (pure; no I/O)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from typing import Any
+
+import pytest
+
+from bridge.config import parse_config
+from bridge.events import UNCHANGED, ChangeEvent, Op, Rejection, SubscriptionChange, UserChange, UserRef
+from bridge.mapping import Mapper, MappingResult, tag_value
+
+USERS = {
+    "table": "public.users",
+    "identity": {"external_id": "id"},
+    "aliases": {"crm_id": "crm_id"},
+    "tags": {"plan": "plan", "vip": "vip", "total": "total", "signup_at": "created_at", "prefs": "prefs"},
+    "properties": {"language": "locale", "timezone_id": "tz"},
+    "subscriptions": {"email": "email", "sms": "phone"},
+    "on_delete": "delete_user",
+}
+
+
+def mapper(region: str = "US", **overrides: Any) -> Mapper:
+    table = {**USERS, **overrides}
+    tree = {
+        "onesignal": {"app_id": "app", "api_key": "os_v2_app_test"},
+        "source": {"kind": "postgres", "dsn": "postgresql://bridge@db/app"},
+        "mappings": [table],
+        "delivery": {"default_region": region},
+    }
+    return Mapper(parse_config(tree, env={}))
+
+
+def event(op: Op, new: dict[str, Any] | None = None, old: dict[str, Any] | None = None,
+          table: str = "public.users", seq: int = 7) -> ChangeEvent:
+    row = new if new is not None else old or {}
+    key = {"id": row.get("id")} if "id" in row else {}
+    return ChangeEvent(table, op, new, old, key, seq, f"0/{seq:X}")
+
+
+def insert(**new: Any) -> ChangeEvent:
+    return event(Op.INSERT, new={"id": 42, **new})
+
+
+def only_change(result: MappingResult) -> UserChange:
+    assert len(result.changes) == 1, result
+    return result.changes[0]
+
+
+USER_42 = UserRef("external_id", "42")
+
+
+# -- tag values ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "tag"),
+    [
+        pytest.param(True, "true", id="bool-true"),
+        pytest.param(False, "false", id="bool-false"),
+        pytest.param(decimal.Decimal("12.50"), "12.50", id="decimal-as-written"),
+        pytest.param(decimal.Decimal("-0.001"), "-0.001", id="decimal-small"),
+        pytest.param(42, "42", id="int"),
+        pytest.param(-7, "-7", id="negative-int"),
+        pytest.param(2.5, "2.5", id="float"),
+        pytest.param(3.0, "3", id="integral-float"),
+        pytest.param("gold", "gold", id="text"),
+        pytest.param(dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.timezone.utc), "1709294400", id="aware-utc"),
+        pytest.param(dt.datetime(2024, 3, 1, 13, 0, tzinfo=dt.timezone(dt.timedelta(hours=1))), "1709294400",
+                     id="aware-offset"),
+        pytest.param(dt.datetime(2024, 3, 1, 12, 0), "1709294400", id="naive-read-as-utc"),
+        pytest.param(dt.date(2024, 3, 1), "1709251200", id="date-midnight-utc"),
+        pytest.param({"b": [1, 2], "a": "x"}, '{"b":[1,2],"a":"x"}', id="json-object-compact"),
+        pytest.param([1, "two", None], '[1,"two",null]', id="json-array-compact"),
+        pytest.param({"n": 2**70}, '{"n":1180591620717411303424}', id="json-big-integer"),
+        pytest.param([decimal.Decimal("1.50")], '["1.50"]', id="numeric-array"),
+    ],
+)
+def test_tag_values_are_the_strings_onesignal_expects(value: Any, tag: str) -> None:
+    assert tag_value(value) == tag
+
+
+def test_row_columns_become_formatted_tags() -> None:
+    created = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+    result = mapper().map(insert(plan="gold", vip=True, total=decimal.Decimal("12.50"), created_at=created,
+                                 prefs={"news": False}))
+    change = only_change(result)
+    assert change.user == USER_42
+    assert dict(change.tags) == {
+        "plan": "gold", "vip": "true", "total": "12.50", "signup_at": "1709294400", "prefs": '{"news":false}',
+    }
+    assert result.rejections == ()
+
+
+def test_null_column_deletes_the_tag_and_the_alias() -> None:
+    change = only_change(mapper().map(insert(plan=None, crm_id=None)))
+    assert change.tags == {"plan": None}
+    assert change.aliases == {"crm_id": None}
+
+
+def test_unchanged_toast_column_changes_nothing() -> None:
+    ev = event(Op.UPDATE, new={"id": 42, "plan": UNCHANGED, "prefs": UNCHANGED, "crm_id": UNCHANGED,
+                               "locale": UNCHANGED, "email": UNCHANGED, "vip": True})
+    change = only_change(mapper().map(ev))
+    assert change.tags == {"vip": "true"}
+    assert change.aliases == {}
+    assert change.properties == {}
+    assert change.subscriptions == ()
+
+
+def test_columns_absent_from_the_row_change_nothing() -> None:
+    change = only_change(mapper().map(insert(plan="gold")))
+    assert change.tags == {"plan": "gold"}
+    assert change.aliases == {} and change.properties == {} and change.subscriptions == ()
+
+
+def test_alias_is_set_from_its_column() -> None:
+    assert only_change(mapper().map(insert(crm_id=1001))).aliases == {"crm_id": "1001"}
+
+
+def test_snapshot_rows_map_like_inserts() -> None:
+    ev = event(Op.SNAPSHOT, new={"id": 42, "plan": "gold"})
+    assert only_change(mapper().map(ev)).tags == {"plan": "gold"}
+
+
+def test_tables_without_a_mapping_produce_nothing() -> None:
+    result = mapper().map(event(Op.INSERT, new={"id": 1}, table="public.audit"))
+    assert result.changes == () and result.rejections == ()
+
+
+def test_change_carries_its_origin_for_dead_letters_and_checkpoints() -> None:
+    change = only_change(mapper().map(insert(plan="gold")))
+    assert (change.origin.table, change.origin.key, change.origin.seq, change.origin.position) == (
+        "public.users", "id=42", 7, "0/7")
+
+
+# -- properties ------------------------------------------------------------------------------
+
+
+def test_language_is_reduced_to_its_iso_639_1_code() -> None:
+    assert only_change(mapper().map(insert(locale="fr-FR"))).properties == {"language": "fr"}
+    assert only_change(mapper().map(insert(locale="pt_BR"))).properties == {"language": "pt"}
+
+
+def test_valid_timezone_is_kept() -> None:
+    assert only_change(mapper().map(insert(tz="Europe/Paris"))).properties == {"timezone_id": "Europe/Paris"}
+
+
+def test_bad_timezone_is_rejected_naming_table_key_and_field_and_the_rest_still_maps() -> None:
+    result = mapper().map(insert(tz="Mars/Olympus_Mons", locale="en", plan="gold"))
+    (rejection,) = result.rejections
+    assert isinstance(rejection, Rejection)
+    assert (rejection.table, rejection.key, rejection.field) == ("public.users", "id=42", "tz")
+    assert "timezone_id" in rejection.reason and "Mars/Olympus_Mons" in rejection.reason
+    assert rejection.seq == 7
+    message = rejection.message()
+    assert "public.users" in message and "id=42" in message and "tz" in message
+    change = only_change(result)
+    assert change.properties == {"language": "en"}
+    assert change.tags == {"plan": "gold"}
+
+
+def test_bad_language_is_rejected() -> None:
+    result = mapper().map(insert(locale="klingon"))
+    (rejection,) = result.rejections
+    assert rejection.field == "locale" and "language" in rejection.reason
+
+
+def test_null_property_leaves_the_property_as_it_is() -> None:
+    assert only_change(mapper().map(insert(locale=None))).properties == {}
+
+
+# -- identity --------------------------------------------------------------------------------
+
+
+def test_null_identity_is_rejected_and_changes_no_user() -> None:
+    result = mapper().map(event(Op.INSERT, new={"id": None, "plan": "gold"}))
+    assert result.changes == ()
+    (rejection,) = result.rejections
+    assert rejection.field == "id" and "NULL" in rejection.reason
+
+
+def test_identity_unusable_as_an_alias_id_is_rejected() -> None:
+    result = mapper().map(event(Op.INSERT, new={"id": "has space", "plan": "gold"}))
+    assert result.changes == ()
+    (rejection,) = result.rejections
+    assert rejection.field == "id"
+
+
+def test_identity_missing_from_new_row_is_taken_from_the_old_row() -> None:
+    ev = event(Op.UPDATE, new={"plan": "gold"}, old={"id": 42})
+    assert only_change(mapper().map(ev)).user == USER_42
+
+
+# -- deletes ---------------------------------------------------------------------------------
+
+
+def test_delete_with_on_delete_delete_user_deletes_the_user() -> None:
+    change = only_change(mapper(on_delete="delete_user").map(event(Op.DELETE, old={"id": 42})))
+    assert change.user == USER_42 and change.delete_user
+
+
+def test_delete_with_on_delete_remove_tags_deletes_every_mapped_tag() -> None:
+    change = only_change(mapper(on_delete="remove_tags").map(event(Op.DELETE, old={"id": 42})))
+    assert not change.delete_user
+    assert change.tags == {"plan": None, "vip": None, "total": None, "signup_at": None, "prefs": None}
+
+
+def test_delete_with_on_delete_ignore_changes_nothing() -> None:
+    result = mapper(on_delete="ignore").map(event(Op.DELETE, old={"id": 42}))
+    assert result.changes == () and result.rejections == ()
+
+
+def test_delete_whose_old_row_lacks_the_identity_asks_for_replica_identity_full() -> None:
+    orders = {"table": "public.orders", "identity": {"external_id": "user_id"}, "tags": {"last_total": "total"},
+              "on_delete": "remove_tags", "aliases": {}, "properties": {}, "subscriptions": {}}
+    ev = event(Op.DELETE, old={"id": 9}, table="public.orders")
+    result = mapper(**orders).map(ev)
+    assert result.changes == ()
+    (rejection,) = result.rejections
+    assert rejection.field == "user_id"
+    assert "REPLICA IDENTITY FULL" in rejection.reason and "public.orders" in rejection.reason
+
+
+@pytest.mark.parametrize(
+    ("on_delete", "old_user_change"),
+    [
+        ("delete_user", {"delete_user": True}),
+        ("remove_tags", {"tags": {"plan": None, "vip": None, "total": None, "signup_at": None, "prefs": None}}),
+    ],
+)
+def test_identity_change_handles_the_old_user_per_on_delete_then_the_new_user(
+    on_delete: str, old_user_change: dict[str, Any]
+) -> None:
+    ev = event(Op.UPDATE, new={"id": 43, "plan": "gold"}, old={"id": 42})
+    result = mapper(on_delete=on_delete).map(ev)
+    old_change, new_change = result.changes
+    assert old_change.user == USER_42
+    for attr, value in old_user_change.items():
+        assert getattr(old_change, attr) == value
+    assert new_change.user == UserRef("external_id", "43")
+    assert new_change.tags == {"plan": "gold"}
+
+
+def test_identity_change_with_on_delete_ignore_leaves_the_old_user_alone() -> None:
+    ev = event(Op.UPDATE, new={"id": 43, "plan": "gold"}, old={"id": 42})
+    change = only_change(mapper(on_delete="ignore").map(ev))
+    assert change.user == UserRef("external_id", "43")
+
+
+def test_update_with_the_same_identity_in_the_old_row_touches_one_user() -> None:
+    ev = event(Op.UPDATE, new={"id": 42, "plan": "gold"}, old={"id": 42, "plan": "free"})
+    assert only_change(mapper().map(ev)).user == USER_42
+
+
+# -- subscriptions ---------------------------------------------------------------------------
+
+
+def test_phone_in_national_form_becomes_e164_with_the_default_region() -> None:
+    change = only_change(mapper(region="US").map(insert(phone="(212) 555-0199")))
+    assert change.subscriptions == (SubscriptionChange("sms", "+12125550199"),)
+
+
+def test_phone_in_international_form_ignores_the_default_region() -> None:
+    change = only_change(mapper(region="US").map(insert(phone="+33 6 12 34 56 78")))
+    assert change.subscriptions == (SubscriptionChange("sms", "+33612345678"),)
+
+
+@pytest.mark.parametrize("phone", ["not-a-phone", "+1 555 010 0199"])
+def test_unusable_phone_is_rejected_and_the_rest_of_the_row_still_maps(phone: str) -> None:
+    result = mapper().map(insert(phone=phone, email="ada@example.com", plan="gold"))
+    (rejection,) = result.rejections
+    assert rejection.field == "phone" and "sms" in rejection.reason
+    change = only_change(result)
+    assert change.tags == {"plan": "gold"}
+    assert change.subscriptions == (SubscriptionChange("email", "ada@example.com"),)
+
+
+def test_invalid_email_is_rejected_and_the_rest_of_the_row_still_maps() -> None:
+    result = mapper().map(insert(email="ada.example.com", plan="gold"))
+    (rejection,) = result.rejections
+    assert rejection.field == "email" and "email" in rejection.reason
+    change = only_change(result)
+    assert change.tags == {"plan": "gold"} and change.subscriptions == ()
+
+
+def test_email_is_normalised() -> None:
+    change = only_change(mapper().map(insert(email="  Ada@EXAMPLE.com ")))
+    assert change.subscriptions == (SubscriptionChange("email", "Ada@example.com"),)
+
+
+def test_null_address_removes_the_subscription_and_remembers_the_old_address() -> None:
+    ev = event(Op.UPDATE, new={"id": 42, "email": None}, old={"id": 42, "email": "ada@example.com"})
+    change = only_change(mapper().map(ev))
+    assert change.subscriptions == (SubscriptionChange("email", None, None, "ada@example.com"),)
+
+
+def test_consent_column_sets_enabled() -> None:
+    subs = {"email": {"column": "email", "enabled": "email_ok"}}
+    change = only_change(mapper(subscriptions=subs).map(insert(email="ada@example.com", email_ok=False)))
+    assert change.subscriptions == (SubscriptionChange("email", "ada@example.com", False),)
+
+
+def test_rejections_are_plain_data_for_the_dead_letter_store() -> None:
+    (rejection,) = mapper().map(insert(tz="Nowhere/Land")).rejections
+    assert rejection.payload == {"tz": "Nowhere/Land"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import functools
+import json
 import re
 import zoneinfo
 from dataclasses import dataclass, field
@@ -69,8 +70,21 @@ def tag_value(value: Any) -> str:
     if isinstance(value, (dt.datetime, dt.date)):
         return str(unix_seconds(value))
     if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
+        return _compact_json(value)
     return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    return str(value)  # Decimal (numeric[] columns) and anything else: its text, losslessly
+
+
+def _compact_json(value: Any) -> str:
+    try:
+        return orjson.dumps(value, default=_json_default).decode()
+    except TypeError:  # integers beyond 64 bits (pgtypes keeps them exact): the standard library
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_json_default)
 
 
 def alias_id(value: Any) -> str:
@@ -241,6 +255,8 @@ class TableMapping:
             if v is UNCHANGED:
                 continue
             if v is None:
+                if event.op is not Op.UPDATE:
+                    continue  # a new row never had the alias: deleting it would cost a call for nothing
                 aliases[label] = None
                 continue
             try:

@@ -160,12 +160,17 @@ class Coalescer:
                 newer.size += 8 * len(p.seqs)
                 p = newer
             else:
-                p.tags.update(newer.tags)
+                p.tags.update({k: v for k, v in newer.tags.items() if k not in p.tags})
                 p.properties.update(newer.properties)
                 p.aliases.update(newer.aliases)
                 for ch, sub in newer.subscriptions.items():
                     p.subscriptions[ch] = _merge_sub(p.subscriptions.get(ch), sub)
                 p.seqs.extend(newer.seqs)
+                for origin in newer.origins:  # dead letters name the newer changes too
+                    if len(p.origins) < MAX_ORIGINS:
+                        p.origins.append(origin)
+                    else:
+                        p.origins[-1] = origin
                 p.changes += newer.changes
                 p.size += newer.size
         self._pending[batch.user] = p

@@ -17,17 +17,20 @@ import asyncio
 import logging
 import random
 import time
-from typing import Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Optional, Tuple
 
 from bridge.coalesce import Coalescer, UserBatch
 from bridge.config import DeliveryConfig
 from bridge.deadletter import DeadLetter, DeadLetterStore
-from bridge.events import UserChange
+from bridge.events import UNCHANGED, UserChange
 from bridge.observability import metrics as m
 from bridge.onesignal import errors
-from bridge.onesignal.client import OneSignalClient, Request
+from bridge.onesignal.client import OneSignalClient, Request, Response, requests
 from bridge.onesignal.ratelimit import TokenBucket
-from bridge.plan import plan
+from bridge.plan import SUBSCRIPTION_TYPES, plan, subscription_item
+from bridge.subscriptions import KnownSubscription, MemorySubscriptionState, SubscriptionState
+
+Step = Tuple[Request, Optional[Callable[[], Awaitable[bool]]], Optional[Callable[[Response], Awaitable[None]]]]
 
 log = logging.getLogger("bridge.dispatch")
 
@@ -53,8 +56,10 @@ class Dispatcher:
         on_done: Callable[[Iterable[int]], None],
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        subscriptions: SubscriptionState | None = None,
     ) -> None:
         self.client = client
+        self.subscriptions: SubscriptionState = subscriptions or MemorySubscriptionState()
         self.delivery = delivery
         self.dead_letters = dead_letters
         self.on_done = on_done
@@ -174,17 +179,20 @@ class Dispatcher:
         last_at: float | None = None
         letters: list[DeadLetter] = []
         try:
-            for i, req in enumerate(plan(batch)):
+            steps = await self._steps(batch)
+            for req, check, after in steps:
+                if check is not None and not await check():
+                    continue
                 if last_at is not None:
                     wait = last_at + self.user_interval - self.clock()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 try:
-                    last_at = await self._send(req)
-                except (errors.Conflict, errors.Rejected) as exc:
+                    resp = await self._send(req)
                     last_at = self.clock()
-                    letters.append(self._letter(batch, req, exc))
-                except errors.NotFound as exc:  # e.g. an alias update for a user that is gone
+                    if after is not None:
+                        await after(resp)
+                except (errors.Conflict, errors.Rejected, errors.NotFound) as exc:
                     last_at = self.clock()
                     letters.append(self._letter(batch, req, exc))
         except errors.RateLimited as exc:
@@ -210,6 +218,11 @@ class Dispatcher:
         except asyncio.CancelledError:
             self.coalescer.finished(user, last_at)  # abandoned at shutdown: not confirmed, re-read next start
             raise
+        except Exception as exc:  # the subscription state store failed: retry like an outage
+            m.API_RETRIES.labels("state_store").inc()
+            log.warning("subscription state unavailable (%s); user %s retried", type(exc).__name__, user)
+            self._requeue(batch, backoff(batch.attempt, self.rng), last_at)
+            return
         if letters:
             await self._store_letters(letters)
         if self.auth_error is not None:
@@ -224,17 +237,90 @@ class Dispatcher:
         self.on_done(batch.seqs)
         self._update_room()
 
-    async def _send(self, req: Request) -> float:
-        """Send one request; return when its answer arrived (the per-user interval starts there)."""
+    async def _steps(self, batch: UserBatch) -> list[Step]:
+        """The batch's requests, with subscription changes decided against the known state."""
+        if not batch.subscriptions and not batch.delete_user:
+            return [(r, None, None) for r in plan(batch)]
+        owner = str(batch.user)
+        state = self.subscriptions
+        owned = [] if batch.delete_user else await state.owned(owner)
+        new: list[tuple[str, str, bool | None]] = []
+        patches: list[tuple[KnownSubscription, bool]] = []
+        retire: list[tuple[KnownSubscription, str]] = []
+        for channel, sc in batch.subscriptions.items():
+            mine = [k for k in owned if k.channel == channel]
+            if sc.token not in (None, UNCHANGED):
+                hit = next((k for k in mine if k.token == sc.token), None)
+                if hit is None:
+                    new.append((channel, sc.token, sc.enabled))
+                elif sc.enabled is not None and sc.enabled != hit.enabled:
+                    patches.append((hit, sc.enabled))
+            elif sc.token is UNCHANGED and sc.enabled is not None:
+                patches += [(k, sc.enabled) for k in mine if k.enabled != sc.enabled]
+            if sc.token is not UNCHANGED:
+                for k in mine:
+                    if k.token != sc.token and not (sc.on_address_change == "disable" and k.enabled is False):
+                        retire.append((k, sc.on_address_change))
+        for channel, token, _ in new:
+            known = await state.lookup(channel, token)
+            if known is not None and known.owner != owner:
+                m.SUBSCRIPTION_TRANSFERS.inc()  # OneSignal moves the address to this user (202)
+
+        steps: list[Step] = []
+        items = [subscription_item(c, t, e) for c, t, e in new]
+        for req in plan(batch, items):
+            after = None
+            if req.method == "DELETE" and req.endpoint == "DELETE /users/by":
+                async def after(_resp: Response, owner: str = owner) -> None:
+                    await state.forget_owner(owner)
+            elif req.endpoint == "POST /users" and new:
+                async def after(resp: Response, new: list[tuple[str, str, bool | None]] = new) -> None:
+                    await self._learn_ids(owner, new, resp.body)
+            steps.append((req, None, after))
+        for known, enabled in patches:
+            async def after_patch(_resp: Response, k: KnownSubscription = known, e: bool = enabled) -> None:
+                await state.record(KnownSubscription(k.channel, k.token, k.owner, k.subscription_id, e))
+            steps.append((requests.update_subscription(known.subscription_id, {"enabled": enabled}), None, after_patch))
+        for known, mode in retire:
+            async def still_mine(k: KnownSubscription = known) -> bool:
+                now = await state.lookup(k.channel, k.token)
+                return now is not None and now.owner == owner and now.subscription_id == k.subscription_id
+            if mode == "disable":
+                async def after_disable(_resp: Response, k: KnownSubscription = known) -> None:
+                    await state.record(KnownSubscription(k.channel, k.token, k.owner, k.subscription_id, False))
+                steps.append((requests.update_subscription(known.subscription_id, {"enabled": False}),
+                              still_mine, after_disable))
+            else:
+                async def after_delete(_resp: Response, k: KnownSubscription = known) -> None:
+                    await state.forget(k.channel, k.token)
+                steps.append((requests.delete_subscription(known.subscription_id), still_mine, after_delete))
+        return steps
+
+    async def _learn_ids(self, owner: str, new: list[tuple[str, str, bool | None]], body: Any) -> None:
+        """Remember the ids OneSignal gave the subscriptions it created (from the upsert's answer)."""
+        subs = body.get("subscriptions") if isinstance(body, dict) else None
+        if not isinstance(subs, list):
+            return
+        wanted = {(SUBSCRIPTION_TYPES[c], t): (c, e) for c, t, e in new}
+        for s in subs:
+            if not isinstance(s, dict) or not s.get("id"):
+                continue
+            hit = wanted.get((s.get("type"), s.get("token")))
+            if hit is not None:
+                channel, enabled = hit
+                await self.subscriptions.record(KnownSubscription(
+                    channel, str(s["token"]), owner, str(s["id"]),
+                    enabled if enabled is not None else s.get("enabled", True)))
+
+    async def _send(self, req: Request) -> Response:
+        """Send one request (the per-user interval starts when its answer arrived)."""
         await self.bucket.acquire()
         async with self.slots:
             t0 = time.perf_counter()
             try:
                 resp = await self.client.send(req)
                 status = str(resp.status)
-                if resp.status == 202 and req.endpoint == "POST /subscriptions":
-                    m.SUBSCRIPTION_TRANSFERS.inc()
-                return self.clock()
+                return resp
             except errors.OneSignalError as exc:
                 status = str(exc.status) if exc.status else exc.reason
                 raise

@@ -88,6 +88,7 @@ class SubscriptionChange:
     token: str | None
     enabled: bool | None = None
     previous: str | None = None
+    on_address_change: str = "delete"  # what happens to the old address: "delete" | "disable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,7 @@ class TableMapping:
     subscriptions: tuple[tuple[str, str, str | None], ...]  # channel, column, consent column
     on_delete: str
     default_region: str
+    on_address_change: str = "delete"
     columns: frozenset[str] = field(default=frozenset())
 
     @classmethod
@@ -195,6 +196,7 @@ class TableMapping:
             subscriptions=tuple(subs),
             on_delete=m.on_delete,
             default_region=default_region,
+            on_address_change=m.on_address_change,
         )
         cols = {tm.identity_column, *(c for _, c in tm.aliases), *(c for _, c in tm.tags)}
         cols |= {c for _, c in tm.properties}
@@ -285,7 +287,7 @@ class TableMapping:
                     previous = addresses.normalize(channel, prev, self.default_region)
                 except addresses.InvalidAddress:
                     previous = None
-            subs.append(SubscriptionChange(channel, token, enabled, previous))
+            subs.append(SubscriptionChange(channel, token, enabled, previous, self.on_address_change))
         changes = [UserChange(user, origin, tags=tags, properties=props, aliases=aliases,
                               subscriptions=tuple(subs))]
         # The identity itself changed: the old user is treated like a deleted row.

@@ -19,17 +19,20 @@ from bridge.events import ChangeEvent
 from bridge.mapping import Mapper
 from bridge.observability import metrics as m
 from bridge.onesignal.client import OneSignalClient
+from bridge.subscriptions import SubscriptionState
 
 log = logging.getLogger("bridge.pipeline")
 
 
 class Pipeline:
-    def __init__(self, config: Config, client: OneSignalClient, dead_letters: DeadLetterStore) -> None:
+    def __init__(self, config: Config, client: OneSignalClient, dead_letters: DeadLetterStore,
+                 subscriptions: SubscriptionState | None = None) -> None:
         self.config = config
         self.watermark = Watermark()
         self.mapper = Mapper(config)
         self.dead_letters = dead_letters
-        self.dispatcher = Dispatcher(client, config.delivery, dead_letters, self.watermark.complete_many)
+        self.dispatcher = Dispatcher(client, config.delivery, dead_letters, self.watermark.complete_many,
+                                     subscriptions=subscriptions)
 
     # -- the source's side ---------------------------------------------------------------
 

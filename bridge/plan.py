@@ -35,7 +35,16 @@ def _properties(chunk: list[tuple[str, str, Any]]) -> dict[str, Any]:
     return props
 
 
-def plan(batch: UserBatch) -> list[Request]:
+def subscription_item(channel: str, token: str, enabled: bool | None) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": SUBSCRIPTION_TYPES[channel], "token": token}
+    if enabled is not None:
+        item["enabled"] = enabled
+    return item
+
+
+def plan(batch: UserBatch, subscriptions: list[dict[str, Any]] | None = None) -> list[Request]:
+    """The calls for `batch`. `subscriptions`: the new subscriptions to fold into the upsert, as
+    decided against the known subscription state (default: every address in the batch)."""
     label, uid = batch.user.label, batch.user.id
     out: list[Request] = []
     if batch.delete_user:
@@ -55,14 +64,12 @@ def plan(batch: UserBatch) -> list[Request]:
             value = ""
         updates.append(("tag", key, value))
     updates.extend(("prop", k, v) for k, v in batch.properties.items())
-    subscriptions: list[dict[str, Any]] = []
-    for channel, sub in batch.subscriptions.items():
-        if sub.token in (None, UNCHANGED):
-            continue  # removal and consent-only changes need the subscription's id (subscriptions.py)
-        item: dict[str, Any] = {"type": SUBSCRIPTION_TYPES[channel], "token": sub.token}
-        if sub.enabled is not None:
-            item["enabled"] = sub.enabled
-        subscriptions.append(item)
+    if subscriptions is None:
+        subscriptions = [
+            subscription_item(channel, sub.token, sub.enabled)
+            for channel, sub in batch.subscriptions.items()
+            if sub.token not in (None, UNCHANGED)  # removals and consent-only changes need ids
+        ]
 
     if not updates and not subscriptions and len(identity) == 1:
         return out

@@ -14,6 +14,7 @@ from bridge.observability import metrics as m
 from bridge.observability.http import HealthServer
 from bridge.onesignal.client import OneSignalClient, build_http_client
 from bridge.pipeline import Pipeline
+from bridge.subscriptions import PostgresSubscriptionState
 
 log = logging.getLogger("bridge.run")
 
@@ -50,7 +51,8 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
                              max_connections=config.delivery.max_in_flight)
     client = OneSignalClient(http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value())
     dead_letters = _dead_letters(config)
-    pipeline = Pipeline(config, client, dead_letters)
+    subscriptions = PostgresSubscriptionState(config.source.dsn.get_secret_value())  # type: ignore[union-attr]
+    pipeline = Pipeline(config, client, dead_letters, subscriptions)
     source = _source(config)
     dispatcher = pipeline.dispatcher
 
@@ -87,9 +89,10 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
         await asyncio.gather(dispatch_task, source_task, readiness, return_exceptions=True)
         await health.stop()
         await http.aclose()
-        close = getattr(dead_letters, "close", None)
-        if close is not None:
-            await close()
+        for store in (dead_letters, subscriptions):
+            close = getattr(store, "close", None)
+            if close is not None:
+                await close()
         m.UP.set(0)
 
 

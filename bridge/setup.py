@@ -13,6 +13,7 @@ from psycopg import sql
 
 from bridge.config import Config, PostgresSourceConfig
 from bridge.deadletter import SCHEMA_SQL
+from bridge.subscriptions import SCHEMA_SQL as SUBSCRIPTIONS_SQL
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ def needs_full_identity(config: Config) -> list[str]:
 
 def statements(config: Config) -> list[Statement]:
     src = config.source
-    out = [Statement("dead-letter store", SCHEMA_SQL)]
+    out = [Statement("dead-letter store", SCHEMA_SQL),
+           Statement("subscription ids the bridge learned (email/SMS)", SUBSCRIPTIONS_SQL)]
     if not isinstance(src, PostgresSourceConfig):
         return out
     tables = ", ".join(_qualified(m.table) for m in config.mappings)

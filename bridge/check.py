@@ -91,8 +91,6 @@ def _pg_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
                            "" if dl else "run `onesignal-bridge setup --config FILE`"))
     if src.snapshot != "never":
         out.append(Finding(True, f"source.snapshot: {src.snapshot} is not active in this version: only changes made after the slot was created are streamed", warning=True))
-    if src.heartbeat_interval_s:
-        out.append(Finding(True, "source.heartbeat_interval_s is not active in this version", warning=True))
     return out
 
 

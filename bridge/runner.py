@@ -57,6 +57,8 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     dispatcher = pipeline.dispatcher
 
     def ready() -> tuple[bool, str]:
+        if getattr(source, "standby", False):
+            return True, "hot standby: waiting for the leader's lock"
         if not source.connected:
             return False, "source not connected"
         if dispatcher.auth_error is not None:

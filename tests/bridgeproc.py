@@ -117,6 +117,7 @@ class BridgeProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
+        self.extra_args: list[str] = []
 
     def start(self) -> "BridgeProcess":
         self.runs += 1
@@ -124,7 +125,7 @@ class BridgeProcess:
         log.write(f"\n==== start #{self.runs} ====\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path), "--log-level", self.log_level],
+            [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path), "--log-level", self.log_level, *self.extra_args],
             stdout=log, stderr=log, cwd=ROOT, env=self.env,
         )
         return self

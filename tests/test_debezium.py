@@ -330,6 +330,20 @@ def test_transaction_metadata_recognised_by_shape(rel: str) -> None:
     assert (got.kind, got.reason) == ("ignore", "transaction metadata")
 
 
+def test_a_table_named_transaction_is_not_transaction_metadata() -> None:
+    value = orjson.dumps({"op": "c", "before": None, "after": {"id": 1, "status": "BEGIN"},
+                          "source": {"schema": "public", "table": "transaction", "lsn": 7}})
+    got = parse_record("dbserver1.public.transaction", None, value, None)
+    assert (got.kind, got.table, got.op) == ("change", "public.transaction", Op.INSERT)
+    row = parse_record("dbserver1.public.transaction", None, b'{"id": "1:2", "status": "END"}', None,
+                       fmt="debezium-flat")
+    assert (row.kind, row.table) == ("change", "public.transaction")
+    tx = parse_record("dbserver1.transaction", None,
+                      b'{"id": "1:2", "status": "END", "event_count": 1, "data_collections": []}', None,
+                      fmt="debezium-flat")
+    assert (tx.kind, tx.reason) == ("ignore", "transaction metadata")
+
+
 def test_tombstone_in_flat_format_is_a_delete_by_key() -> None:
     _require_fixtures()
     key = _bytes_of(FIXTURES / "derived/pg_delete_tombstone.key.json")

@@ -156,8 +156,10 @@ def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge, tmp_path
             want = {str(i): ({"plan": p} if p is not None else {}) | {"score": str(s)} for i, p, s in rows}
             try:
                 wait_until(lambda: _tags(sim) == want, timeout=45, what=f"run {run} (seed {seed}) to converge")
-            except AssertionError as exc:
-                failures.append(f"seed {seed}: {exc}")
+            except AssertionError:
+                got = _tags(sim)
+                diff = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
+                failures.append(f"seed {seed}: (want, got) differ for {diff}")
             b.stop()
         finally:
             pg_cluster.drop_database(name)

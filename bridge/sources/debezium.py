@@ -650,8 +650,8 @@ def parse_record(
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if heartbeat_prefix and topic.startswith(heartbeat_prefix):
         return _ignore("heartbeat")
-    if topic.endswith(".transaction"):
-        return _ignore("transaction metadata")
+    # Transaction metadata (<prefix>.transaction) is recognised by its shape, not by the topic
+    # name alone: a table named "transaction" has a topic ending the same way.
     pk_change, other_key = _pk_change(headers)
 
     obj = None if value is None or len(value) == 0 else _load(value, f"topic {topic}: value")

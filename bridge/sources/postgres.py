@@ -28,6 +28,10 @@ from bridge.sources.pgtypes import converter_for
 log = logging.getLogger("bridge.source.postgres")
 
 RECONNECT_MAX_S = 30.0
+STANDBY_POLL_S = 1.0
+MONITOR_S = 5.0
+LOCK_PREFIX = "onesignal_bridge:"
+HEARTBEAT_PREFIX = "onesignal_bridge_heartbeat"
 
 
 class Sink(Protocol):
@@ -79,6 +83,7 @@ class PostgresSource:
         self.tables = tables
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
+        self.standby = False
         self.received_lsn = 0
         self.flushed_lsn = 0
         self._pg: pq.abc.PGconn | None = None
@@ -124,8 +129,64 @@ class PostgresSource:
                     out.setdefault(table, []).append(col)
             return out
 
+    async def _acquire_leadership(self) -> psycopg.AsyncConnection[Any] | None:
+        """Hold the slot's advisory lock on a session of our own; wait as a hot standby while
+        another replica holds it. Returns None when asked to stop while waiting."""
+        conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        waited = False
+        try:
+            while not self._stop.is_set():
+                cur = await conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (LOCK_PREFIX + self.cfg.slot,))
+                row = await cur.fetchone()
+                if row and row[0]:
+                    self.standby = False
+                    if waited:
+                        log.warning("this replica now holds the lock for slot %s: taking over", self.cfg.slot)
+                    return conn
+                if not waited:
+                    log.info("another replica streams slot %s; waiting as a hot standby", self.cfg.slot)
+                    waited = True
+                self.standby = True
+                try:
+                    await asyncio.wait_for(self._stop.wait(), STANDBY_POLL_S)
+                except TimeoutError:
+                    pass
+        except BaseException:
+            await conn.close()
+            raise
+        await conn.close()
+        return None
+
+    async def _monitor(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Keep the leader lock's session alive (it fails loudly if the session dies), export the
+        slot's lag, and emit heartbeats so an idle captured table never pins WAL."""
+        last_beat = 0.0
+        while True:
+            cur = await conn.execute(
+                "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                (self.cfg.slot,),
+            )
+            row = await cur.fetchone()
+            if row and row[0] is not None:
+                m.SLOT_LAG_BYTES.set(float(row[0]))
+            hb = self.cfg.heartbeat_interval_s
+            if hb and time.monotonic() - last_beat >= hb:
+                await conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
+                last_beat = time.monotonic()
+            await asyncio.sleep(min(MONITOR_S, hb or MONITOR_S))
+
     async def _stream(self, sink: Sink) -> None:
         self._pkeys = await self._primary_keys()
+        leader = await self._acquire_leadership() if self.cfg.standby else None
+        if self.cfg.standby and leader is None:
+            return  # stopped while waiting as a standby
+        try:
+            await self._stream_as_leader(sink, leader)
+        finally:
+            if leader is not None:
+                await leader.close()
+
+    async def _stream_as_leader(self, sink: Sink, leader: psycopg.AsyncConnection[Any] | None) -> None:
         conn = await psycopg.AsyncConnection.connect(
             self.dsn, autocommit=True, replication="database", options="-c TimeZone=UTC -c DateStyle=ISO"
         )
@@ -154,8 +215,12 @@ class PostgresSource:
             status_task = asyncio.create_task(self._status_timer(sink))
             read_task = asyncio.create_task(self._read(pg, sink))
             stop_task = asyncio.create_task(self._stop.wait())
+            monitor_task = asyncio.create_task(self._monitor(leader) if leader is not None else self._stop.wait())
             try:
-                done, _ = await asyncio.wait({read_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({read_task, stop_task, monitor_task},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if monitor_task in done and not self._stop.is_set():
+                    monitor_task.result()
                 if read_task in done:
                     read_task.result()
                     return
@@ -166,7 +231,7 @@ class PostgresSource:
                 self._send_status(sink, force=True)
                 log.info("stopped; confirmed up to %s", po.lsn_to_str(self.flushed_lsn))
             finally:
-                for t in (status_task, read_task, stop_task):
+                for t in (status_task, read_task, stop_task, monitor_task):
                     t.cancel()
                 self._pg = None
         finally:
@@ -251,7 +316,9 @@ class PostgresSource:
                                         table.name)
                             await sink.put(ChangeEvent(table.name, Op.TRUNCATE, None, None, {}, sink.issue(),
                                                        po.lsn_to_str(tx_lsn), tx_commit_time))
-                # Origin, Type and logical messages (heartbeats) need nothing.
+                elif t is po.LogicalMessage and not in_tx and sink.idle and wal_end > self.flushed_lsn:
+                    self._idle_flush = wal_end  # a heartbeat: nothing of ours before it is pending
+                # Origin and Type messages need nothing.
         finally:
             loop.remove_reader(pg.socket)
 

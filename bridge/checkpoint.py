@@ -11,11 +11,12 @@ Memory is one byte per outstanding sequence number.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 
 class Watermark:
-    def __init__(self) -> None:
+    def __init__(self, on_pass: "Callable[[Any], None] | None" = None) -> None:
+        self.on_pass = on_pass  # called with every marker's position the watermark passes
         self._base = 0  # sequence number of _done[_head]
         self._head = 0
         self._done = bytearray()
@@ -66,6 +67,8 @@ class Watermark:
         self._head = end
         while self._markers and self._markers[0][0] < self._base:
             self.confirmable = self._markers.popleft()[1]
+            if self.on_pass is not None:
+                self.on_pass(self.confirmable)
         if self._head > 65536 or self._head == len(self._done):
             del self._done[: self._head]
             self._head = 0

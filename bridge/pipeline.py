@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from bridge.checkpoint import Watermark
 from bridge.config import Config
 from bridge.deadletter import DeadLetter, DeadLetterStore
 from bridge.dispatch import Dispatcher
 from bridge.events import ChangeEvent
-from bridge.mapping import Mapper
+from bridge.mapping import Mapper, MappingResult
+from bridge.staleness import StaleFilter
 from bridge.observability import metrics as m
 from bridge.onesignal.client import OneSignalClient
 from bridge.subscriptions import SubscriptionState
@@ -28,13 +29,19 @@ class Pipeline:
     def __init__(self, config: Config, client: OneSignalClient, dead_letters: DeadLetterStore,
                  subscriptions: SubscriptionState | None = None) -> None:
         self.config = config
-        self.watermark = Watermark()
+        self.watermark = Watermark(on_pass=self._passed)
+        self.on_confirm: Callable[[Any], None] | None = None  # a source that wants every passed marker
+        self.stale = StaleFilter()
         self.mapper = Mapper(config)
         self.dead_letters = dead_letters
         self.dispatcher = Dispatcher(client, config.delivery, dead_letters, self.watermark.complete_many,
                                      subscriptions=subscriptions)
 
     # -- the source's side ---------------------------------------------------------------
+
+    def _passed(self, position: Any) -> None:
+        if self.on_confirm is not None:
+            self.on_confirm(position)
 
     def issue(self) -> int:
         return self.watermark.issue()
@@ -51,9 +58,14 @@ class Pipeline:
         """Everything handed over so far is done (applied or dead-lettered)."""
         return self.watermark.idle
 
-    async def put(self, event: ChangeEvent) -> None:
+    async def put(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> None:
+        """Map and hand over one event. `order`: the source position for stale-value filtering
+        (sources whose events for one user can arrive out of order, i.e. Kafka partitions)."""
         m.CHANGES.labels(event.table, event.op.value).inc()
         result = self.mapper.map(event)
+        if order and result.changes:
+            kept = [c for c in (self.stale.filter(ch, order) for ch in result.changes) if c is not None]
+            result = MappingResult(tuple(kept), result.rejections)
         n = len(result.changes) + len(result.rejections)
         if n == 0:
             self.watermark.complete(event.seq)

@@ -14,7 +14,7 @@ from bridge.observability import metrics as m
 from bridge.observability.http import HealthServer
 from bridge.onesignal.client import OneSignalClient, build_http_client
 from bridge.pipeline import Pipeline
-from bridge.subscriptions import PostgresSubscriptionState
+from bridge.subscriptions import MemorySubscriptionState, PostgresSubscriptionState, SubscriptionState
 
 log = logging.getLogger("bridge.run")
 
@@ -26,14 +26,11 @@ def _source(config: Config):  # type: ignore[no-untyped-def]
         from bridge.sources.postgres import PostgresSource
 
         return PostgresSource(src, tables)
-    raise ConfigError(f"source.kind {src.kind!r} is accepted by the configuration but not active in this version")
-
-
-def _dead_letters(config: Config) -> DeadLetterStore:
-    src = config.source
     if isinstance(src, KafkaSourceConfig):
-        raise ConfigError("source.kind kafka is not active in this version")
-    return PostgresDeadLetters(src.dsn.get_secret_value())
+        from bridge.sources.kafka import KafkaSource
+
+        return KafkaSource(src, config)
+    raise ConfigError(f"source.kind {src.kind!r} is accepted by the configuration but not active in this version")
 
 
 async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
@@ -50,10 +47,14 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     http = build_http_client(config.onesignal.base_url, config.onesignal.request_timeout_s,
                              max_connections=config.delivery.max_in_flight)
     client = OneSignalClient(http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value())
-    dead_letters = _dead_letters(config)
-    subscriptions = PostgresSubscriptionState(config.source.dsn.get_secret_value())  # type: ignore[union-attr]
-    pipeline = Pipeline(config, client, dead_letters, subscriptions)
     source = _source(config)
+    if isinstance(config.source, KafkaSourceConfig):
+        dead_letters: DeadLetterStore = source.dead_letters
+        subscriptions: SubscriptionState = MemorySubscriptionState()
+    else:
+        dead_letters = PostgresDeadLetters(config.source.dsn.get_secret_value())
+        subscriptions = PostgresSubscriptionState(config.source.dsn.get_secret_value())
+    pipeline = Pipeline(config, client, dead_letters, subscriptions)
     dispatcher = pipeline.dispatcher
 
     def ready() -> tuple[bool, str]:

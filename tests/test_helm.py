@@ -48,7 +48,9 @@ FULLNAME = f"{RELEASE}-onesignal-bridge"
 CONFIG_PATH = "/etc/onesignal-bridge/config.yaml"
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.utils.latest_version())
-SECRET_ENV = {"ONESIGNAL_API_KEY", "ONESIGNAL_APP_ID", "DATABASE_URL", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}
+SECRET_ENV = {
+    "ONESIGNAL_API_KEY", "ONESIGNAL_APP_ID", "DATABASE_URL", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+}
 
 CASES = {
     "default": None,
@@ -177,7 +179,8 @@ def test_manifests_validate_against_kubernetes_schemas(rendered: dict[str, list[
     assert checked >= 5
 
 
-def test_the_kubernetes_validator_rejects_a_broken_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_the_kubernetes_validator_rejects_a_broken_deployment(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
     doc = _strip(_one(rendered["default"], "Deployment"))
     broken = json.loads(json.dumps(doc))
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["prot"] = "metrics"
@@ -190,8 +193,12 @@ _DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
 _METADATA = {
     "type": "object",
     "required": ["name", "namespace"],
-    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
-                   "namespace": {"type": "string", "minLength": 1}, "labels": _STR_MAP, "annotations": _STR_MAP},
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+        "namespace": {"type": "string", "minLength": 1},
+        "labels": _STR_MAP,
+        "annotations": _STR_MAP,
+    },
 }
 CRD_SCHEMAS = {
     "ServiceMonitor": {
@@ -206,7 +213,8 @@ CRD_SCHEMAS = {
                 "properties": {
                     "jobLabel": {"type": "string"},
                     "namespaceSelector": {"type": "object", "properties": {
-                        "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}}}},
                     "selector": {"type": "object", "required": ["matchLabels"],
                                  "properties": {"matchLabels": _STR_MAP}},
                     "endpoints": {"type": "array", "minItems": 1, "items": {
@@ -268,7 +276,8 @@ def test_crd_structure(chart: Any, rendered: dict[str, list[dict[str, Any]]]) ->
         if doc["kind"] == "ServiceMonitor":
             service = _one(rendered["monitoring"], "Service")
             assert doc["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-            assert {p["name"] for p in service["spec"]["ports"]} >= {e["port"] for e in doc["spec"]["endpoints"]}
+            ports = {p["name"] for p in service["spec"]["ports"]}
+            assert ports >= {e["port"] for e in doc["spec"]["endpoints"]}
             assert [e["path"] for e in doc["spec"]["endpoints"]] == ["/metrics"]
         for group in doc["spec"].get("groups", []):
             for rule in group["rules"]:
@@ -303,7 +312,8 @@ def test_probes_ports_and_args_match_the_bridge(rendered: dict[str, list[dict[st
     docs = rendered[case]
     container = _container(docs)
     config, _ = _bridge_config(docs)
-    served = {r.resource.canonical for r in HealthServer("127.0.0.1", 0, lambda: (True, "ok")).app().router.routes()}
+    app = HealthServer("127.0.0.1", 0, lambda: (True, "ok")).app()
+    served = {r.resource.canonical for r in app.router.routes()}
 
     (port,) = container["ports"]
     assert port["name"] == "metrics" and port["containerPort"] == config["metrics"]["port"] == 9464
@@ -313,14 +323,17 @@ def test_probes_ports_and_args_match_the_bridge(rendered: dict[str, list[dict[st
     assert container["startupProbe"]["httpGet"]["path"] in served
     assert {"/healthz", "/readyz", "/metrics"} <= served
     service = _one(docs, "Service")
-    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
-    assert service["spec"]["selector"].items() <= _one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = _one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
 
     assert container["args"][:5] == ["run", "--config", CONFIG_PATH, "--log-format", "json"]
     args = build_parser().parse_args(container["args"])
     assert (args.command, args.config, args.log_format) == ("run", CONFIG_PATH, "json")
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
-    volume = next(v for v in _one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    volumes = _one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    volume = next(v for v in volumes if v["name"] == "config")
     assert mount["mountPath"] + "/" + volume["configMap"]["items"][0]["path"] == CONFIG_PATH
     assert volume["configMap"]["name"] == FULLNAME
 
@@ -361,7 +374,9 @@ def test_config_map_is_read_by_the_bridge(rendered: dict[str, list[dict[str, Any
     if case == "standby":
         assert isinstance(config.source, PostgresSourceConfig) and config.source.standby is True
         assert _one(docs, "Deployment")["spec"]["replicas"] == 2
-        assert _one(docs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
+        # The surge pod waits as a (ready) hot standby and takes over when the old one lets go.
+        assert _one(docs, "Deployment")["spec"]["strategy"] == {
+            "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     # Nothing secret is written in clear: every credential is a ${VAR} reference.
     for value in env.values():
         if value.startswith("secret-"):
@@ -394,6 +409,9 @@ def test_outbox_and_scaled_kafka_render(chart: Any) -> None:
     docs = _render(chart, {"config": {"source": {"kind": "outbox", "poll_interval_ms": 500}}})
     data, env = _bridge_config(docs)
     assert isinstance(parse_config(data, env=env).source, OutboxSourceConfig)
+    assert _one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}  # one reader
+    docs = _render(chart, {"config": {"source": {"kind": "postgres", "standby": False}}})
+    assert _one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}  # no lock: no overlap
     docs = _render(chart, {"replicaCount": 12, "config": {"source": {
         "kind": "kafka", "bootstrap_servers": "k:9092", "topic_pattern": "^db\\.public\\..*"}}})
     assert _one(docs, "Deployment")["spec"]["replicas"] == 12
@@ -413,7 +431,8 @@ def test_outbox_and_scaled_kafka_render(chart: Any) -> None:
         ({"config": {"source": {"kind": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"],
                                 "consumer": {"sasl.password": "clear"}}}}, "consumer"),
         ({"config": {"source": {"kind": "kafka", "bootstrap_servers": "k:9092"}}}, "topic"),
-        ({"config": {"source": {"kind": "kafka", "bootstrap_servers": "k:9092", "slot": "s", "topics": ["t"]}}},
+        ({"config": {"source": {"kind": "kafka", "bootstrap_servers": "k:9092", "slot": "s",
+                                "topics": ["t"]}}},
          "slot"),
         ({"config": {"metrics": {"port": 1234}}}, "metrics"),
         ({"config": {"mappings": []}}, "mappings"),
@@ -511,7 +530,8 @@ def _dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
 
 
 def test_promql_lexer() -> None:
-    expr = ('histogram_quantile(0.95, sum by (le, endpoint) (rate(a_bucket{job=~"$job",x="y{z}"}[$__rate_interval])))'
+    expr = ('histogram_quantile(0.95, sum by (le, endpoint) '
+            '(rate(a_bucket{job=~"$job",x="y{z}"}[$__rate_interval])))'
             ' / on (job) group_left b_total > 5 and absent(c == 1)')
     assert promql_metric_names(expr) == {"a_bucket", "b_total", "c"}
     assert promql_label_names(expr) == {"le", "endpoint", "job", "x"}
@@ -555,7 +575,8 @@ async def test_alerts_and_dashboard_use_only_exported_metrics(
     dashboard_metrics = set().union(*(promql_metric_names(e) for e in exprs))
     for topic in ("onesignal_bridge_source_lag_seconds", "onesignal_bridge_replication_slot_lag_bytes",
                   "onesignal_bridge_changes_total", "onesignal_bridge_api_requests_total",
-                  "onesignal_bridge_api_request_duration_seconds_bucket", "onesignal_bridge_dead_letters_total",
+                  "onesignal_bridge_api_request_duration_seconds_bucket",
+                  "onesignal_bridge_dead_letters_total",
                   "onesignal_bridge_end_to_end_latency_seconds_bucket"):
         assert topic in dashboard_metrics, f"dashboard lacks {topic}"
     assert any("by (status)" in e and "api_requests_total" in e for e in exprs), "no API status code panel"

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from bridge.config import Config, PostgresSourceConfig, redact_dsn
+from bridge.config import Config, OutboxSourceConfig, PostgresSourceConfig, redact_dsn
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, build_http_client
 from bridge.setup import needs_full_identity
@@ -94,6 +94,91 @@ def _pg_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
     return out
 
 
+def _outbox_checks(config: Config, src: OutboxSourceConfig) -> list[Finding]:
+    """Outbox mode: table, function and triggers present, the role's privileges, no REPLICATION
+    or superuser needed. Each missing privilege is named with the GRANT that fixes it."""
+    from bridge.sources.outbox import CAPTURE_FUNCTION, TRIGGER, TRUNCATE_TRIGGER, captured_columns
+
+    out: list[Finding] = []
+    dsn = src.dsn.get_secret_value()
+    setup_fix = "run `onesignal-bridge setup --config FILE` as the tables' owner (or `--print-sql` for a DBA)"
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        detail = redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return [Finding(False, f"cannot connect to Postgres at {redact_dsn(dsn)}: {detail}",
+                        "check source.dsn (host, port, database, user, password) and that the server is up")]
+    with conn:
+        one = lambda q, *a: conn.execute(q, a).fetchone()  # noqa: E731
+        out.append(Finding(True, f"connected to Postgres at {redact_dsn(dsn)}"))
+        (wal_level,) = one("SHOW wal_level")
+        out.append(Finding(True, f"wal_level is {wal_level}: the outbox needs no logical decoding"))
+        role, superuser, replication = one("SELECT current_user, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user")
+        if superuser or replication:
+            out.append(Finding(True, f"role {role} has {'SUPERUSER' if superuser else 'REPLICATION'}: the outbox needs neither",
+                               "run the bridge as a role like the one in sql/role-outbox.sql", warning=True))
+        else:
+            out.append(Finding(True, f"role {role} has no SUPERUSER or REPLICATION (none needed)"))
+        has_outbox = one("SELECT to_regclass('onesignal_bridge.outbox') IS NOT NULL")[0]
+        out.append(Finding(bool(has_outbox), "outbox table onesignal_bridge.outbox " + ("exists" if has_outbox else "is missing"),
+                           "" if has_outbox else setup_fix))
+        has_fn = one("SELECT to_regprocedure(%s) IS NOT NULL", f"{CAPTURE_FUNCTION}()")[0]
+        out.append(Finding(bool(has_fn), f"trigger function {CAPTURE_FUNCTION}() " + ("exists" if has_fn else "is missing"),
+                           "" if has_fn else setup_fix))
+        for m in config.mappings:
+            if not one("SELECT to_regclass(%s) IS NOT NULL", m.table)[0]:
+                out.append(Finding(False, f"table {m.table} does not exist", "fix `mappings[].table` or create the table"))
+                continue
+            cols = {r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped", (m.table,))}
+            wanted = set(captured_columns(m))
+            missing = sorted(wanted - cols)
+            out.append(Finding(not missing, f"table {m.table}: " + ("all mapped columns exist" if not missing else f"missing columns {', '.join(missing)}"),
+                               "" if not missing else f"fix the mapping for {m.table} or add the columns"))
+            triggers = {name: (enabled, args) for name, enabled, args in conn.execute(
+                "SELECT tgname, tgenabled <> 'D', encode(tgargs, 'escape') FROM pg_trigger"
+                " WHERE tgrelid = %s::regclass AND tgname IN (%s, %s) AND tgfoid = to_regprocedure(%s)",
+                (m.table, TRIGGER, TRUNCATE_TRIGGER, f"{CAPTURE_FUNCTION}()"))}
+            for name, what in ((TRIGGER, "INSERT, UPDATE and DELETE"), (TRUNCATE_TRIGGER, "TRUNCATE")):
+                if name not in triggers:
+                    out.append(Finding(False, f"table {m.table}: trigger {name} ({what}) is missing: its changes are not captured", setup_fix))
+                elif not triggers[name][0]:
+                    out.append(Finding(False, f"table {m.table}: trigger {name} is disabled: its changes are not captured",
+                                       f"ALTER TABLE {m.table} ENABLE TRIGGER {name};"))
+            if TRIGGER in triggers and triggers[TRIGGER][0]:
+                skipped = {a.replace("\\\\", "\\") for a in (triggers[TRIGGER][1] or "").split("\\000") if a}
+                uncaptured = sorted(wanted & skipped)
+                out.append(Finding(not uncaptured, f"table {m.table}: " + (f"trigger {TRIGGER} captures every mapped column" if not uncaptured
+                                   else f"trigger {TRIGGER} does not capture {', '.join(uncaptured)} (the mapping changed since setup)"),
+                                   "" if not uncaptured else "run `onesignal-bridge setup --config FILE` again"))
+        dl = one("SELECT to_regclass('onesignal_bridge.dead_letters') IS NOT NULL")[0]
+        out.append(Finding(bool(dl), "dead-letter table onesignal_bridge.dead_letters " + ("exists" if dl else "is missing"),
+                           "" if dl else setup_fix))
+        # The privileges the bridge uses, object by object; the same GRANTs setup and sql/role-outbox.sql make.
+        if one("SELECT to_regnamespace('onesignal_bridge') IS NOT NULL")[0]:
+            ok = one("SELECT has_schema_privilege('onesignal_bridge', 'USAGE')")[0]
+            out.append(Finding(bool(ok), f"role {role} " + ("may use" if ok else "lacks USAGE on") + " schema onesignal_bridge",
+                               "" if ok else f"GRANT USAGE ON SCHEMA onesignal_bridge TO {role};"))
+        needs = [
+            ("onesignal_bridge.outbox", "TABLE", ("SELECT", "DELETE"), "read and delete outbox rows", False),
+            ("onesignal_bridge.dead_letters", "TABLE", ("INSERT",), "store dead letters", False),
+            ("onesignal_bridge.dead_letters_id_seq", "SEQUENCE", ("USAGE",), "number dead letters", False),
+            ("onesignal_bridge.subscriptions", "TABLE", ("SELECT", "INSERT", "UPDATE", "DELETE"), "remember email/SMS subscription ids", False),
+            ("onesignal_bridge.dead_letters", "TABLE", ("SELECT", "UPDATE", "DELETE"), "run `dlq list|replay|purge` with this configuration", True),
+        ]
+        for obj, kind, privs, why, optional in needs:
+            if not one("SELECT to_regclass(%s) IS NOT NULL", obj)[0]:
+                continue
+            fn = "has_sequence_privilege" if kind == "SEQUENCE" else "has_table_privilege"
+            lacking = [p for p in privs if not one(f"SELECT {fn}(%s, %s)", obj, p)[0]]
+            if lacking:
+                out.append(Finding(optional, f"role {role} lacks {', '.join(lacking)} on {obj}: it cannot {why}",
+                                   f"GRANT {', '.join(lacking)} ON {'SEQUENCE ' if kind == 'SEQUENCE' else ''}{obj} TO {role};",
+                                   warning=optional))
+            elif not optional:
+                out.append(Finding(True, f"role {role} has {', '.join(privs)} on {obj}"))
+    return out
+
+
 async def _onesignal_check(config: Config) -> Finding:
     os_cfg = config.onesignal
     http = build_http_client(os_cfg.base_url, min(os_cfg.request_timeout_s, 10.0), 2)
@@ -117,6 +202,8 @@ def run_checks(config: Config) -> list[Finding]:
     src: Any = config.source
     if isinstance(src, PostgresSourceConfig):
         out += _pg_checks(config, src)
+    elif isinstance(src, OutboxSourceConfig):
+        out += _outbox_checks(config, src)
     else:
         out.append(Finding(False, f"source.kind {src.kind} is not active in this version", "use source.kind: postgres"))
     out.append(asyncio.run(_onesignal_check(config)))

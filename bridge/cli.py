@@ -15,6 +15,9 @@ from bridge.observability.logging import redact, scrub, setup_logging
 def _load(path: str) -> Config:
     config = load_config(path)
     redact(config.onesignal.api_key.get_secret_value())
+    for k, v in (getattr(config.source, "consumer", None) or {}).items():
+        if any(w in k for w in ("password", "secret", "key")) and isinstance(v, str):
+            redact(v)  # sasl.password, ssl.key.password ... never printed
     dsn = getattr(config.source, "dsn", None)
     if dsn is not None:
         from urllib.parse import urlsplit
@@ -55,12 +58,33 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if args.print_sql:
         print(setup.render(config), end="")
         return 0
+    for k, v in (getattr(config.source, "consumer", None) or {}).items():
+        if any(w in k for w in ("password", "secret", "key")) and isinstance(v, str):
+            redact(v)  # sasl.password, ssl.key.password ... never printed
     dsn = getattr(config.source, "dsn", None)
     if dsn is None:
         print("setup: source.kind kafka has nothing to create in a database", file=sys.stderr)
         return 0
     for line in setup.apply(config, dsn.get_secret_value()):
         print(f"[ok  ] {line}")
+    return 0
+
+
+def cmd_teardown(args: argparse.Namespace) -> int:
+    setup_logging("warning", "text")
+    config = _load(args.config)
+    from bridge import setup
+
+    stmts = setup.teardown(config)
+    if args.print_sql:
+        print(setup.render(config, stmts), end="")
+        return 0
+    dsn = getattr(config.source, "dsn", None)
+    if dsn is None or not stmts:
+        print(f"teardown: source.kind {config.source.kind} has nothing to remove from a database", file=sys.stderr)
+        return 0
+    for line in setup.apply(config, dsn.get_secret_value(), stmts):
+        print(f"[ok  ] removed {line}")
     return 0
 
 
@@ -107,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, metavar="FILE")
     s.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
     s.set_defaults(func=cmd_setup)
+
+    t = sub.add_parser("teardown", help="remove what setup created for the source (triggers, outbox, slot, publication)")
+    t.add_argument("--config", required=True, metavar="FILE")
+    t.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
+    t.set_defaults(func=cmd_teardown)
 
     sim = sub.add_parser("simulator", help="serve a local OneSignal API (in-memory) for development and tests")
     sim.add_argument("--host", default="127.0.0.1")

@@ -160,7 +160,7 @@ class Coalescer:
                 newer.size += 8 * len(p.seqs)
                 p = newer
             else:
-                p.tags.update({k: v for k, v in newer.tags.items() if k not in p.tags})
+                p.tags.update(newer.tags)
                 p.properties.update(newer.properties)
                 p.aliases.update(newer.aliases)
                 for ch, sub in newer.subscriptions.items():

@@ -79,6 +79,9 @@ class OutboxSourceConfig(_Strict):
     dsn: SecretStr
     poll_interval_ms: int = Field(default=1000, gt=0)
     batch_size: int = Field(default=1000, gt=0)
+    max_unconfirmed_rows: int = Field(default=20_000, gt=0,
+                                      description="claimed rows not yet applied: claiming pauses beyond this")
+    metrics_interval_s: float = Field(default=5.0, gt=0, description="how often outbox depth and age are measured")
 
 
 class KafkaSourceConfig(_Strict):

@@ -7,7 +7,7 @@ import logging
 import signal
 
 from bridge import __version__
-from bridge.config import Config, KafkaSourceConfig, PostgresSourceConfig
+from bridge.config import Config, KafkaSourceConfig, OutboxSourceConfig, PostgresSourceConfig
 from bridge.deadletter import DeadLetterStore, PostgresDeadLetters
 from bridge.errors import ConfigError
 from bridge.observability import metrics as m
@@ -30,6 +30,10 @@ def _source(config: Config):  # type: ignore[no-untyped-def]
         from bridge.sources.kafka import KafkaSource
 
         return KafkaSource(src, config)
+    if isinstance(src, OutboxSourceConfig):
+        from bridge.sources.outbox import OutboxSource
+
+        return OutboxSource(src, config)
     raise ConfigError(f"source.kind {src.kind!r} is accepted by the configuration but not active in this version")
 
 

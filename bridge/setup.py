@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from bridge.config import Config, PostgresSourceConfig
+from bridge.config import Config, OutboxSourceConfig, PostgresSourceConfig
 from bridge.deadletter import SCHEMA_SQL
 from bridge.subscriptions import SCHEMA_SQL as SUBSCRIPTIONS_SQL
 
@@ -44,6 +44,10 @@ def statements(config: Config) -> list[Statement]:
     src = config.source
     out = [Statement("dead-letter store", SCHEMA_SQL),
            Statement("subscription ids the bridge learned (email/SMS)", SUBSCRIPTIONS_SQL)]
+    if isinstance(src, OutboxSourceConfig):
+        from bridge.sources.outbox import setup_statements
+
+        return out + [Statement(why, text) for why, text in setup_statements(config)]
     if not isinstance(src, PostgresSourceConfig):
         return out
     tables = ", ".join(_qualified(m.table) for m in config.mappings)
@@ -70,15 +74,33 @@ def statements(config: Config) -> list[Statement]:
     return out
 
 
-def render(config: Config) -> str:
-    return "\n\n".join(f"-- {s.why}\n{s.text}" for s in statements(config)) + "\n"
+def teardown(config: Config) -> list[Statement]:
+    """The SQL that removes what `statements` created for the source (the dead-letter and
+    subscription tables stay: they hold history)."""
+    src = config.source
+    if isinstance(src, OutboxSourceConfig):
+        from bridge.sources.outbox import teardown_statements
+
+        return [Statement(why, text) for why, text in teardown_statements(config)]
+    if isinstance(src, PostgresSourceConfig):
+        return [
+            Statement(f"replication slot {src.slot}",
+                      f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{src.slot}';"),
+            Statement(f"publication {src.publication}", f"DROP PUBLICATION IF EXISTS {_ident(src.publication)};"),
+        ]
+    return []
 
 
-def apply(config: Config, dsn: str) -> list[str]:
+def render(config: Config, stmts: list[Statement] | None = None) -> str:
+    stmts = statements(config) if stmts is None else stmts
+    return "\n\n".join(f"-- {s.why}\n{s.text}" for s in stmts) + "\n"
+
+
+def apply(config: Config, dsn: str, stmts: list[Statement] | None = None) -> list[str]:
     """Run the statements; return what was done, one line each."""
     done = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for s in statements(config):
+        for s in statements(config) if stmts is None else stmts:
             conn.execute(sql.SQL(s.text))  # type: ignore[arg-type]
             done.append(s.why)
     return done

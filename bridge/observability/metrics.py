@@ -10,6 +10,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 UP = Gauge(f"{PREFIX}_up", "1 while the bridge process runs", registry=REGISTRY)
 READY = Gauge(f"{PREFIX}_ready", "1 when the source is connected and OneSignal accepts the key", registry=REGISTRY)
+STANDBY = Gauge(f"{PREFIX}_standby", "1 while this replica waits as a hot standby for the slot's lock",
+                registry=REGISTRY)
 BUILD = Info(f"{PREFIX}_build", "Version of the running bridge", registry=REGISTRY)
 
 SOURCE_LAG_SECONDS = Gauge(
@@ -64,5 +66,10 @@ END_TO_END = Histogram(
 )
 SUBSCRIPTION_TRANSFERS = Counter(
     f"{PREFIX}_subscription_transfers_total", "Subscriptions OneSignal moved from another user (202)",
+    registry=REGISTRY,
+)
+OUTBOX_OLDEST_AGE_SECONDS = Gauge(
+    f"{PREFIX}_outbox_oldest_age_seconds",
+    "Age of the oldest row waiting in the outbox table (from the start of its transaction); 0 when empty",
     registry=REGISTRY,
 )

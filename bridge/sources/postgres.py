@@ -140,6 +140,7 @@ class PostgresSource:
                 row = await cur.fetchone()
                 if row and row[0]:
                     self.standby = False
+                    m.STANDBY.set(0)
                     if waited:
                         log.warning("this replica now holds the lock for slot %s: taking over", self.cfg.slot)
                     return conn
@@ -147,6 +148,7 @@ class PostgresSource:
                     log.info("another replica streams slot %s; waiting as a hot standby", self.cfg.slot)
                     waited = True
                 self.standby = True
+                m.STANDBY.set(1)
                 try:
                     await asyncio.wait_for(self._stop.wait(), STANDBY_POLL_S)
                 except TimeoutError:

@@ -1,0 +1,722 @@
+"""`outbox` source: changes captured by ordinary triggers into `onesignal_bridge.outbox`.
+
+For databases where logical replication is not available (`wal_level = replica`, no REPLICATION
+privilege). `sql/outbox.sql` (applied by `setup`) installs one generic trigger function; each
+mapped table gets a row trigger (INSERT, UPDATE, DELETE) and a statement trigger (TRUNCATE) that
+append the row images (jsonb, the captured columns only), the transaction id and the table name to
+the outbox in the writing transaction, and `pg_notify` the channel `onesignal_bridge_outbox`
+(Postgres folds identical notifications of one transaction into one: a bulk write wakes the bridge
+once). This module drains the outbox.
+
+Ordering rule (what "commit order" means here)
+----------------------------------------------
+The trigger cannot know when its transaction will commit, so the outbox id is drawn from a
+sequence (CACHE 1) *inside the trigger*, while the writing transaction holds the lock on the row
+it changed. The bridge applies committed rows in id order:
+
+1. Only committed rows are ever claimed: the claim is an ordinary MVCC read, rows of transactions
+   still in progress (or rolled back) are invisible to it.
+2. Every change that Postgres orders is in id order. If transaction B changes a row after A
+   committed a change to it (same row: B waited for A's row lock; a foreign key; anything B read
+   of A's committed data), B's trigger ran after A committed, and A drew its ids before it
+   committed, so B's ids are higher. Within one transaction, ids follow the statements.
+3. Rows appear in the bridge's claims in commit order: a row is claimable only once its
+   transaction committed, and each claim takes the lowest ids not yet claimed. A transaction that
+   drew low ids and committed late ("a straggler") is applied after the rows that committed
+   before it, i.e. in commit order; rule 2 guarantees that no row it must follow is still to come.
+   Only rows of concurrent transactions that became visible in the same claim are applied in id
+   order rather than commit order; such transactions changed different rows (else one would have
+   waited for the other), so either order is a serial order of the database's history.
+
+We do not use the snapshot xmin (`pg_snapshot_xmin(pg_current_snapshot())`) as a frontier: holding
+back committed rows until every older transaction has finished would stall delivery behind any
+long transaction in the cluster and still would not yield commit order; xid order is not commit
+order either (it is the order of first writes, and it breaks rule 2). `txid` (xid8) is recorded for
+diagnosis. Deleting by id range would be wrong (a straggler below the range may commit later):
+rows are deleted by the exact ids claimed.
+
+Claiming, confirming, deleting
+------------------------------
+Each claim reads up to `batch_size` committed rows in id order, skipping the ids this process
+already holds (claimed, not yet deleted). Each row becomes one `ChangeEvent` (position
+`outbox#<id>`); after the batch, `sink.mark(batch number)`. Rows are deleted, by id, only for
+batches at or below `sink.confirmable` (every change in them applied or dead-lettered), after each
+claim, while waiting, and at shutdown after `drain()`. A crash at any point leaves the rows that
+were not confirmed in the outbox; the next leader applies them again (idempotent requests). While
+`max_unconfirmed_rows` rows are claimed and not yet deleted, claiming pauses (backpressure).
+
+Wake-ups: a separate connection LISTENs on `onesignal_bridge_outbox`; when a claim returns less than
+a full batch, the source waits for a notification or `poll_interval_ms`, whichever comes first, so
+a lost notification costs at most one poll interval.
+
+Replicas: leader election with a session advisory lock
+------------------------------------------------------
+Per-user order needs one ordered stream per user. The source takes
+`pg_try_advisory_lock(hashtextextended('onesignal_bridge.outbox', 0))` on the connection it claims
+and deletes with; other replicas wait as hot standbys and retry every `poll_interval_ms`. If the
+leader dies, Postgres drops its session and the lock with it; a standby takes over and re-reads
+every row the leader had not deleted. We chose this over partitioning by a hash of the user
+because (a) the trigger would have to know each table's identity column and the bridge how to
+rebalance partitions as replicas come and go, (b) a row whose identity changes belongs to two
+users and two partitions at once, and (c) one process already saturates OneSignal's per-app rate
+limit, which is the throughput ceiling, so parallel draining would buy nothing.
+
+Values
+------
+Rows arrive as jsonb written in the application's session. Numbers are parsed keeping their exact
+text (`12.50` stays `Decimal('12.50')`), then every value is converted with
+`pgtypes.converter_for` of its column's type (read once per table from `pg_attribute`), so tags
+come out as with the `postgres` source (timestamps as unix seconds; jsonb renders timestamptz in
+ISO 8601 with an offset, which the converter turns into UTC). A key absent from the jsonb was not
+captured (`UNCHANGED`: mapping leaves the field alone); a key present with null is SQL NULL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from collections import deque
+from typing import Any, Awaitable, Callable, Iterable
+
+import psycopg
+from psycopg import errors as pgerr
+
+from bridge.config import Config, OutboxSourceConfig, redact_dsn
+from bridge.errors import SourceError, SourceSetupError
+from bridge.events import ChangeEvent, Op
+from bridge.observability import metrics as m
+from bridge.sources.pgtypes import PgType, converter_for
+from bridge.sources.postgres import Sink
+
+log = logging.getLogger("bridge.source.outbox")
+
+RECONNECT_MAX_S = 30.0
+CHANNEL = "onesignal_bridge_outbox"
+OUTBOX = "onesignal_bridge.outbox"
+LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('onesignal_bridge.outbox', 0))"
+TRIGGER = "onesignal_bridge_capture"
+TRUNCATE_TRIGGER = "onesignal_bridge_truncate"
+CAPTURE_FUNCTION = "onesignal_bridge.capture"
+
+# A table's columns: name, type (a domain's base type) and, for arrays, the element type.
+COLUMNS_SQL = (
+    "SELECT a.attname, b.oid::int, CASE WHEN b.typcategory = 'A' THEN b.typelem::int ELSE 0 END"
+    " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+    " JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END"
+    " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+)
+PRIMARY_KEY_SQL = (
+    "SELECT a.attname FROM pg_index i"
+    " JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true"
+    " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    " WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY k.ord"
+)
+
+_OPS = {"I": Op.INSERT, "U": Op.UPDATE, "D": Op.DELETE, "T": Op.TRUNCATE}
+_JSON_TYPES = (PgType.JSON, PgType.JSONB)
+
+
+# --------------------------------------------------------------------------------------------
+# Values: jsonb text -> Python values equal to what the pgoutput source produces
+# --------------------------------------------------------------------------------------------
+
+
+class _Num(str):
+    """A JSON number, kept as the text Postgres wrote (exact numerics, big integers)."""
+
+    __slots__ = ()
+
+
+_decoder = json.JSONDecoder(parse_int=_Num, parse_float=_Num)
+
+
+def parse_row(text: str | None) -> dict[str, Any] | None:
+    """The jsonb text of a row image -> {column: raw JSON value}, numbers as `_Num`."""
+    return None if text is None else _decoder.decode(text)
+
+
+def _plain_json(v: Any) -> Any:
+    """A json/jsonb column's value as the pgoutput source gives it (orjson semantics)."""
+    if isinstance(v, _Num):
+        s = str(v)
+        return float(s) if ("." in s or "e" in s or "E" in s) else int(s)
+    if isinstance(v, list):
+        return [_plain_json(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain_json(x) for k, x in v.items()}
+    return v
+
+
+def _json_text(v: Any) -> str:
+    """Compact JSON text of a raw value (for composite types and other objects)."""
+    return json.dumps(_plain_json(v), separators=(",", ":"), ensure_ascii=False)
+
+
+Decode = Callable[[Any], Any]
+
+
+def decoder_for(type_oid: int, elem_oid: int = 0) -> Decode:
+    """The function turning one raw JSON value of a column of this type into its Python value.
+
+    `elem_oid` is the element type of an array type (0 for other types).
+    """
+    if elem_oid:
+        element = decoder_for(elem_oid)
+
+        def array(v: Any) -> Any:
+            if isinstance(v, list):
+                return [None if x is None else (array(x) if isinstance(x, list) else element(x)) for x in v]
+            return element(v)
+
+        return array
+    if type_oid in _JSON_TYPES:
+        return _plain_json
+    conv = converter_for(type_oid)
+
+    def scalar(v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (dict, list)):
+            return _json_text(v)
+        try:
+            return conv(str(v))
+        except ValueError:
+            return str(v)  # a value the converter does not know how to read: its text, unchanged
+
+    return scalar
+
+
+class TableDecoder:
+    """A mapped table: how to decode its captured columns and which columns name a row."""
+
+    __slots__ = ("name", "decode", "key_columns")
+
+    def __init__(self, name: str, columns: Iterable[tuple[str, int, int]], key_columns: list[str]) -> None:
+        self.name = name
+        self.decode: dict[str, Decode] = {col: decoder_for(oid, elem) for col, oid, elem in columns}
+        self.key_columns = key_columns
+
+    def row(self, raw: dict[str, Any] | None) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        out: dict[str, Any] = {}
+        dec = self.decode
+        for k, v in raw.items():
+            if v is None:
+                out[k] = None
+                continue
+            f = dec.get(k)
+            out[k] = f(v) if f is not None else _unknown(v)
+        return out
+
+    def key(self, row: dict[str, Any] | None) -> dict[str, Any]:
+        if not row:
+            return {}
+        return {k: row.get(k) for k in self.key_columns}
+
+
+def _unknown(v: Any) -> Any:
+    """A column the bridge has no type for (added after start): text as text, numbers exact."""
+    if isinstance(v, _Num):
+        return _plain_json(v)
+    if isinstance(v, (dict, list)):
+        return _plain_json(v)
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# The source
+# --------------------------------------------------------------------------------------------
+
+
+class OutboxSource:
+    def __init__(self, cfg: OutboxSourceConfig, config: Config, dsn: str | None = None) -> None:
+        self.cfg = cfg
+        self.config = config
+        self.tables_wanted = {mp.table: mp for mp in config.mappings}
+        self.dsn = dsn or cfg.dsn.get_secret_value()
+        self.connected = False
+        self.standby = False  # waiting behind another replica's lock (ready, not draining)
+        self.leader = False
+        self._tables: dict[str, TableDecoder] = {}
+        self._batch_no = 0
+        self._claimed: deque[tuple[int, list[int]]] = deque()  # (batch number, ids) not yet deleted
+        self._held: set[int] = set()  # ids claimed and not yet deleted
+        self._wake = asyncio.Event()
+        self._last_metrics = 0.0
+        self.deleted = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, sink: Sink, stop: asyncio.Event | None = None,
+                  drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Drain until `stop` is set; then stop claiming, await `drain()`, delete what was applied."""
+        self._stop = stop or asyncio.Event()
+        self._drain = drain
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self._session(sink)
+            except SourceSetupError:
+                raise
+            except (psycopg.Error, SourceError, OSError) as exc:
+                fatal = setup_error(exc) if isinstance(exc, psycopg.Error) else None
+                if fatal is not None:
+                    raise fatal from None
+                self.connected = False
+                self.leader = False
+                delay = min(RECONNECT_MAX_S, 0.5 * 2 ** min(attempt, 6))
+                attempt += 1
+                log.warning("outbox connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except TimeoutError:
+                    pass
+            else:
+                return
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=10)
+
+    async def _session(self, sink: Sink) -> None:
+        conn = await self._connect()
+        listener: psycopg.AsyncConnection[Any] | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await self._check_outbox(conn)
+            self.connected = True
+            if not await self._elect(conn):
+                return  # stopped while waiting as a standby
+            self.leader = True
+            await self._load_tables(conn)
+            listener = await self._connect()
+            await listener.execute(f"LISTEN {CHANNEL}")
+            listen_task = asyncio.create_task(self._listen(listener))
+            drain_task = asyncio.create_task(self._drain_loop(conn, sink, listen_task))
+            stop_task = asyncio.create_task(self._stop.wait())
+            tasks = [listen_task, drain_task, stop_task]
+            log.info("draining %s as the leader (batch %d, poll every %d ms)", OUTBOX, self.cfg.batch_size,
+                     self.cfg.poll_interval_ms)
+            done, _ = await asyncio.wait({drain_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if drain_task in done:
+                drain_task.result()  # raises what ended it
+                return
+            drain_task.cancel()
+            await asyncio.gather(drain_task, return_exceptions=True)
+            if self._drain is not None:
+                await self._drain()
+            await self._final_confirm(conn, sink)
+            log.info("stopped; %d outbox row(s) deleted, %d claimed and left for the next leader",
+                     self.deleted, len(self._held))
+        finally:
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self.connected = False
+            self.leader = False
+            self.standby = False
+            if listener is not None:
+                await listener.close()
+            await conn.close()
+
+    async def _check_outbox(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (OUTBOX,))
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            raise SourceSetupError(
+                f"the outbox table {OUTBOX} does not exist (or the role cannot see its schema): run "
+                "`onesignal-bridge setup --config FILE` as the tables' owner, then `onesignal-bridge check`"
+            )
+
+    async def _elect(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Take the leader lock; wait as a hot standby while another replica holds it."""
+        waiting = False
+        while not self._stop.is_set():
+            cur = await conn.execute(LOCK_SQL)
+            row = await cur.fetchone()
+            if row and row[0]:
+                self.standby = False
+                m.STANDBY.set(0)
+                if waiting:
+                    log.warning("this replica now holds the outbox lock: taking over")
+                return True
+            if not waiting:
+                log.info("another replica drains the outbox; waiting as a hot standby")
+                waiting = True
+            self.standby = True
+            m.STANDBY.set(1)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.cfg.poll_interval_ms / 1000.0)
+            except TimeoutError:
+                pass
+        return False
+
+    async def _load_tables(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Column types and primary keys of the mapped tables, read once per session."""
+        tables: dict[str, TableDecoder] = {}
+        for name, mp in self.tables_wanted.items():
+            cur = await conn.execute(COLUMNS_SQL, (name,))
+            cols = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+            if not cols:
+                log.warning("mapped table %s does not exist (or is not visible to this role)", name)
+            cur = await conn.execute(PRIMARY_KEY_SQL, (name,))
+            pk = [r[0] for r in await cur.fetchall()] or [mp.identity_column]
+            tables[name] = TableDecoder(name, cols, pk)
+        self._tables = tables
+
+    async def _listen(self, listener: psycopg.AsyncConnection[Any]) -> None:
+        async for _ in listener.notifies():
+            self._wake.set()
+
+    # -- draining ------------------------------------------------------------------------
+
+    async def _drain_loop(self, conn: psycopg.AsyncConnection[Any], sink: Sink,
+                          listen_task: asyncio.Task[Any]) -> None:
+        batch = self.cfg.batch_size
+        poll_s = self.cfg.poll_interval_ms / 1000.0
+        while True:
+            if listen_task.done():
+                listen_task.result()  # the listening connection failed: reconnect
+                raise SourceError("the LISTEN connection ended")
+            self._wake.clear()
+            await self._confirm(conn, sink)
+            await self._metrics(conn)
+            room = self.cfg.max_unconfirmed_rows - len(self._held)
+            got = 0
+            if room > 0:
+                got = await self._claim(conn, sink, min(batch, room))
+                if got == min(batch, room):
+                    continue  # more may be waiting
+            # Caught up (or at the unconfirmed limit): wait for a notification, a poll, or, while
+            # rows are held, the next chance to delete them.
+            timeout = min(poll_s, 0.1) if self._held else poll_s
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _claim(self, conn: psycopg.AsyncConnection[Any], sink: Sink, limit: int) -> int:
+        held = list(self._held)
+        cur = await conn.execute(
+            "SELECT id, table_name, op, new_row::text, old_row::text, created_at FROM onesignal_bridge.outbox"
+            " WHERE id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s",
+            (held, limit),
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return 0
+        ids: list[int] = []
+        for oid, table_name, op, new_text, old_text, created_at in rows:
+            ids.append(oid)
+            event = self._event(oid, table_name, op, new_text, old_text, created_at, sink)
+            if event is not None:
+                await sink.put(event)
+        self._batch_no += 1
+        self._claimed.append((self._batch_no, ids))
+        self._held.update(ids)
+        sink.mark(self._batch_no)
+        return len(rows)
+
+    def _event(self, oid: int, table_name: str, op: str, new_text: str | None, old_text: str | None,
+               created_at: dt.datetime | None, sink: Sink) -> ChangeEvent | None:
+        table = self._tables.get(table_name)
+        if table is None:
+            return None  # a table no longer mapped: nothing to apply, the row is deleted with its batch
+        kind = _OPS.get(op)
+        position = f"outbox#{oid}"
+        commit_time = created_at.timestamp() if created_at is not None else None
+        if kind is None:
+            log.warning("outbox row %d has an unknown op %r; skipped", oid, op)
+            return None
+        if kind is Op.TRUNCATE:
+            log.warning("TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)", table_name)
+            return ChangeEvent(table_name, Op.TRUNCATE, None, None, {}, sink.issue(), position, commit_time)
+        new = table.row(parse_row(new_text))
+        old = table.row(parse_row(old_text))
+        key = table.key(new if new is not None else old)
+        return ChangeEvent(table_name, kind, new, old, key, sink.issue(), position, commit_time)
+
+    async def _confirm(self, conn: psycopg.AsyncConnection[Any], sink: Sink) -> None:
+        """Delete the rows of every batch at or below the low watermark."""
+        confirmable = sink.confirmable
+        if confirmable is None or not self._claimed:
+            return
+        ids: list[int] = []
+        while self._claimed and self._claimed[0][0] <= confirmable:
+            ids.extend(self._claimed.popleft()[1])
+        if not ids:
+            return
+        for i in range(0, len(ids), 10_000):
+            chunk = ids[i:i + 10_000]
+            await conn.execute("DELETE FROM onesignal_bridge.outbox WHERE id = ANY(%s::bigint[])", (chunk,))
+            self._held.difference_update(chunk)
+            self.deleted += len(chunk)
+        m.CONFIRMED_POSITION.set(max(ids))
+
+    async def _final_confirm(self, conn: psycopg.AsyncConnection[Any], sink: Sink) -> None:
+        """At shutdown: delete what was applied, on a fresh connection if the drain loop was
+        cancelled in the middle of a query."""
+        try:
+            if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                raise psycopg.OperationalError("connection busy")
+            await self._confirm(conn, sink)
+        except psycopg.Error:
+            async with await self._connect() as fresh:
+                await self._confirm(fresh, sink)
+
+    async def _metrics(self, conn: psycopg.AsyncConnection[Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_metrics < self.cfg.metrics_interval_s:
+            return
+        self._last_metrics = now
+        cur = await conn.execute(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
+            " FROM onesignal_bridge.outbox"
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            depth, age = row
+            m.OUTBOX_DEPTH.set(depth)
+            m.OUTBOX_OLDEST_AGE_SECONDS.set(max(0.0, age))
+            m.SOURCE_LAG_SECONDS.set(max(0.0, age))
+
+
+def _clean(exc: BaseException) -> str:
+    """An exception as text without connection strings (which may carry passwords)."""
+    text = str(exc).strip()
+    return redact_dsn(text.splitlines()[0] if text else type(exc).__name__)
+
+
+def setup_error(exc: psycopg.Error) -> SourceSetupError | None:
+    """A database error that retrying cannot fix, as the message an operator needs."""
+    if isinstance(exc, pgerr.InsufficientPrivilege):
+        return SourceSetupError(f"{_clean(exc)}: the bridge's role lacks a privilege; "
+                                "`onesignal-bridge check --config FILE` prints the GRANT to run")
+    if isinstance(exc, pgerr.UndefinedTable):
+        return SourceSetupError(f"{_clean(exc)}: run `onesignal-bridge setup --config FILE`")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# SQL: the database side (sql/outbox.sql holds the same text; a test keeps them equal)
+# --------------------------------------------------------------------------------------------
+
+OUTBOX_SQL = """-- onesignal-bridge: trigger-fed outbox for `source.kind: outbox`.
+--
+-- For databases where the bridge may not use logical replication (wal_level = replica, or no
+-- REPLICATION privilege). Ordinary triggers append each change of a mapped table to
+-- onesignal_bridge.outbox in the same transaction as the change; the bridge drains the table,
+-- applies the changes to OneSignal and deletes each row only after it was applied or
+-- dead-lettered. See docs/outbox.md.
+--
+-- `onesignal-bridge setup --config FILE` runs this file, then installs the triggers on each mapped
+-- table with onesignal_bridge.install_trigger (see the end of this file); `--print-sql` prints
+-- exactly that. `onesignal-bridge teardown --config FILE` removes triggers, functions and outbox.
+-- Run it as the owner of the mapped tables (or a superuser). Idempotent.
+
+CREATE SCHEMA IF NOT EXISTS onesignal_bridge;
+
+-- One row per captured change.
+--   id          write order. Drawn from the sequence inside the trigger, i.e. while the writing
+--               transaction holds the lock on the changed row: a transaction that changes a row
+--               after another one committed a change to it always gets a higher id. The bridge
+--               applies committed rows in id order. The sequence must keep CACHE 1: with a cache,
+--               each session would draw ids from its own range and id order would no longer be
+--               the order of writes.
+--   txid        the writing transaction (xid8), for diagnosis.
+--   created_at  start of the writing transaction (now()): the age metric is measured from it.
+--   table_name  "schema.table" of the changed table.
+--   op          I(nsert) U(pdate) D(elete) T(runcate).
+--   new_row     the row after the change (INSERT, UPDATE) as jsonb; old_row the row before it
+--               (UPDATE, DELETE). Only the captured columns (the trigger's arguments) when the
+--               trigger names any. A key that is absent was not captured; a key with null is
+--               SQL NULL.
+CREATE TABLE IF NOT EXISTS onesignal_bridge.outbox (
+    id         bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    table_name text NOT NULL,
+    op         "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
+    new_row    jsonb,
+    old_row    jsonb
+);
+
+-- The generic trigger function: one for every mapped table. Its arguments name the columns NOT to
+-- capture (install_trigger computes them from the columns to capture: removing keys from the
+-- row's jsonb is several times cheaper per row than picking keys). An UPDATE that changes none of
+-- the captured columns adds no row.
+-- SECURITY DEFINER: the application's roles need no privilege on the outbox (they could otherwise
+-- forge changes); search_path is pinned so that a caller cannot redirect what the body resolves.
+-- pg_notify wakes the bridge; Postgres delivers one notification per transaction for the same
+-- channel and payload, so a bulk write of N rows sends one, not N.
+CREATE OR REPLACE FUNCTION onesignal_bridge.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    n jsonb;
+    o jsonb;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO onesignal_bridge.outbox (table_name, op)
+        VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
+        PERFORM pg_notify('onesignal_bridge_outbox', '');
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        n := to_jsonb(NEW);
+        IF TG_NARGS > 0 THEN
+            n := n - TG_ARGV;
+        END IF;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        o := to_jsonb(OLD);
+        IF TG_NARGS > 0 THEN
+            o := o - TG_ARGV;
+        END IF;
+        IF n = o THEN
+            RETURN NULL;  -- an UPDATE that changed nothing the bridge captures
+        END IF;
+    END IF;
+    INSERT INTO onesignal_bridge.outbox (table_name, op, new_row, old_row)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, substr(TG_OP, 1, 1), n, o);
+    PERFORM pg_notify('onesignal_bridge_outbox', '');
+    RETURN NULL;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION onesignal_bridge.capture() FROM PUBLIC;
+
+-- Install (or replace) the two triggers on one table. `columns`: the columns to capture (the
+-- primary key is always added: it names rows in logs and dead letters); NULL captures whole rows.
+-- Columns added to the table later are captured too until this runs again (setup does).
+CREATE OR REPLACE FUNCTION onesignal_bridge.install_trigger(tbl regclass, columns text[] DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    skip text := '';
+BEGIN
+    IF columns IS NOT NULL THEN
+        SELECT coalesce(string_agg(quote_literal(a.attname), ', ' ORDER BY a.attnum), '') INTO skip
+        FROM pg_attribute a
+        WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attname <> ALL (columns)
+          AND NOT EXISTS (SELECT 1 FROM pg_index i
+                          WHERE i.indrelid = tbl AND i.indisprimary AND a.attnum = ANY (i.indkey));
+    END IF;
+    EXECUTE format('CREATE OR REPLACE TRIGGER onesignal_bridge_capture'
+                   ' AFTER INSERT OR UPDATE OR DELETE ON %s'
+                   ' FOR EACH ROW EXECUTE FUNCTION onesignal_bridge.capture(%s)', tbl, skip);
+    EXECUTE format('CREATE OR REPLACE TRIGGER onesignal_bridge_truncate'
+                   ' AFTER TRUNCATE ON %s'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION onesignal_bridge.capture()', tbl);
+END
+$fn$;
+
+-- Remove the triggers from one table.
+CREATE OR REPLACE FUNCTION onesignal_bridge.remove_trigger(tbl regclass)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS onesignal_bridge_capture ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS onesignal_bridge_truncate ON %s', tbl);
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION onesignal_bridge.install_trigger(regclass, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION onesignal_bridge.remove_trigger(regclass) FROM PUBLIC;
+
+-- Then, per mapped table (setup generates these from the configuration), e.g.:
+--   SELECT onesignal_bridge.install_trigger('public.users', ARRAY['id', 'crm_id', 'plan', 'country']);
+--   SELECT onesignal_bridge.install_trigger('public.orders', ARRAY['user_id', 'total', 'created_at']);
+"""
+
+BRIDGE_GRANTS = (
+    "GRANT USAGE ON SCHEMA onesignal_bridge TO {role};\n"
+    "GRANT SELECT, DELETE ON onesignal_bridge.outbox TO {role};\n"
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.dead_letters TO {role};\n"
+    "GRANT USAGE ON SEQUENCE onesignal_bridge.dead_letters_id_seq TO {role};\n"
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO {role};"
+)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote_ident(name: str) -> str:
+    return name if name.isidentifier() and name.islower() else '"' + name.replace('"', '""') + '"'
+
+
+def _qualified(table: str) -> str:
+    schema, name = table.split(".", 1)
+    return f"{_quote_ident(schema)}.{_quote_ident(name)}"
+
+
+def captured_columns(mp: Any) -> list[str]:
+    """The columns a mapping reads: what the trigger captures (plus the primary key)."""
+    from bridge.mapping import TableMapping
+
+    return sorted(TableMapping.compile(mp).columns)
+
+
+def dsn_user(dsn: str) -> str | None:
+    try:
+        return psycopg.conninfo.conninfo_to_dict(dsn).get("user") or None  # type: ignore[return-value]
+    except psycopg.ProgrammingError:
+        return None
+
+
+def setup_statements(config: Config) -> list[tuple[str, str]]:
+    """(why, SQL) to prepare a database for the outbox source: sql/outbox.sql, one trigger pair per
+    mapped table, no triggers left on tables no longer mapped, privileges of the bridge's role."""
+    out = [("outbox table and capture trigger function (sql/outbox.sql)", OUTBOX_SQL.strip())]
+    for mp in config.mappings:
+        cols = ", ".join(_literal(c) for c in captured_columns(mp))
+        out.append((
+            f"{mp.table}: capture triggers (INSERT, UPDATE, DELETE, TRUNCATE)",
+            f"SELECT onesignal_bridge.install_trigger({_literal(_qualified(mp.table))}, ARRAY[{cols}]::text[]);",
+        ))
+    mapped = ", ".join(_literal(_qualified(mp.table)) for mp in config.mappings)
+    out.append((
+        "no capture triggers on tables that are no longer mapped",
+        "DO $$\nDECLARE r record;\nBEGIN\n"
+        f"  FOR r IN SELECT tgrelid::regclass AS tbl FROM pg_trigger WHERE tgname = '{TRIGGER}'\n"
+        f"      AND tgrelid NOT IN (SELECT to_regclass(t) FROM unnest(ARRAY[{mapped}]::text[]) AS t\n"
+        "                          WHERE to_regclass(t) IS NOT NULL) LOOP\n"
+        "    PERFORM onesignal_bridge.remove_trigger(r.tbl);\n"
+        "  END LOOP;\nEND $$;",
+    ))
+    role = dsn_user(config.source.dsn.get_secret_value()) if isinstance(config.source, OutboxSourceConfig) else None
+    if role:
+        grants = BRIDGE_GRANTS.format(role=_quote_ident(role)).replace("\n", "\n    ")
+        out.append((
+            f"privileges of the bridge's role {role} (the user in source.dsn); see sql/role-outbox.sql",
+            "DO $$ BEGIN\n"
+            f"  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {_literal(role)}) THEN\n"
+            f"    {grants}\n"
+            "  END IF;\nEND $$;",
+        ))
+    return out
+
+
+def teardown_statements(config: Config) -> list[tuple[str, str]]:
+    """(why, SQL) that undo `setup_statements`: every capture trigger, the functions, the outbox.
+    The dead-letter and subscription tables stay (they hold history `dlq` can still read)."""
+    return [
+        ("capture triggers on every table",
+         "DO $$\nDECLARE r record;\nBEGIN\n"
+         "  IF to_regprocedure('onesignal_bridge.capture()') IS NULL THEN RETURN; END IF;\n"
+         "  FOR r IN SELECT tgrelid::regclass AS tbl, tgname FROM pg_trigger\n"
+         "      WHERE tgfoid = 'onesignal_bridge.capture()'::regprocedure LOOP\n"
+         "    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tbl);\n"
+         "  END LOOP;\nEND $$;"),
+        ("capture and trigger-management functions",
+         "DROP FUNCTION IF EXISTS onesignal_bridge.capture();\n"
+         "DROP FUNCTION IF EXISTS onesignal_bridge.install_trigger(regclass, text[]);\n"
+         "DROP FUNCTION IF EXISTS onesignal_bridge.remove_trigger(regclass);"),
+        ("the outbox table (rows not yet applied are dropped with it)",
+         "DROP TABLE IF EXISTS onesignal_bridge.outbox;"),
+    ]

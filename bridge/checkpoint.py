@@ -70,7 +70,7 @@ class Watermark:
             if self.on_pass is not None:
                 self.on_pass(self.confirmable)
         if self._head > 65536 or self._head == len(self._done):
-            del self._done[: self._head - 1]
+            del self._done[: self._head]
             self._head = 0
 
     @property

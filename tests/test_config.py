@@ -212,6 +212,11 @@ def test_identity_cannot_be_the_onesignal_id() -> None:
     assert "mappings[0].identity" in message and "onesignal_id" in message
 
 
+def test_identity_label_cannot_also_be_an_extra_alias() -> None:
+    message = config_error(changed(lambda t: t["mappings"][0].update(aliases={"external_id": "email"})))
+    assert "mappings[0]" in message and "external_id" in message and "identity" in message
+
+
 def test_unknown_property_lists_the_ones_that_exist() -> None:
     message = config_error(changed(lambda t: t["mappings"][0].update(properties={"lang": "locale"})))
     assert "mappings[0].properties" in message and "language" in message
@@ -288,6 +293,14 @@ def test_api_key_and_dsn_password_never_print_from_the_config() -> None:
     for text in (repr(config), str(config), repr(config.onesignal), str(config.source)):
         assert API_KEY not in text
         assert DB_PASSWORD not in text
+
+
+def test_kafka_client_settings_never_print_from_the_config() -> None:
+    source = {"kind": "kafka", "bootstrap_servers": "k:9092", "topics": ["app.public.users"],
+              "consumer": {"sasl.username": "bridge", "sasl.password": "kafka-Secr3t"}}
+    config = parse_config(changed(lambda t: t.update(source=source)), env={})
+    assert config.source.consumer["sasl.password"] == "kafka-Secr3t"
+    assert "kafka-Secr3t" not in repr(config) and "kafka-Secr3t" not in str(config)
 
 
 @pytest.mark.parametrize(

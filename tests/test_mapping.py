@@ -96,9 +96,15 @@ def test_row_columns_become_formatted_tags() -> None:
 
 
 def test_null_column_deletes_the_tag_and_the_alias() -> None:
-    change = only_change(mapper().map(insert(plan=None, crm_id=None)))
+    ev = event(Op.UPDATE, new={"id": 42, "plan": None, "crm_id": None})
+    change = only_change(mapper().map(ev))
     assert change.tags == {"plan": None}
     assert change.aliases == {"crm_id": None}
+
+
+def test_new_row_with_a_null_alias_costs_no_alias_deletion() -> None:
+    change = only_change(mapper().map(insert(plan="gold", crm_id=None)))
+    assert change.aliases == {}
 
 
 def test_unchanged_toast_column_changes_nothing() -> None:

@@ -55,6 +55,7 @@ class OneSignalClient:
         self._http = http
         self._prefix = f"/apps/{seg(app_id)}"
         self._auth = {"authorization": f"Key {api_key}"}
+        self._key = api_key
 
     def __repr__(self) -> str:  # never show the key
         return f"OneSignalClient(prefix={self._prefix!r})"
@@ -70,7 +71,7 @@ class OneSignalClient:
             raise errors.from_exception(exc, req.endpoint) from None
         if 200 <= resp.status_code < 300 or resp.status_code in req.ok_statuses:
             return Response(resp.status_code, errors.parse_body(resp.content))
-        raise errors.from_response(resp, req.endpoint)
+        raise errors.from_response(resp, req.endpoint, secret=self._key)
 
     # -- convenience wrappers (used by `check`, the demo and tests) ---------------------
 

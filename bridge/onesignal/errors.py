@@ -102,8 +102,13 @@ def error_text(body: Any, raw: bytes = b"") -> str:
                 else:
                     parts.append(str(e))
             return "; ".join(p for p in parts if p)[:500]
-        if isinstance(errors, (str, dict)):
-            return str(errors)[:500]
+        if isinstance(errors, str):
+            return errors[:500]
+        if isinstance(errors, dict):  # e.g. {"invalid_aliases": {...}}
+            return "; ".join(
+                f"{k}: {v if isinstance(v, str) else orjson.dumps(v, default=str).decode()}"
+                for k, v in sorted(errors.items(), key=lambda kv: str(kv[0]))
+            )[:500]
     if isinstance(body, str):
         return body[:200]
     return raw[:200].decode("utf-8", "replace").strip()
@@ -118,8 +123,12 @@ def parse_body(raw: bytes) -> Any:
         return raw.decode("utf-8", "replace")
 
 
-def from_response(resp: httpx.Response, endpoint: str) -> OneSignalError:
+def from_response(resp: httpx.Response, endpoint: str, *, secret: str = "") -> OneSignalError:
+    """The typed error for a non-2xx answer. `secret` (the API key) is blanked out of the body
+    first: a server or proxy that echoes the Authorization header must not put it in a log."""
     raw = resp.content
+    if secret:
+        raw = raw.replace(secret.encode(), b"***")
     body = parse_body(raw)
     detail = error_text(body, raw)
     status = resp.status_code

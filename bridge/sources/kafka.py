@@ -49,6 +49,7 @@ DEFAULT_CONSUMER = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 1000,
     "enable.partition.eof": False,
+    "topic.metadata.refresh.interval.ms": 10000,  # notice new topics (pattern subscriptions) quickly
 }
 
 

@@ -402,11 +402,10 @@ class OutboxSource:
                 pass
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any], sink: Sink, limit: int) -> int:
-        held = list(self._held)
         cur = await conn.execute(
             "SELECT id, table_name, op, new_row::text, old_row::text, created_at FROM onesignal_bridge.outbox"
-            " WHERE id <> ALL(%s::bigint[]) ORDER BY id LIMIT %s",
-            (held, limit),
+            " WHERE NOT (id <@ %s::int8multirange) ORDER BY id LIMIT %s",
+            (id_ranges(self._held), limit),
         )
         rows = await cur.fetchall()
         if not rows:
@@ -485,6 +484,22 @@ class OutboxSource:
             m.OUTBOX_DEPTH.set(depth)
             m.OUTBOX_OLDEST_AGE_SECONDS.set(max(0.0, age))
             m.SOURCE_LAG_SECONDS.set(max(0.0, age))
+
+
+def id_ranges(ids: Iterable[int]) -> str:
+    """Ids as an int8multirange literal of their runs: `{[1,4),[7,8)}` (compact for batches)."""
+    out: list[str] = []
+    start = prev = None
+    for i in sorted(ids):
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if start is not None:
+            out.append(f"[{start},{prev + 1})")  # type: ignore[operator]
+        start = prev = i
+    if start is not None:
+        out.append(f"[{start},{prev + 1})")  # type: ignore[operator]
+    return "{" + ",".join(out) + "}"
 
 
 def _clean(exc: BaseException) -> str:

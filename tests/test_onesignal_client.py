@@ -1,0 +1,268 @@
+"""OneSignal client: what goes over the wire, and every documented failure as a typed error.
+
+Requests are answered by `httpx.MockTransport` handlers; nothing leaves the process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import httpx
+import orjson
+import pytest
+
+from bridge.onesignal import errors
+from bridge.onesignal.client import OneSignalClient, Request, requests
+
+API_KEY = "os_v2_app_s3cr3tk3yDONOTPRINTs3cr3t"
+APP_ID = "2d5e1c1a-0000-4000-8000-000000000001"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client_for(handler: Handler) -> OneSignalClient:
+    http = httpx.AsyncClient(base_url="https://api.onesignal.com", transport=httpx.MockTransport(handler))
+    return OneSignalClient(http, APP_ID, API_KEY)
+
+
+def answer(status: int, body: Any = None, *, content: bytes | None = None,
+           headers: dict[str, str] | None = None) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if content is not None:
+            return httpx.Response(status, content=content, headers=headers)
+        if body is None:
+            return httpx.Response(status, headers=headers)
+        return httpx.Response(status, json=body, headers=headers)
+
+    return handler
+
+
+async def failure(handler: Handler, req: Request | None = None) -> errors.OneSignalError:
+    client = client_for(handler)
+    with pytest.raises(errors.OneSignalError) as info:
+        await client.send(req or requests.create_user({"external_id": "ada"}, {"tags": {"plan": "gold"}}))
+    return info.value
+
+
+def assert_secret_free(exc: BaseException) -> None:
+    for text in (str(exc), repr(exc), str(getattr(exc, "detail", "")), repr(getattr(exc, "body", ""))):
+        assert API_KEY not in text
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+async def test_requests_carry_the_app_key_in_an_authorization_key_header() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"identity": {"external_id": "ada", "onesignal_id": "x"}})
+
+    resp = await client_for(handler).create_user({"external_id": "ada"}, {"tags": {"plan": "gold"}})
+
+    (request,) = seen
+    assert request.headers["authorization"] == f"Key {API_KEY}"
+    assert request.headers["content-type"] == "application/json"
+    assert request.method == "POST"
+    assert request.url.path == f"/apps/{APP_ID}/users"
+    assert orjson.loads(request.content) == {"identity": {"external_id": "ada"},
+                                            "properties": {"tags": {"plan": "gold"}}}
+    assert resp.status == 200 and resp.body["identity"]["onesignal_id"] == "x"
+
+
+async def test_update_user_patches_the_user_by_alias_with_escaped_path_segments() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json={"properties": {"tags": {"plan": "free"}}})
+
+    resp = await client_for(handler).update_user("external_id", "a/b c", {"tags": {"plan": "free"}})
+
+    assert seen[0].method == "PATCH"
+    assert seen[0].url.raw_path.decode() == f"/apps/{APP_ID}/users/by/external_id/a%2Fb%20c"
+    assert orjson.loads(seen[0].content) == {"properties": {"tags": {"plan": "free"}}}
+    assert resp.status == 202
+
+
+async def test_delete_of_a_user_that_is_already_gone_is_a_success() -> None:
+    resp = await client_for(answer(404, {"errors": [{"title": "User not found"}]})).delete_user("external_id", "ada")
+    assert resp.status == 404
+
+
+async def test_request_without_body_sends_no_content_type() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"identity": {}})
+
+    await client_for(handler).view_user("external_id", "ada")
+    assert "content-type" not in seen[0].headers and seen[0].content == b""
+
+
+async def test_client_repr_hides_the_key() -> None:
+    assert API_KEY not in repr(client_for(answer(200, {})))
+
+
+# -- error bodies ----------------------------------------------------------------------------
+
+
+async def test_structured_error_body_becomes_a_rejection_with_onesignals_words() -> None:
+    body = {"errors": [{"code": "invalid_value", "title": "Tag value too long", "meta": {"tag": "plan"}}]}
+    exc = await failure(answer(400, body))
+    assert type(exc) is errors.Rejected and not exc.retriable
+    assert exc.status == 400 and exc.endpoint == "POST /users"
+    assert "Tag value too long" in str(exc) and "invalid_value" in exc.detail
+    assert exc.body == body
+
+
+async def test_basic_error_body_is_read() -> None:
+    exc = await failure(answer(400, {"errors": ["Invalid language code"], "success": False}))
+    assert type(exc) is errors.Rejected
+    assert exc.detail == "Invalid language code"
+
+
+async def test_plain_text_errors_field_is_read() -> None:
+    exc = await failure(answer(400, {"errors": "app_id not found"}))
+    assert type(exc) is errors.Rejected and "app_id not found" in str(exc)
+
+
+async def test_object_shaped_errors_field_is_read() -> None:
+    exc = await failure(answer(400, {"errors": {"invalid_aliases": {"external_id": ["ghost"]}}}))
+    assert type(exc) is errors.Rejected
+    assert exc.detail == 'invalid_aliases: {"external_id":["ghost"]}'
+
+
+async def test_empty_503_is_a_retriable_server_error() -> None:
+    exc = await failure(answer(503, content=b""))
+    assert type(exc) is errors.ServerError and exc.retriable
+    assert exc.status == 503 and exc.reason == "http_503"
+
+
+async def test_html_502_is_a_retriable_server_error_with_a_short_message() -> None:
+    html = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 5000 + b"</body></html>"
+    exc = await failure(answer(502, content=html, headers={"content-type": "text/html"}))
+    assert type(exc) is errors.ServerError and exc.retriable
+    assert "502" in str(exc)
+    assert len(str(exc)) < 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"errors": ["API rate limit exceeded"]},
+        {"errors": [{"code": "Rate Limit Exceeded", "title": "Too many requests"}]},
+        {"errors": ["API rate limit exceeded"], "limit": "per-user"},
+    ],
+)
+async def test_429_is_rate_limited_with_the_servers_retry_after(body: dict[str, Any]) -> None:
+    exc = await failure(answer(429, body, headers={"Retry-After": "7"}))
+    assert isinstance(exc, errors.RateLimited) and exc.retriable
+    assert exc.retry_after == 7
+
+
+@pytest.mark.parametrize("header", [None, "0", "-3", "soon", "0.2"])
+async def test_429_waits_at_least_a_second_whatever_the_header_says(header: str | None) -> None:
+    headers = {"Retry-After": header} if header is not None else None
+    exc = await failure(answer(429, {"errors": ["API rate limit exceeded"]}, headers=headers))
+    assert isinstance(exc, errors.RateLimited)
+    assert exc.retry_after >= 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_is_a_retriable_server_error(status: int) -> None:
+    exc = await failure(answer(status, {"errors": ["Internal error"], "success": False}))
+    assert type(exc) is errors.ServerError and exc.retriable
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, {"errors": [{"code": "access_denied", "title": "Invalid API key"}]}),
+        (403, {"errors": ["Access denied.  Please include an 'Authorization: ...' header with a valid API key"]}),
+        (403, None),
+    ],
+)
+async def test_401_and_403_are_fatal_auth_errors_pointing_at_the_config(status: int, body: Any) -> None:
+    exc = await failure(answer(status, body))
+    assert type(exc) is errors.AuthError and not exc.retriable
+    assert "onesignal.api_key" in str(exc)
+
+
+async def test_404_is_not_found() -> None:
+    exc = await failure(answer(404, {"errors": [{"title": "User not found"}]}),
+                        requests.update_user("external_id", "ghost", {"tags": {"a": "1"}}))
+    assert type(exc) is errors.NotFound and not exc.retriable
+
+
+async def test_409_is_a_conflict_naming_the_conflicting_aliases() -> None:
+    body = {"errors": [{"code": "user-2", "title": "Aliases claimed by another user",
+                        "meta": {"conflicting_aliases": {"crm_id": "c-1"}}}]}
+    exc = await failure(answer(409, body))
+    assert isinstance(exc, errors.Conflict) and not exc.retriable
+    assert exc.conflicting_aliases == {"crm_id": "c-1"}
+
+
+async def test_409_without_alias_details_has_no_conflicting_aliases() -> None:
+    exc = await failure(answer(409, {"errors": ["Subscription limit reached"]}))
+    assert isinstance(exc, errors.Conflict)
+    assert exc.conflicting_aliases == {}
+
+
+@pytest.mark.parametrize("status", [400, 422])
+async def test_other_4xx_are_rejections_that_are_not_retried(status: int) -> None:
+    exc = await failure(answer(status, {"errors": ["bad"]}))
+    assert type(exc) is errors.Rejected and not exc.retriable
+
+
+# -- transport failures ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raised", "reason"),
+    [
+        (httpx.ReadTimeout("timed out"), "timeout"),
+        (httpx.ConnectTimeout("timed out"), "timeout"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), "connection"),
+        (httpx.RemoteProtocolError("Server disconnected without sending a response."), "connection"),
+    ],
+)
+async def test_timeouts_and_connection_failures_are_retriable_transport_errors(
+    raised: httpx.HTTPError, reason: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    exc = await failure(handler)
+    assert type(exc) is errors.TransportError and exc.retriable
+    assert exc.reason == reason
+    assert exc.endpoint == "POST /users"
+    assert exc.__cause__ is None  # httpx's exception (with the request and its headers) is not chained
+
+
+# -- the key never leaks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        pytest.param(answer(401, {"errors": [f"Invalid key {API_KEY}"]}), id="401-echoing-the-key"),
+        pytest.param(answer(403, content=f"Authorization: Key {API_KEY} rejected".encode()), id="403-text"),
+        pytest.param(answer(400, {"errors": [{"code": "x", "title": f"bad header Key {API_KEY}"}]}), id="400"),
+        pytest.param(answer(502, content=f"<html>{API_KEY}</html>".encode()), id="502-html"),
+        pytest.param(answer(429, {"errors": {"detail": API_KEY}}), id="429-object"),
+    ],
+)
+async def test_api_key_never_appears_in_an_error_even_when_the_server_echoes_it(handler: Handler) -> None:
+    exc = await failure(handler)
+    assert_secret_free(exc)
+
+
+async def test_api_key_never_appears_in_a_transport_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"failed sending {request.headers['authorization']}")
+
+    exc = await failure(handler)
+    assert_secret_free(exc)

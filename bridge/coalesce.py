@@ -34,6 +34,7 @@ class UserBatch:
     changes: int  # how many UserChanges were merged into this batch
     attempt: int = 0
     first_commit_time: float | None = None
+    recreate: bool = False  # a change arrived after the deletion: the user exists again
 
     @property
     def is_empty(self) -> bool:
@@ -56,6 +57,7 @@ class _Pending:
     not_before: float = 0.0
     size: int = 256
     first_commit_time: float | None = None
+    recreate: bool = False
 
     def merge(self, ch: UserChange) -> int:
         """Apply one change on top; return the growth in estimated bytes."""
@@ -67,6 +69,9 @@ class _Pending:
             self.aliases.clear()
             self.subscriptions.clear()
             self.size = 256 + 8 * len(self.seqs)
+            self.recreate = False
+        elif self.delete_user:
+            self.recreate = True
         for k, v in ch.tags.items():
             if k not in self.tags:
                 self.size += 64 + len(k)
@@ -96,7 +101,7 @@ class _Pending:
         return UserBatch(
             self.user, self.delete_user, dict(self.tags), dict(self.properties), dict(self.aliases),
             dict(self.subscriptions), self.seqs, tuple(self.origins), self.changes, self.attempt,
-            self.first_commit_time,
+            self.first_commit_time, self.recreate,
         )
 
 
@@ -151,6 +156,7 @@ class Coalescer:
         p.origins = list(batch.origins)
         p.changes = batch.changes
         p.first_commit_time = batch.first_commit_time
+        p.recreate = batch.recreate
         p.size = 256 + 8 * len(p.seqs) + 96 * (len(p.tags) + len(p.properties) + len(p.aliases))
         if newer is not None:
             if newer.delete_user:
@@ -160,6 +166,7 @@ class Coalescer:
                 newer.size += 8 * len(p.seqs)
                 p = newer
             else:
+                p.recreate = p.recreate or (p.delete_user and newer.changes > 0)
                 p.tags.update(newer.tags)
                 p.properties.update(newer.properties)
                 p.aliases.update(newer.aliases)

@@ -137,7 +137,7 @@ class MappingConfig(_Strict):
     properties: dict[str, ColumnRef] = Field(default_factory=dict)
     subscriptions: dict[Literal["email", "sms"], Union[str, SubscriptionSpec]] = Field(default_factory=dict)
     on_delete: Literal["delete_user", "remove_tags", "ignore"] = "ignore"
-    on_truncate: Literal["ignore", "delete_users", "remove_tags"] = "ignore"
+    on_truncate: Literal["ignore"] = "ignore"  # a TRUNCATE names no rows: users are left as they are
     on_address_change: Literal["delete", "disable"] = "delete"
 
     @field_validator("table")

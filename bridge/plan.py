@@ -71,7 +71,7 @@ def plan(batch: UserBatch, subscriptions: list[dict[str, Any]] | None = None) ->
             if sub.token not in (None, UNCHANGED)  # removals and consent-only changes need ids
         ]
 
-    if not updates and not subscriptions and len(identity) == 1:
+    if not updates and not subscriptions and len(identity) == 1 and not (batch.delete_user and batch.recreate):
         return out
     chunks = _chunks(updates, MAX_PROPERTY_UPDATES)
     out.append(requests.create_user(identity, _properties(chunks[0]), subscriptions or None))

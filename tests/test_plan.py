@@ -126,3 +126,16 @@ def test_aliases_and_ids_with_special_characters_are_escaped_in_paths() -> None:
     (b,) = c.take_due(1e6, limit=1)
     (req,) = plan(b)
     assert req.path == "/users/by/external_id/a%2Fb%20c/identity/crm%20id"
+
+
+def test_user_deleted_then_recreated_by_a_row_of_nulls_still_exists_afterwards() -> None:
+    reqs = plan(batch({"delete_user": True}, {"tags": {"plan": None}}))
+
+    assert calls(reqs) == ["DELETE /users/by/external_id/ada", "POST /users"]
+    assert reqs[1].body == {"identity": {"external_id": "ada"}}
+
+
+def test_user_deleted_and_not_recreated_is_only_deleted() -> None:
+    reqs = plan(batch({"tags": {"plan": "x"}}, {"delete_user": True}))
+
+    assert calls(reqs) == ["DELETE /users/by/external_id/ada"]

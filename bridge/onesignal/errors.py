@@ -150,9 +150,13 @@ def from_response(resp: httpx.Response, endpoint: str, *, secret: str = "") -> O
     return Rejected(msg, **kw)
 
 
+RETRY_AFTER_CAP_S = 300.0  # a bogus Retry-After must not park a user (and the watermark) for ever
+
+
 def _retry_after(value: str | None) -> float:
     try:
-        return max(1.0, float(value)) if value else 1.0
+        wait = max(1.0, float(value)) if value else 1.0
+        return wait if wait == wait and wait <= RETRY_AFTER_CAP_S else RETRY_AFTER_CAP_S
     except ValueError:
         return 1.0
 

@@ -81,7 +81,10 @@ def _pg_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
             out.append(Finding(full, f"table {table} replica identity is " + ("FULL" if full else "not FULL: deletes and address changes cannot name the user"),
                                "" if full else f"ALTER TABLE {table} REPLICA IDENTITY FULL; (or run setup)"))
         slot = one("SELECT plugin, active FROM pg_replication_slots WHERE slot_name = %s", src.slot)
-        if slot is None:
+        if slot is None and src.snapshot != "never":
+            out.append(Finding(True, f"replication slot {src.slot} does not exist yet: the first run creates it and "
+                                     f"takes the initial snapshot (source.snapshot: {src.snapshot})", warning=True))
+        elif slot is None:
             out.append(Finding(False, f"replication slot {src.slot} does not exist", "run `onesignal-bridge setup --config FILE`"))
         else:
             out.append(Finding(slot[0] == "pgoutput", f"replication slot {src.slot} uses {slot[0]}" + ("" if slot[0] == "pgoutput" else " (expected pgoutput)"),
@@ -89,15 +92,15 @@ def _pg_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
         dl = one("SELECT to_regclass('onesignal_bridge.dead_letters') IS NOT NULL")[0]
         out.append(Finding(bool(dl), "dead-letter table onesignal_bridge.dead_letters " + ("exists" if dl else "is missing"),
                            "" if dl else "run `onesignal-bridge setup --config FILE`"))
-    if src.snapshot != "never":
-        out.append(Finding(True, f"source.snapshot: {src.snapshot} is not active in this version: only changes made after the slot was created are streamed", warning=True))
     return out
 
 
 def _outbox_checks(config: Config, src: OutboxSourceConfig) -> list[Finding]:
     """Outbox mode: table, function and triggers present, the role's privileges, no REPLICATION
-    or superuser needed. Each missing privilege is named with the GRANT that fixes it."""
-    from bridge.sources.outbox import CAPTURE_FUNCTION, TRIGGER, TRUNCATE_TRIGGER, captured_columns
+    or superuser needed. Each missing privilege is named with the GRANT that fixes it. Objects are
+    looked up in the catalogs (by name, not with to_regclass), so that a missing USAGE on a schema
+    is reported rather than raised."""
+    from bridge.sources.outbox import CAPTURE_FUNCTION, REL_OID, TRIGGER, TRUNCATE_TRIGGER, captured_columns, qualified
 
     out: list[Finding] = []
     dsn = src.dsn.get_secret_value()
@@ -110,6 +113,10 @@ def _outbox_checks(config: Config, src: OutboxSourceConfig) -> list[Finding]:
                         "check source.dsn (host, port, database, user, password) and that the server is up")]
     with conn:
         one = lambda q, *a: conn.execute(q, a).fetchone()  # noqa: E731
+
+        def oid(name: str) -> int | None:
+            return one(f"SELECT {REL_OID}", *name.split(".", 1))[0]
+
         out.append(Finding(True, f"connected to Postgres at {redact_dsn(dsn)}"))
         (wal_level,) = one("SHOW wal_level")
         out.append(Finding(True, f"wal_level is {wal_level}: the outbox needs no logical decoding"))
@@ -119,57 +126,67 @@ def _outbox_checks(config: Config, src: OutboxSourceConfig) -> list[Finding]:
                                "run the bridge as a role like the one in sql/role-outbox.sql", warning=True))
         else:
             out.append(Finding(True, f"role {role} has no SUPERUSER or REPLICATION (none needed)"))
-        has_outbox = one("SELECT to_regclass('onesignal_bridge.outbox') IS NOT NULL")[0]
-        out.append(Finding(bool(has_outbox), "outbox table onesignal_bridge.outbox " + ("exists" if has_outbox else "is missing"),
+        has_outbox = oid("onesignal_bridge.outbox") is not None
+        out.append(Finding(has_outbox, "outbox table onesignal_bridge.outbox " + ("exists" if has_outbox else "is missing"),
                            "" if has_outbox else setup_fix))
-        has_fn = one("SELECT to_regprocedure(%s) IS NOT NULL", f"{CAPTURE_FUNCTION}()")[0]
-        out.append(Finding(bool(has_fn), f"trigger function {CAPTURE_FUNCTION}() " + ("exists" if has_fn else "is missing"),
-                           "" if has_fn else setup_fix))
+        has_flag = oid("onesignal_bridge.wakeup") is not None
+        out.append(Finding(has_flag, "wake-up flag table onesignal_bridge.wakeup " + ("exists" if has_flag else "is missing: writes to the mapped tables fail"),
+                           "" if has_flag else setup_fix))
+        fn = one("SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                 " WHERE n.nspname = %s AND p.proname = %s AND p.pronargs = 0", *CAPTURE_FUNCTION.split("."))
+        fn_oid = fn[0] if fn else None
+        out.append(Finding(fn_oid is not None, f"trigger function {CAPTURE_FUNCTION}() " + ("exists" if fn_oid is not None else "is missing"),
+                           "" if fn_oid is not None else setup_fix))
         for m in config.mappings:
-            if not one("SELECT to_regclass(%s) IS NOT NULL", m.table)[0]:
+            rel = qualified(m.table)
+            table_oid = oid(m.table)
+            if table_oid is None:
                 out.append(Finding(False, f"table {m.table} does not exist", "fix `mappings[].table` or create the table"))
                 continue
-            cols = {r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped", (m.table,))}
+            cols = {r[0] for r in conn.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (table_oid,))}
             wanted = set(captured_columns(m))
             missing = sorted(wanted - cols)
             out.append(Finding(not missing, f"table {m.table}: " + ("all mapped columns exist" if not missing else f"missing columns {', '.join(missing)}"),
                                "" if not missing else f"fix the mapping for {m.table} or add the columns"))
             triggers = {name: (enabled, args) for name, enabled, args in conn.execute(
                 "SELECT tgname, tgenabled <> 'D', encode(tgargs, 'escape') FROM pg_trigger"
-                " WHERE tgrelid = %s::regclass AND tgname IN (%s, %s) AND tgfoid = to_regprocedure(%s)",
-                (m.table, TRIGGER, TRUNCATE_TRIGGER, f"{CAPTURE_FUNCTION}()"))}
+                " WHERE tgrelid = %s AND tgname IN (%s, %s) AND tgfoid = %s",
+                (table_oid, TRIGGER, TRUNCATE_TRIGGER, fn_oid))}
             for name, what in ((TRIGGER, "INSERT, UPDATE and DELETE"), (TRUNCATE_TRIGGER, "TRUNCATE")):
                 if name not in triggers:
                     out.append(Finding(False, f"table {m.table}: trigger {name} ({what}) is missing: its changes are not captured", setup_fix))
                 elif not triggers[name][0]:
                     out.append(Finding(False, f"table {m.table}: trigger {name} is disabled: its changes are not captured",
-                                       f"ALTER TABLE {m.table} ENABLE TRIGGER {name};"))
+                                       f"ALTER TABLE {rel} ENABLE TRIGGER {name};"))
             if TRIGGER in triggers and triggers[TRIGGER][0]:
                 skipped = {a.replace("\\\\", "\\") for a in (triggers[TRIGGER][1] or "").split("\\000") if a}
                 uncaptured = sorted(wanted & skipped)
                 out.append(Finding(not uncaptured, f"table {m.table}: " + (f"trigger {TRIGGER} captures every mapped column" if not uncaptured
                                    else f"trigger {TRIGGER} does not capture {', '.join(uncaptured)} (the mapping changed since setup)"),
                                    "" if not uncaptured else "run `onesignal-bridge setup --config FILE` again"))
-        dl = one("SELECT to_regclass('onesignal_bridge.dead_letters') IS NOT NULL")[0]
-        out.append(Finding(bool(dl), "dead-letter table onesignal_bridge.dead_letters " + ("exists" if dl else "is missing"),
+        dl = oid("onesignal_bridge.dead_letters") is not None
+        out.append(Finding(dl, "dead-letter table onesignal_bridge.dead_letters " + ("exists" if dl else "is missing"),
                            "" if dl else setup_fix))
         # The privileges the bridge uses, object by object; the same GRANTs setup and sql/role-outbox.sql make.
-        if one("SELECT to_regnamespace('onesignal_bridge') IS NOT NULL")[0]:
-            ok = one("SELECT has_schema_privilege('onesignal_bridge', 'USAGE')")[0]
+        ns = one("SELECT oid FROM pg_namespace WHERE nspname = 'onesignal_bridge'")
+        if ns is not None:
+            ok = one("SELECT has_schema_privilege(%s::oid, 'USAGE')", ns[0])[0]
             out.append(Finding(bool(ok), f"role {role} " + ("may use" if ok else "lacks USAGE on") + " schema onesignal_bridge",
                                "" if ok else f"GRANT USAGE ON SCHEMA onesignal_bridge TO {role};"))
         needs = [
             ("onesignal_bridge.outbox", "TABLE", ("SELECT", "DELETE"), "read and delete outbox rows", False),
+            ("onesignal_bridge.wakeup", "TABLE", ("SELECT", "UPDATE"), "ask to be notified of new rows", False),
             ("onesignal_bridge.dead_letters", "TABLE", ("INSERT",), "store dead letters", False),
             ("onesignal_bridge.dead_letters_id_seq", "SEQUENCE", ("USAGE",), "number dead letters", False),
             ("onesignal_bridge.subscriptions", "TABLE", ("SELECT", "INSERT", "UPDATE", "DELETE"), "remember email/SMS subscription ids", False),
             ("onesignal_bridge.dead_letters", "TABLE", ("SELECT", "UPDATE", "DELETE"), "run `dlq list|replay|purge` with this configuration", True),
         ]
         for obj, kind, privs, why, optional in needs:
-            if not one("SELECT to_regclass(%s) IS NOT NULL", obj)[0]:
+            obj_oid = oid(obj)
+            if obj_oid is None:
                 continue
-            fn = "has_sequence_privilege" if kind == "SEQUENCE" else "has_table_privilege"
-            lacking = [p for p in privs if not one(f"SELECT {fn}(%s, %s)", obj, p)[0]]
+            fn_name = "has_sequence_privilege" if kind == "SEQUENCE" else "has_table_privilege"
+            lacking = [p for p in privs if not one(f"SELECT {fn_name}(%s::oid, %s)", obj_oid, p)[0]]
             if lacking:
                 out.append(Finding(optional, f"role {role} lacks {', '.join(lacking)} on {obj}: it cannot {why}",
                                    f"GRANT {', '.join(lacking)} ON {'SEQUENCE ' if kind == 'SEQUENCE' else ''}{obj} TO {role};",

@@ -62,6 +62,7 @@ class PostgresSourceConfig(_Strict):
     slot: str = "onesignal_bridge"
     publication: str = "onesignal_bridge"
     snapshot: Literal["initial", "never", "when_needed"] = "initial"
+    snapshot_chunk_size: int = Field(default=10_000, gt=0)
     heartbeat_interval_s: float | None = Field(default=None, gt=0)
     status_interval_s: float = Field(default=1.0, gt=0)
     standby: bool = Field(default=True, description="wait on an advisory lock when another replica streams")

@@ -121,30 +121,38 @@ class Dispatcher:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        next_forget = 0.0
         while not self._stopping:
             now = self.clock()
             free = self.delivery.max_in_flight - len(self._tasks)
             if self.auth_error is not None:
                 free = 1 if (not self._tasks and now >= self._probe_at) else 0
             if free > 0:
-                for batch in self.coalescer.take_due(now, free):
+                batches = self.coalescer.take_due(now, free)
+                for batch in batches:
                     task = asyncio.create_task(self._deliver(batch))
                     self._tasks.add(task)
                     task.add_done_callback(self._task_done)
+                free -= len(batches)
                 self._update_room()
-            due = self.coalescer.next_due()
-            timeout = None if due is None else max(0.0, due - self.clock())
-            if self.auth_error is not None:
-                timeout = max(0.05, self._probe_at - now)
             if free <= 0 and self._tasks:
-                timeout = None  # a finishing task wakes us
+                timeout: float | None = None  # a finishing task wakes us
+            elif self.auth_error is not None:
+                timeout = max(0.05, self._probe_at - now)
+            else:
+                due = self.coalescer.next_due()
+                timeout = None if due is None else max(0.001, due - self.clock())
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout if timeout is None else max(timeout, 0.001))
-            except TimeoutError:
-                pass
-            if len(self.coalescer._last_sent) > 4 * self.delivery.max_in_flight + 10000:
-                self.coalescer.forget_idle(self.clock())
+            if timeout is None:
+                await self._wake.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                except TimeoutError:
+                    pass
+            if now >= next_forget:
+                self.coalescer.forget_idle(self.clock())  # rate-limit memory of idle users
+                next_forget = now + 1.0
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -218,9 +226,10 @@ class Dispatcher:
         except asyncio.CancelledError:
             self.coalescer.finished(user, last_at)  # abandoned at shutdown: not confirmed, re-read next start
             raise
-        except Exception as exc:  # the subscription state store failed: retry like an outage
-            m.API_RETRIES.labels("state_store").inc()
-            log.warning("subscription state unavailable (%s); user %s retried", type(exc).__name__, user)
+        except Exception as exc:  # e.g. the subscription state store failed: retry like an outage
+            m.API_RETRIES.labels("internal").inc()
+            log.warning("delivery for user %s failed (%s: %s); retried", user, type(exc).__name__, exc,
+                        exc_info=batch.attempt == 0)
             self._requeue(batch, backoff(batch.attempt, self.rng), last_at)
             return
         if letters:
@@ -317,6 +326,7 @@ class Dispatcher:
         await self.bucket.acquire()
         async with self.slots:
             t0 = time.perf_counter()
+            status = "error"
             try:
                 resp = await self.client.send(req)
                 status = str(resp.status)

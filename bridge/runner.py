@@ -25,7 +25,7 @@ def _source(config: Config):  # type: ignore[no-untyped-def]
     if isinstance(src, PostgresSourceConfig):
         from bridge.sources.postgres import PostgresSource
 
-        return PostgresSource(src, tables)
+        return PostgresSource(src, tables, requests_per_s=config.delivery.app_requests_per_second)
     if isinstance(src, KafkaSourceConfig):
         from bridge.sources.kafka import KafkaSource
 

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from bridge.config import Config, OutboxSourceConfig, PostgresSourceConfig
 from bridge.deadletter import SCHEMA_SQL
+from bridge.sources.snapshot import SCHEMA_SQL as SNAPSHOT_SQL
 from bridge.subscriptions import SCHEMA_SQL as SUBSCRIPTIONS_SQL
 
 
@@ -66,6 +67,9 @@ def statements(config: Config) -> list[Statement]:
             f"{table}: deletes and address changes need the old row",
             f"ALTER TABLE {_qualified(table)} REPLICA IDENTITY FULL;",
         ))
+    out.append(Statement("initial snapshot progress", SNAPSHOT_SQL))
+    if src.snapshot != "never":
+        return out  # the first `run` creates the slot itself, exporting its snapshot for the initial read
     out.append(Statement(
         f"replication slot {src.slot} (pgoutput)",
         f"SELECT pg_create_logical_replication_slot('{src.slot}', 'pgoutput')\n"

@@ -38,14 +38,25 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.outbox (
     old_row    jsonb
 );
 
+-- The bridge's wake-up flag: `waiting` is true while the draining bridge has caught up and sleeps
+-- until notified. The trigger sends pg_notify only then, and at most once per transaction: a
+-- notifying transaction takes a cluster-wide lock at commit that serialises it with every other
+-- notifying commit, which a busy outbox (the bridge is draining anyway) must not pay for.
+CREATE TABLE IF NOT EXISTS onesignal_bridge.wakeup (
+    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
+    waiting boolean NOT NULL DEFAULT false
+);
+INSERT INTO onesignal_bridge.wakeup DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- The generic trigger function: one for every mapped table. Its arguments name the columns NOT to
 -- capture (install_trigger computes them from the columns to capture: removing keys from the
 -- row's jsonb is several times cheaper per row than picking keys). An UPDATE that changes none of
 -- the captured columns adds no row.
 -- SECURITY DEFINER: the application's roles need no privilege on the outbox (they could otherwise
 -- forge changes); search_path is pinned so that a caller cannot redirect what the body resolves.
--- pg_notify wakes the bridge; Postgres delivers one notification per transaction for the same
--- channel and payload, so a bulk write of N rows sends one, not N.
+-- The first captured row of a transaction reads the wake-up flag (a transaction-local setting
+-- remembers that it did) and, if the bridge waits, sends one pg_notify; a bulk write of N rows
+-- sends at most one notification, not N.
 CREATE OR REPLACE FUNCTION onesignal_bridge.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -55,27 +66,31 @@ BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO onesignal_bridge.outbox (table_name, op)
         VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
-        PERFORM pg_notify('onesignal_bridge_outbox', '');
-        RETURN NULL;
+    ELSE
+        IF TG_OP <> 'DELETE' THEN
+            n := to_jsonb(NEW);
+            IF TG_NARGS > 0 THEN
+                n := n - TG_ARGV;
+            END IF;
+        END IF;
+        IF TG_OP <> 'INSERT' THEN
+            o := to_jsonb(OLD);
+            IF TG_NARGS > 0 THEN
+                o := o - TG_ARGV;
+            END IF;
+            IF n = o THEN
+                RETURN NULL;  -- an UPDATE that changed nothing the bridge captures
+            END IF;
+        END IF;
+        INSERT INTO onesignal_bridge.outbox (table_name, op, new_row, old_row)
+        VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, substr(TG_OP, 1, 1), n, o);
     END IF;
-    IF TG_OP <> 'DELETE' THEN
-        n := to_jsonb(NEW);
-        IF TG_NARGS > 0 THEN
-            n := n - TG_ARGV;
+    IF current_setting('onesignal_bridge.wake_checked', true) IS DISTINCT FROM 'on' THEN
+        PERFORM set_config('onesignal_bridge.wake_checked', 'on', true);  -- until the transaction ends
+        IF EXISTS (SELECT 1 FROM onesignal_bridge.wakeup WHERE waiting) THEN
+            PERFORM pg_notify('onesignal_bridge_outbox', '');
         END IF;
     END IF;
-    IF TG_OP <> 'INSERT' THEN
-        o := to_jsonb(OLD);
-        IF TG_NARGS > 0 THEN
-            o := o - TG_ARGV;
-        END IF;
-        IF n = o THEN
-            RETURN NULL;  -- an UPDATE that changed nothing the bridge captures
-        END IF;
-    END IF;
-    INSERT INTO onesignal_bridge.outbox (table_name, op, new_row, old_row)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, substr(TG_OP, 1, 1), n, o);
-    PERFORM pg_notify('onesignal_bridge_outbox', '');
     RETURN NULL;
 END
 $fn$;

@@ -29,6 +29,7 @@ END $$;
 
 -- What the bridge does with each object:
 --   outbox          SELECT (claim), DELETE (once applied or dead-lettered)
+--   wakeup          SELECT, UPDATE (raise and lower the "waiting for a notification" flag)
 --   dead_letters    INSERT (+ the id sequence) while running; SELECT, UPDATE, DELETE for `dlq`
 --   subscriptions   SELECT, INSERT, UPDATE, DELETE (email/SMS subscription ids it learned)
 -- LISTEN, advisory locks (leader election) and reading the catalogs need no grant.
@@ -37,6 +38,7 @@ BEGIN
     IF to_regclass('onesignal_bridge.outbox') IS NOT NULL THEN
         GRANT USAGE ON SCHEMA onesignal_bridge TO onesignal_bridge_outbox;
         GRANT SELECT, DELETE ON onesignal_bridge.outbox TO onesignal_bridge_outbox;
+        GRANT SELECT, UPDATE ON onesignal_bridge.wakeup TO onesignal_bridge_outbox;
         GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.dead_letters TO onesignal_bridge_outbox;
         GRANT USAGE ON SEQUENCE onesignal_bridge.dead_letters_id_seq TO onesignal_bridge_outbox;
         GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO onesignal_bridge_outbox;

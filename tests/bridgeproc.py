@@ -39,12 +39,13 @@ def wait_until(pred: Callable[[], Any], timeout: float = 20.0, interval: float =
 class Simulator:
     """`onesignal-bridge simulator` in its own process, spoken to over HTTP."""
 
-    def __init__(self, api_key: str = API_KEY) -> None:
+    def __init__(self, api_key: str = API_KEY, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / ".pytest_cache" / f"simulator-{self.port}.log", "w+") if (ROOT / ".pytest_cache").exists() else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "simulator", "--port", str(self.port), "--api-key", api_key],
+            [sys.executable, "-m", "bridge.onesignal.simulator", "--port", str(self.port), "--api-key", api_key,
+             *(extra or [])],
             stdout=self.log, stderr=self.log, cwd=ROOT,
         )
         self.http = httpx.Client(base_url=self.base_url, timeout=10)

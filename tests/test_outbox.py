@@ -118,6 +118,20 @@ def test_trigger_captures_mapped_columns_null_vs_missing_and_truncate(odb, sim, 
     assert all(r[4] for r in rows)
 
 
+def test_writers_notify_once_per_transaction_and_only_while_the_bridge_waits(odb, sim, bridge):
+    _prepare(odb, sim, bridge)  # not started: the flag is what a bridge would set
+    with psycopg.connect(odb.dsn, autocommit=True) as listener, odb.connect() as writer:
+        listener.execute("LISTEN onesignal_bridge_outbox")
+        writer.execute("INSERT INTO users (id, plan) SELECT g, 'a' FROM generate_series(1, 100) g")
+        assert list(listener.notifies(timeout=0.5)) == [], "a busy bridge needs no notification"
+        writer.execute("UPDATE onesignal_bridge.wakeup SET waiting = true")
+        writer.execute("UPDATE users SET plan = 'b'")  # 100 rows, one transaction
+        with writer.transaction():
+            writer.execute("UPDATE users SET plan = 'c' WHERE id = 1")
+            writer.execute("UPDATE users SET plan = 'd' WHERE id = 2")
+        assert len(list(listener.notifies(timeout=0.5))) == 2
+
+
 def test_values_equal_what_the_postgres_source_produces(odb):
     """jsonb written in an odd session (TimeZone, DateStyle) decodes to the same Python values as
     the text form that pgoutput sends, through the same converters."""
@@ -138,7 +152,7 @@ def test_values_equal_what_the_postgres_source_produces(odb):
             '{"a": 1.50, "b": [1, 2, 12345678901234567890], "c": null, "d": "x"}', '{"k": [true, 0.5]}',
             '{1,NULL,3}', '{"a b",NULL,"c,d"}', '{"2024-01-01 00:00:00+00"}', '{1.10,2}', NULL)""")
         text = conn.execute("SELECT new_row::text FROM onesignal_bridge.outbox").fetchone()[0]
-        cols = [(r[0], r[1], r[2]) for r in conn.execute(COLUMNS_SQL, ("public.typed",)).fetchall()]
+        cols = [(r[0], r[1], r[2]) for r in conn.execute(COLUMNS_SQL, ("public", "typed")).fetchall()]
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute("SET DateStyle = 'ISO'")
         names = [c[0] for c in cols]
@@ -197,18 +211,38 @@ def test_inserts_updates_deletes_and_truncate_converge(odb, sim, bridge):
     assert b.terminate(30) == 0
 
 
+def test_lost_notification_and_dropped_connections_only_delay(odb, sim, bridge):
+    b = _prepare(odb, sim, bridge).start()
+    odb.execute("INSERT INTO users (id, plan) VALUES (1, 'a')")
+    wait_until(lambda: _tags(sim, "1").get("plan") == "a", what="user 1")
+    wait_until(lambda: odb.fetch("SELECT waiting FROM onesignal_bridge.wakeup")[0][0], what="the bridge to wait")
+    odb.execute("UPDATE onesignal_bridge.wakeup SET waiting = false")  # the notification gets lost
+    odb.execute("INSERT INTO users (id, plan) VALUES (2, 'b')")
+    wait_until(lambda: _tags(sim, "2").get("plan") == "b", timeout=5, what="user 2 by polling")
+
+    killed = odb.fetch("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")[0][0]
+    assert killed >= 2
+    odb.execute("INSERT INTO users (id, plan) VALUES (3, 'c')")
+    wait_until(lambda: _tags(sim, "3").get("plan") == "c", timeout=15, what="user 3 after reconnecting")
+    assert "outbox connection lost" in b.logs()
+    wait_until(lambda: _depth(odb) == 0, what="outbox emptied")
+    assert b.terminate(30) == 0
+
+
 def test_bulk_update_of_50000_rows_converges_with_one_notification(odb, sim, bridge):
-    ddl = "CREATE TABLE devices (id bigint PRIMARY KEY, user_id bigint NOT NULL, model text);"
+    odb.execute("CREATE TABLE devices (id bigint PRIMARY KEY, user_id bigint NOT NULL, model text);"
+                "INSERT INTO devices SELECT g, g % 400, 'a' FROM generate_series(1, 50000) g")  # before setup
     mappings = [{"table": "public.devices", "identity": {"external_id": "user_id"}, "tags": {"model": "model"}}]
-    b = _prepare(odb, sim, bridge, ddl=ddl, mappings=mappings, batch_size=2000).start()
-    odb.execute("INSERT INTO devices SELECT g, g % 400, 'a' FROM generate_series(1, 50000) g")
-    wait_until(lambda: len(sim.users()) == 400, timeout=60, what="400 users after the bulk insert")
+    b = _prepare(odb, sim, bridge, ddl=None, mappings=mappings, batch_size=5000, max_unconfirmed_rows=50_000).start()
+    wait_until(lambda: odb.fetch("SELECT waiting FROM onesignal_bridge.wakeup")[0][0],
+               what="the idle bridge to ask for a notification")
 
     with psycopg.connect(odb.dsn, autocommit=True) as listener, odb.connect() as writer:
         listener.execute("LISTEN onesignal_bridge_outbox")
         n = writer.execute("UPDATE devices SET model = 'b-' || user_id").rowcount
         assert n == 50_000
-        got = list(listener.notifies(timeout=2.0))
+        got = list(listener.notifies(timeout=1.0))
     assert len(got) == 1, f"{len(got)} notifications for one bulk statement"
 
     def converged() -> bool:
@@ -252,12 +286,14 @@ def test_sigkill_mid_batch_loses_nothing_and_never_deletes_before_applied(odb, s
             uid = rng.randint(1, 40)
             conn.execute("UPDATE users SET plan = %s WHERE id = %s", (f"v{step}", uid))
             written.append((uid, step))
+            if step == 60:
+                wait_until(lambda: _depth(odb) == 0, what="the first 60 applied and deleted")
             if step == 120:
                 b.kill()
                 # Every row no longer in the outbox was applied: the user is at that step or later.
                 left = {(int(u), int(p[1:])) for u, p in odb.fetch(
                     "SELECT new_row->>'id', new_row->>'plan' FROM onesignal_bridge.outbox WHERE op = 'U'"
-                    " AND new_row->>'plan' LIKE 'v%%'")}
+                    " AND new_row->>'plan' LIKE 'v%'")}
                 users = sim.by_external_id()
                 applied = 0
                 for u, s in written:
@@ -267,7 +303,7 @@ def test_sigkill_mid_batch_loses_nothing_and_never_deletes_before_applied(odb, s
                     plan = users[str(u)]["properties"]["tags"]["plan"]
                     have = int(plan[1:]) if re.fullmatch(r"v\d+", plan) else -1
                     assert have >= s, f"outbox row of user {u} step {s} deleted, OneSignal has {plan}"
-                assert 0 < len(left), "the kill should land while rows are still unconfirmed"
+                assert applied > 0 and left, "the kill should land with rows both applied and unconfirmed"
             if step == 200:
                 sim.clear_faults()
                 b.start()
@@ -294,6 +330,7 @@ def test_two_replicas_hold_per_user_order(odb, sim, bridge):
             with conn.transaction():  # some transactions touch one user twice, or several users
                 for _ in range(rng.choice((1, 1, 2, 3))):
                     conn.execute("UPDATE users SET plan = %s WHERE id = %s", (f"v{step}-{rng.random():.6f}", rng.randint(1, 30)))
+            time.sleep(0.005)  # spread the writes over the failover
             if step == 150:
                 sim.faults(latency_ms=100)
             if step == 200:
@@ -346,15 +383,22 @@ def test_least_privilege_role_runs_the_bridge_and_check_names_what_is_missing(od
         assert b.terminate(30) == 0
 
         odb.execute(f"REVOKE DELETE ON onesignal_bridge.outbox FROM {ROLE}")
+        odb.execute(f"REVOKE USAGE ON SCHEMA onesignal_bridge FROM {ROLE}")
         odb.execute("ALTER TABLE profiles DISABLE TRIGGER onesignal_bridge_capture")
         out = run_cli("check", "--config", str(b.config_path))
         assert out.returncode == 1
         fails = [line for line in out.stdout.splitlines() if "FAIL" in line]
-        assert len(fails) == 2, out.stdout
+        assert len(fails) == 3, out.stdout
         assert f"role {ROLE} lacks DELETE on onesignal_bridge.outbox" in out.stdout
         assert f"fix: GRANT DELETE ON onesignal_bridge.outbox TO {ROLE};" in out.stdout
+        assert f"role {ROLE} lacks USAGE on schema onesignal_bridge" in out.stdout
+        assert f"fix: GRANT USAGE ON SCHEMA onesignal_bridge TO {ROLE};" in out.stdout
         assert "trigger onesignal_bridge_capture is disabled" in out.stdout
         assert "fix: ALTER TABLE public.profiles ENABLE TRIGGER onesignal_bridge_capture;" in out.stdout
+
+        b.start()  # the bridge itself stops with the pointer to check, instead of retrying forever
+        assert b.proc is not None and b.proc.wait(30) != 0
+        assert "`onesignal-bridge check --config FILE` prints the GRANT" in b.logs()
     finally:
         cluster.drop_database(odb.name)  # its grants go with it; then the role can go
         cluster.execute(f"DROP ROLE IF EXISTS {ROLE}")

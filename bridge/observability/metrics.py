@@ -73,3 +73,10 @@ OUTBOX_OLDEST_AGE_SECONDS = Gauge(
     "Age of the oldest row waiting in the outbox table (from the start of its transaction); 0 when empty",
     registry=REGISTRY,
 )
+
+SNAPSHOT_ROWS_TOTAL = Gauge(f"{PREFIX}_snapshot_rows_estimated", "Rows the initial snapshot expects per table",
+                            ["table"], registry=REGISTRY)
+SNAPSHOT_ROWS_DONE = Gauge(f"{PREFIX}_snapshot_rows_done", "Snapshot rows applied (or dead-lettered) per table",
+                           ["table"], registry=REGISTRY)
+SNAPSHOT_ROWS_READ = Counter(f"{PREFIX}_snapshot_rows_read_total", "Snapshot rows read by this process per table",
+                             ["table"], registry=REGISTRY)

@@ -15,6 +15,7 @@ import httpx
 import orjson
 
 from bridge.onesignal import errors
+from bridge.onesignal.transport import AiohttpTransport
 
 USER_AGENT = "onesignal-bridge/0.1"
 
@@ -41,11 +42,11 @@ def seg(value: str) -> str:
 
 
 def build_http_client(base_url: str, timeout_s: float, max_connections: int = 100) -> httpx.AsyncClient:
+    """The pooled client the bridge uses: httpx on top of aiohttp's connection pool (transport.py)."""
     return httpx.AsyncClient(
         base_url=base_url,
-        http2=base_url.startswith("https"),
+        transport=AiohttpTransport(max_connections=max_connections, connect_timeout=min(timeout_s, 5.0)),
         timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         headers={"user-agent": USER_AGENT, "accept": "application/json"},
     )
 

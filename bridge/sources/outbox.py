@@ -5,8 +5,8 @@ privilege). `sql/outbox.sql` (applied by `setup`) installs one generic trigger f
 mapped table gets a row trigger (INSERT, UPDATE, DELETE) and a statement trigger (TRUNCATE) that
 append the row images (jsonb, the captured columns only), the transaction id and the table name to
 the outbox in the writing transaction, and `pg_notify` the channel `onesignal_bridge_outbox`
-(Postgres folds identical notifications of one transaction into one: a bulk write wakes the bridge
-once). This module drains the outbox.
+when the bridge waits for them (at most one per transaction: a bulk write wakes the bridge once).
+This module drains the outbox.
 
 Ordering rule (what "commit order" means here)
 ----------------------------------------------
@@ -44,10 +44,19 @@ batches at or below `sink.confirmable` (every change in them applied or dead-let
 claim, while waiting, and at shutdown after `drain()`. A crash at any point leaves the rows that
 were not confirmed in the outbox; the next leader applies them again (idempotent requests). While
 `max_unconfirmed_rows` rows are claimed and not yet deleted, claiming pauses (backpressure).
+The held ids are sent as an `int8multirange` of their runs, so the claim stays one small query.
+Claims take no row locks: `FOR UPDATE SKIP LOCKED` would hold them only for the claiming statement
+(rows stay in the outbox until applied, far longer than any transaction should), would write
+every claimed heap tuple, and would need UPDATE on the outbox; the leader lock below is what keeps
+a second drainer out.
 
-Wake-ups: a separate connection LISTENs on `onesignal_bridge_outbox`; when a claim returns less than
-a full batch, the source waits for a notification or `poll_interval_ms`, whichever comes first, so
-a lost notification costs at most one poll interval.
+Wake-ups: a separate connection LISTENs on `onesignal_bridge_outbox`. NOTIFY is not free for the
+writers (a notifying transaction takes a cluster-wide lock at commit), so the trigger notifies
+only while the flag `onesignal_bridge.wakeup.waiting` is up, once per transaction. After catching
+up, the source polls every `LINGER_STEP_S` for `LINGER_S` (a steady stream of writes never
+notifies), then raises the flag, claims once more, and waits for a notification or
+`poll_interval_ms`, whichever comes first: a lost notification costs at most one poll interval.
+It lowers the flag when a claim returns rows again and at shutdown.
 
 Replicas: leader election with a session advisory lock
 ------------------------------------------------------
@@ -94,6 +103,9 @@ from bridge.sources.postgres import Sink
 log = logging.getLogger("bridge.source.outbox")
 
 RECONNECT_MAX_S = 30.0
+LINGER_S = 0.25  # after catching up, poll this long before asking writers to notify
+LINGER_STEP_S = 0.025  # poll interval while lingering (the latency of a busy outbox)
+HELD_WAIT_S = 0.1  # while rows wait for confirmation: how often to try to delete them
 CHANNEL = "onesignal_bridge_outbox"
 OUTBOX = "onesignal_bridge.outbox"
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('onesignal_bridge.outbox', 0))"
@@ -101,18 +113,22 @@ TRIGGER = "onesignal_bridge_capture"
 TRUNCATE_TRIGGER = "onesignal_bridge_truncate"
 CAPTURE_FUNCTION = "onesignal_bridge.capture"
 
+# The catalogs, not to_regclass: a name lookup needs USAGE on the schema, which the bridge's role
+# does not need (and may not have) on the application's schemas. Parameters: schema, table.
+REL_OID = ("(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+           " WHERE n.nspname = %s AND c.relname = %s)")
 # A table's columns: name, type (a domain's base type) and, for arrays, the element type.
 COLUMNS_SQL = (
     "SELECT a.attname, b.oid::int, CASE WHEN b.typcategory = 'A' THEN b.typelem::int ELSE 0 END"
     " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
     " JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END"
-    " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+    f" WHERE a.attrelid = {REL_OID} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
 )
 PRIMARY_KEY_SQL = (
     "SELECT a.attname FROM pg_index i"
     " JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true"
     " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-    " WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY k.ord"
+    f" WHERE i.indrelid = {REL_OID} AND i.indisprimary ORDER BY k.ord"
 )
 
 _OPS = {"I": Op.INSERT, "U": Op.UPDATE, "D": Op.DELETE, "T": Op.TRUNCATE}
@@ -248,6 +264,8 @@ class OutboxSource:
         self._claimed: deque[tuple[int, list[int]]] = deque()  # (batch number, ids) not yet deleted
         self._held: set[int] = set()  # ids claimed and not yet deleted
         self._wake = asyncio.Event()
+        self._waiting = False  # the wake-up flag as this leader last set it
+        self._established = False  # the current session reached draining
         self._last_metrics = 0.0
         self.deleted = 0
 
@@ -260,6 +278,7 @@ class OutboxSource:
         self._drain = drain
         attempt = 0
         while not self._stop.is_set():
+            self._established = False
             try:
                 await self._session(sink)
             except SourceSetupError:
@@ -270,6 +289,8 @@ class OutboxSource:
                     raise fatal from None
                 self.connected = False
                 self.leader = False
+                if self._established:
+                    attempt = 0  # it worked until now: retry quickly
                 delay = min(RECONNECT_MAX_S, 0.5 * 2 ** min(attempt, 6))
                 attempt += 1
                 log.warning("outbox connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
@@ -296,6 +317,7 @@ class OutboxSource:
             await self._load_tables(conn)
             listener = await self._connect()
             await listener.execute(f"LISTEN {CHANNEL}")
+            self._established = True
             listen_task = asyncio.create_task(self._listen(listener))
             drain_task = asyncio.create_task(self._drain_loop(conn, sink, listen_task))
             stop_task = asyncio.create_task(self._stop.wait())
@@ -361,11 +383,11 @@ class OutboxSource:
         """Column types and primary keys of the mapped tables, read once per session."""
         tables: dict[str, TableDecoder] = {}
         for name, mp in self.tables_wanted.items():
-            cur = await conn.execute(COLUMNS_SQL, (name,))
+            cur = await conn.execute(COLUMNS_SQL, tuple(name.split(".", 1)))
             cols = [(r[0], r[1], r[2]) for r in await cur.fetchall()]
             if not cols:
                 log.warning("mapped table %s does not exist (or is not visible to this role)", name)
-            cur = await conn.execute(PRIMARY_KEY_SQL, (name,))
+            cur = await conn.execute(PRIMARY_KEY_SQL, tuple(name.split(".", 1)))
             pk = [r[0] for r in await cur.fetchall()] or [mp.identity_column]
             tables[name] = TableDecoder(name, cols, pk)
         self._tables = tables
@@ -380,6 +402,8 @@ class OutboxSource:
                           listen_task: asyncio.Task[Any]) -> None:
         batch = self.cfg.batch_size
         poll_s = self.cfg.poll_interval_ms / 1000.0
+        idle_since: float | None = None
+        await self._set_waiting(conn, False)
         while True:
             if listen_task.done():
                 listen_task.result()  # the listening connection failed: reconnect
@@ -388,18 +412,42 @@ class OutboxSource:
             await self._confirm(conn, sink)
             await self._metrics(conn)
             room = self.cfg.max_unconfirmed_rows - len(self._held)
-            got = 0
-            if room > 0:
-                got = await self._claim(conn, sink, min(batch, room))
-                if got == min(batch, room):
+            if room <= 0:  # at the unconfirmed limit: wait for deletions, not for rows
+                idle_since = None
+                await asyncio.sleep(HELD_WAIT_S)
+                continue
+            limit = min(batch, room)
+            got = await self._claim(conn, sink, limit)
+            if got:
+                idle_since = None
+                if self._waiting:
+                    await self._set_waiting(conn, False)  # busy again: writers need not notify
+                if got == limit:
                     continue  # more may be waiting
-            # Caught up (or at the unconfirmed limit): wait for a notification, a poll, or, while
-            # rows are held, the next chance to delete them.
-            timeout = min(poll_s, 0.1) if self._held else poll_s
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            if now - idle_since < LINGER_S:
+                # Caught up just now: poll briefly before asking to be notified, so that a steady
+                # stream of writes never pays for NOTIFY.
+                await self._wait(LINGER_STEP_S)
+                continue
+            if not self._waiting:
+                await self._set_waiting(conn, True)
+                continue  # claim once more: a row may have committed before the flag was visible
+            await self._wait(min(poll_s, HELD_WAIT_S) if self._held else poll_s)
+
+    async def _wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _set_waiting(self, conn: psycopg.AsyncConnection[Any], waiting: bool) -> None:
+        """Raise or lower the wake-up flag the capture trigger reads (it notifies only when raised)."""
+        await conn.execute("UPDATE onesignal_bridge.wakeup SET waiting = %s WHERE waiting IS DISTINCT FROM %s",
+                           (waiting, waiting))
+        self._waiting = waiting
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any], sink: Sink, limit: int) -> int:
         cur = await conn.execute(
@@ -465,9 +513,11 @@ class OutboxSource:
             if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 raise psycopg.OperationalError("connection busy")
             await self._confirm(conn, sink)
+            await self._set_waiting(conn, False)  # nobody listens until the next leader starts
         except psycopg.Error:
             async with await self._connect() as fresh:
                 await self._confirm(fresh, sink)
+                await self._set_waiting(fresh, False)
 
     async def _metrics(self, conn: psycopg.AsyncConnection[Any], force: bool = False) -> None:
         now = time.monotonic()
@@ -562,14 +612,25 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.outbox (
     old_row    jsonb
 );
 
+-- The bridge's wake-up flag: `waiting` is true while the draining bridge has caught up and sleeps
+-- until notified. The trigger sends pg_notify only then, and at most once per transaction: a
+-- notifying transaction takes a cluster-wide lock at commit that serialises it with every other
+-- notifying commit, which a busy outbox (the bridge is draining anyway) must not pay for.
+CREATE TABLE IF NOT EXISTS onesignal_bridge.wakeup (
+    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
+    waiting boolean NOT NULL DEFAULT false
+);
+INSERT INTO onesignal_bridge.wakeup DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- The generic trigger function: one for every mapped table. Its arguments name the columns NOT to
 -- capture (install_trigger computes them from the columns to capture: removing keys from the
 -- row's jsonb is several times cheaper per row than picking keys). An UPDATE that changes none of
 -- the captured columns adds no row.
 -- SECURITY DEFINER: the application's roles need no privilege on the outbox (they could otherwise
 -- forge changes); search_path is pinned so that a caller cannot redirect what the body resolves.
--- pg_notify wakes the bridge; Postgres delivers one notification per transaction for the same
--- channel and payload, so a bulk write of N rows sends one, not N.
+-- The first captured row of a transaction reads the wake-up flag (a transaction-local setting
+-- remembers that it did) and, if the bridge waits, sends one pg_notify; a bulk write of N rows
+-- sends at most one notification, not N.
 CREATE OR REPLACE FUNCTION onesignal_bridge.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -579,27 +640,31 @@ BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO onesignal_bridge.outbox (table_name, op)
         VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
-        PERFORM pg_notify('onesignal_bridge_outbox', '');
-        RETURN NULL;
+    ELSE
+        IF TG_OP <> 'DELETE' THEN
+            n := to_jsonb(NEW);
+            IF TG_NARGS > 0 THEN
+                n := n - TG_ARGV;
+            END IF;
+        END IF;
+        IF TG_OP <> 'INSERT' THEN
+            o := to_jsonb(OLD);
+            IF TG_NARGS > 0 THEN
+                o := o - TG_ARGV;
+            END IF;
+            IF n = o THEN
+                RETURN NULL;  -- an UPDATE that changed nothing the bridge captures
+            END IF;
+        END IF;
+        INSERT INTO onesignal_bridge.outbox (table_name, op, new_row, old_row)
+        VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, substr(TG_OP, 1, 1), n, o);
     END IF;
-    IF TG_OP <> 'DELETE' THEN
-        n := to_jsonb(NEW);
-        IF TG_NARGS > 0 THEN
-            n := n - TG_ARGV;
+    IF current_setting('onesignal_bridge.wake_checked', true) IS DISTINCT FROM 'on' THEN
+        PERFORM set_config('onesignal_bridge.wake_checked', 'on', true);  -- until the transaction ends
+        IF EXISTS (SELECT 1 FROM onesignal_bridge.wakeup WHERE waiting) THEN
+            PERFORM pg_notify('onesignal_bridge_outbox', '');
         END IF;
     END IF;
-    IF TG_OP <> 'INSERT' THEN
-        o := to_jsonb(OLD);
-        IF TG_NARGS > 0 THEN
-            o := o - TG_ARGV;
-        END IF;
-        IF n = o THEN
-            RETURN NULL;  -- an UPDATE that changed nothing the bridge captures
-        END IF;
-    END IF;
-    INSERT INTO onesignal_bridge.outbox (table_name, op, new_row, old_row)
-    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, substr(TG_OP, 1, 1), n, o);
-    PERFORM pg_notify('onesignal_bridge_outbox', '');
     RETURN NULL;
 END
 $fn$;
@@ -651,6 +716,7 @@ REVOKE ALL ON FUNCTION onesignal_bridge.remove_trigger(regclass) FROM PUBLIC;
 BRIDGE_GRANTS = (
     "GRANT USAGE ON SCHEMA onesignal_bridge TO {role};\n"
     "GRANT SELECT, DELETE ON onesignal_bridge.outbox TO {role};\n"
+    "GRANT SELECT, UPDATE ON onesignal_bridge.wakeup TO {role};\n"
     "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.dead_letters TO {role};\n"
     "GRANT USAGE ON SEQUENCE onesignal_bridge.dead_letters_id_seq TO {role};\n"
     "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO {role};"
@@ -665,7 +731,8 @@ def _quote_ident(name: str) -> str:
     return name if name.isidentifier() and name.islower() else '"' + name.replace('"', '""') + '"'
 
 
-def _qualified(table: str) -> str:
+def qualified(table: str) -> str:
+    """`schema.table` as a quoted SQL name (mixed-case names keep their case)."""
     schema, name = table.split(".", 1)
     return f"{_quote_ident(schema)}.{_quote_ident(name)}"
 
@@ -692,9 +759,9 @@ def setup_statements(config: Config) -> list[tuple[str, str]]:
         cols = ", ".join(_literal(c) for c in captured_columns(mp))
         out.append((
             f"{mp.table}: capture triggers (INSERT, UPDATE, DELETE, TRUNCATE)",
-            f"SELECT onesignal_bridge.install_trigger({_literal(_qualified(mp.table))}, ARRAY[{cols}]::text[]);",
+            f"SELECT onesignal_bridge.install_trigger({_literal(qualified(mp.table))}, ARRAY[{cols}]::text[]);",
         ))
-    mapped = ", ".join(_literal(_qualified(mp.table)) for mp in config.mappings)
+    mapped = ", ".join(_literal(qualified(mp.table)) for mp in config.mappings)
     out.append((
         "no capture triggers on tables that are no longer mapped",
         "DO $$\nDECLARE r record;\nBEGIN\n"
@@ -732,6 +799,6 @@ def teardown_statements(config: Config) -> list[tuple[str, str]]:
          "DROP FUNCTION IF EXISTS onesignal_bridge.capture();\n"
          "DROP FUNCTION IF EXISTS onesignal_bridge.install_trigger(regclass, text[]);\n"
          "DROP FUNCTION IF EXISTS onesignal_bridge.remove_trigger(regclass);"),
-        ("the outbox table (rows not yet applied are dropped with it)",
-         "DROP TABLE IF EXISTS onesignal_bridge.outbox;"),
+        ("the outbox table (rows not yet applied are dropped with it) and the wake-up flag",
+         "DROP TABLE IF EXISTS onesignal_bridge.outbox;\nDROP TABLE IF EXISTS onesignal_bridge.wakeup;"),
     ]

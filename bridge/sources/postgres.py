@@ -78,8 +78,10 @@ def _now_us_since_2000() -> int:
 
 
 class PostgresSource:
-    def __init__(self, cfg: PostgresSourceConfig, tables: set[str], dsn: str | None = None) -> None:
+    def __init__(self, cfg: PostgresSourceConfig, tables: set[str], dsn: str | None = None,
+                 requests_per_s: float = 900.0) -> None:
         self.cfg = cfg
+        self._requests_per_s = requests_per_s
         self.tables = tables
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
@@ -200,12 +202,19 @@ class PostgresSource:
             ))
             row = (res.get_value(0, 0), res.get_value(0, 1)) if res.ntuples else None
             row = tuple(v.decode() if v is not None else None for v in row) if row else None
+            snapshot_name, fresh = None, False
             if row is None:
-                raise SourceSetupError(
-                    f"replication slot {self.cfg.slot!r} does not exist: run `onesignal-bridge setup --config FILE`"
-                )
+                row, snapshot_name = await self._create_slot(pg)
+                fresh = snapshot_name is not None
             if row[1] != "pgoutput":
                 raise SourceSetupError(f"replication slot {self.cfg.slot!r} uses plugin {row[1]}, not pgoutput")
+            if self.cfg.snapshot != "never":
+                await self._snapshot(sink, snapshot_name, fresh)
+                if self._stop.is_set():
+                    if self._drain is not None:
+                        await self._drain()
+                    await self._save_snapshot_progress()
+                    return
             start = po.str_to_lsn(row[0]) if row[0] else 0
             self.flushed_lsn = max(self.flushed_lsn, start)
             self.received_lsn = max(self.received_lsn, start)
@@ -239,6 +248,45 @@ class PostgresSource:
         finally:
             self.connected = False
             await conn.close()
+
+    async def _create_slot(self, pg: Any) -> tuple[tuple[str, str], str | None]:
+        """Create the slot; with a snapshot mode, export its snapshot for the initial read."""
+        mode = "export" if self.cfg.snapshot != "never" else "nothing"
+        res = await _simple_query(pg, f"CREATE_REPLICATION_SLOT {self.cfg.slot} LOGICAL pgoutput (SNAPSHOT '{mode}')")
+        consistent = res.get_value(0, 1).decode()
+        name = res.get_value(0, 2)
+        log.info("created replication slot %s at %s%s", self.cfg.slot, consistent,
+                 " with an exported snapshot" if name else "")
+        return (consistent, "pgoutput"), (name.decode() if name else None)
+
+    async def _snapshot(self, sink: Sink, snapshot_name: str | None, fresh: bool) -> None:
+        from bridge.sources.snapshot import Snapshot
+
+        snap = Snapshot(self.dsn, self.cfg.slot, sorted(self.tables), self.cfg.snapshot_chunk_size,
+                        self._requests_per_s)
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            if not await snap.load(conn, fresh):
+                return
+        self.snapshot = snap
+        sink.on_confirm = snap.on_confirm  # type: ignore[attr-defined]
+        self._saver = asyncio.create_task(self._snapshot_saver())
+        await snap.read(sink, snapshot_name, self._stop)
+
+    async def _save_snapshot_progress(self) -> None:
+        snap = getattr(self, "snapshot", None)
+        if snap is not None:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                await snap.save(conn)
+
+    async def _snapshot_saver(self) -> None:
+        snap = self.snapshot
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                await snap.save(conn)
+                if snap.complete:
+                    log.info("snapshot complete: %s", ", ".join(f"{t} {p.rows_done} rows" for t, p in snap.progress.items()))
+                    return
+                await asyncio.sleep(0.5)
 
     async def _start_replication(self, pg: Any) -> None:
         pub = self.cfg.publication.replace("'", "''")
@@ -359,7 +407,7 @@ class PostgresSource:
             return
         confirmable = sink.confirmable
         flush = self.flushed_lsn
-        if confirmable is not None and confirmable > flush:
+        if isinstance(confirmable, int) and confirmable > flush:
             flush = confirmable
         if sink.idle and self._idle_flush > flush:
             flush = self._idle_flush

@@ -104,6 +104,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, keep=args.keep)
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    setup_logging("warning", "text")
+    config = _load(args.config)
+    from bridge.config import PostgresSourceConfig
+    from bridge.sources import backfill
+
+    if not isinstance(config.source, PostgresSourceConfig):
+        print("backfill: only source.kind postgres runs backfills in this version", file=sys.stderr)
+        return 2
+    table = args.table if "." in args.table else f"public.{args.table}"
+    if config.mapping_for(table) is None:
+        print(f"backfill: table {table} is not mapped in {args.config}", file=sys.stderr)
+        return 2
+    return backfill.request(config.source.dsn.get_secret_value(), table, args.where, args.resume,
+                            args.chunk_size, not args.no_wait, timeout=args.timeout)
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
     config = _load(args.config)
@@ -147,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default=".demo", help="where the demo keeps its Postgres cluster")
     d.add_argument("--keep", action="store_true", help="leave Postgres running afterwards")
     d.set_defaults(func=cmd_demo)
+
+    bf = sub.add_parser("backfill", help="re-send a table (or a slice) while streaming continues")
+    bf.add_argument("--config", required=True, metavar="FILE")
+    bf.add_argument("--table", required=True)
+    bf.add_argument("--where", help="SQL condition selecting the rows, e.g. \"plan = 'pro'\"")
+    bf.add_argument("--resume", action="store_true", help="continue the last interrupted backfill of the table")
+    bf.add_argument("--chunk-size", type=int, default=1000)
+    bf.add_argument("--no-wait", action="store_true", help="record the request and return")
+    bf.add_argument("--timeout", type=float, default=3600.0)
+    bf.set_defaults(func=cmd_backfill)
 
     q = sub.add_parser("dlq", help="inspect and replay dead letters")
     q.add_argument("action", choices=["list", "show", "replay", "purge"])

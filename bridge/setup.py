@@ -13,6 +13,7 @@ from psycopg import sql
 
 from bridge.config import Config, OutboxSourceConfig, PostgresSourceConfig
 from bridge.deadletter import SCHEMA_SQL
+from bridge.sources.backfill import SCHEMA_SQL as BACKFILL_SQL
 from bridge.sources.snapshot import SCHEMA_SQL as SNAPSHOT_SQL
 from bridge.subscriptions import SCHEMA_SQL as SUBSCRIPTIONS_SQL
 
@@ -51,7 +52,8 @@ def statements(config: Config) -> list[Statement]:
         return out + [Statement(why, text) for why, text in setup_statements(config)]
     if not isinstance(src, PostgresSourceConfig):
         return out
-    tables = ", ".join(_qualified(m.table) for m in config.mappings)
+    out.append(Statement("backfill requests (read back through the stream)", BACKFILL_SQL))
+    tables = ", ".join([_qualified(m.table) for m in config.mappings] + ["onesignal_bridge.backfill_requests"])
     pub = _ident(src.publication)
     out.append(Statement(
         f"publication {src.publication} for the mapped tables",

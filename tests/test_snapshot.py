@@ -77,3 +77,34 @@ def test_snapshot_killed_midway_resumes_from_a_chunk_boundary(pg_db, fast_sim, b
     resumed_rows_done = int(line.split("(")[-1].split()[0])
     assert 0 < resumed_rows_done < rows, "resumed from a chunk boundary, not from zero"
     assert resumed_rows_done >= done_before
+
+
+def test_backfill_with_where_touches_only_matching_rows_and_keeps_newer_stream_values(pg_db, sim, bridge):
+    pg_db.execute(DDL)
+    pg_db.execute("INSERT INTO users SELECT g, 'old' FROM generate_series(1, 3000) g")
+    cfg = bridge_config(pg_db.dsn, sim.base_url, MAPPING, source={"snapshot": "never"})
+    b = bridge(cfg)
+    assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+    b.start()
+    wait_until(lambda: "streaming from slot" in b.logs(), what="the bridge to stream")
+    result: dict[str, object] = {}
+
+    def run_backfill() -> None:
+        result["out"] = run_cli("backfill", "--config", str(b.config_path), "--table", "public.users",
+                                "--where", "id % 10 = 0", "--chunk-size", "20", timeout=240)
+
+    t = threading.Thread(target=run_backfill)
+    t.start()
+    updated = set()
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        for uid in range(3000, 0, -10):  # matching rows, from the end the backfill reaches last
+            conn.execute("UPDATE users SET plan = 'newer' WHERE id = %s", (uid,))
+            updated.add(uid)
+            if len(updated) >= 60:
+                break
+            time.sleep(0.02)
+    t.join(240)
+    out = result["out"]
+    assert out.returncode == 0, out.stdout + out.stderr  # type: ignore[attr-defined]
+    want = {str(i): ("newer" if i in updated else "old") for i in range(10, 3001, 10)}
+    wait_until(lambda: _plans(sim) == want, timeout=60, interval=1, what="matching users only, newer values kept")

@@ -23,6 +23,9 @@ from bridge.errors import SourceError, SourceSetupError
 from bridge.events import UNCHANGED, ChangeEvent, Op
 from bridge.observability import metrics as m
 from bridge.sources import pgoutput as po
+from bridge.sources.backfill import PREFIX as BACKFILL_PREFIX
+from bridge.sources.backfill import REQUESTS_TABLE as BACKFILL_REQUESTS
+from bridge.sources.backfill import Backfills
 from bridge.sources.pgtypes import converter_for
 
 log = logging.getLogger("bridge.source.postgres")
@@ -224,6 +227,7 @@ class PostgresSource:
             self.connected = True
             log.info("streaming from slot %s at %s", self.cfg.slot, po.lsn_to_str(start))
             status_task = asyncio.create_task(self._status_timer(sink))
+            self.backfills = Backfills(self.dsn, self.tables, sink)
             read_task = asyncio.create_task(self._read(pg, sink))
             stop_task = asyncio.create_task(self._stop.wait())
             monitor_task = asyncio.create_task(self._monitor(leader) if leader is not None else self._stop.wait())
@@ -244,6 +248,7 @@ class PostgresSource:
             finally:
                 for t in (status_task, read_task, stop_task, monitor_task):
                     t.cancel()
+                self.backfills.cancel()
                 self._pg = None
         finally:
             self.connected = False
@@ -343,7 +348,13 @@ class PostgresSource:
                     table = self._relations.get(msg.relation_oid)
                     if table is None:
                         continue
-                    await sink.put(self._event(msg, table, sink, tx_lsn, tx_commit_time))
+                    if table.name == BACKFILL_REQUESTS:
+                        if t is not po.Delete:
+                            self.backfills.on_request(table.row(msg.new))
+                        continue
+                    event = self._event(msg, table, sink, tx_lsn, tx_commit_time)
+                    self.backfills.on_change(table.name, event.key)
+                    await sink.put(event)
                 elif t is po.Begin:
                     in_tx = True
                     tx_lsn = msg.final_lsn
@@ -357,7 +368,8 @@ class PostgresSource:
                     self._send_status(sink)
                 elif t is po.Relation:
                     name = f"{msg.namespace}.{msg.name}"
-                    self._relations[msg.oid] = _Table(msg, self._pkeys.get(name)) if name in self.tables else None
+                    self._relations[msg.oid] = (_Table(msg, self._pkeys.get(name))
+                                                if name in self.tables or name == BACKFILL_REQUESTS else None)
                 elif t is po.Truncate:
                     for oid in msg.relation_oids:
                         table = self._relations.get(oid)
@@ -366,6 +378,8 @@ class PostgresSource:
                                         table.name)
                             await sink.put(ChangeEvent(table.name, Op.TRUNCATE, None, None, {}, sink.issue(),
                                                        po.lsn_to_str(tx_lsn), tx_commit_time))
+                elif t is po.LogicalMessage and msg.prefix == BACKFILL_PREFIX:
+                    await self.backfills.on_message(bytes(msg.content))
                 elif t is po.LogicalMessage and not in_tx and sink.idle and wal_end > self.flushed_lsn:
                     self._idle_flush = wal_end  # a heartbeat: nothing of ours before it is pending
                 # Origin and Type messages need nothing.

@@ -193,6 +193,7 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_consumption_continues(k
     kafka_broker.produce(topic, _event("c", {"id": 4, "plan": "ok"}, None, 10))
     wait_until(lambda: sim.user("4"), timeout=30, what="the good record after three poison ones")
     records = kafka_broker.consume_all(dlq, timeout=10, at_least=3)
+    records.sort(key=lambda r: int(dict(r.headers)["dlq.offset"]))  # the DLQ topic may have several partitions
     reasons = [dict(r.headers)["dlq.reason"].decode() for r in records]
     assert len(records) == 3, reasons
     assert "JSON" in reasons[0] or "json" in reasons[0]

@@ -1,0 +1,70 @@
+-- dead-letter store
+CREATE SCHEMA IF NOT EXISTS onesignal_bridge;
+CREATE TABLE IF NOT EXISTS onesignal_bridge.dead_letters (
+    id          bigserial PRIMARY KEY,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    source_table text NOT NULL,
+    row_key     text NOT NULL,
+    field       text,
+    reason      text NOT NULL,
+    message     text NOT NULL,
+    position    text NOT NULL,
+    onesignal_user text,
+    payload     jsonb,
+    request     jsonb,
+    replayed_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS dead_letters_table_idx ON onesignal_bridge.dead_letters (source_table, created_at);
+
+-- subscription ids the bridge learned (email/SMS)
+CREATE TABLE IF NOT EXISTS onesignal_bridge.subscriptions (
+    channel         text NOT NULL,
+    token           text NOT NULL,
+    owner           text NOT NULL,
+    subscription_id text NOT NULL,
+    enabled         boolean,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, token)
+);
+CREATE INDEX IF NOT EXISTS subscriptions_owner_idx ON onesignal_bridge.subscriptions (owner);
+
+-- backfill requests (read back through the stream)
+CREATE TABLE IF NOT EXISTS onesignal_bridge.backfill_requests (
+    id          bigserial PRIMARY KEY,
+    table_name  text NOT NULL,
+    where_sql   text,
+    chunk_size  int NOT NULL DEFAULT 1000,
+    status      text NOT NULL DEFAULT 'requested',   -- requested | running | done | failed
+    last_key    jsonb,
+    rows_sent   bigint NOT NULL DEFAULT 0,
+    message     text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- publication onesignal_bridge for the mapped tables
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'onesignal_bridge') THEN
+    ALTER PUBLICATION onesignal_bridge SET TABLE public.users, public.orders, onesignal_bridge.backfill_requests;
+  ELSE
+    CREATE PUBLICATION onesignal_bridge FOR TABLE public.users, public.orders, onesignal_bridge.backfill_requests;
+  END IF;
+END $$;
+
+-- public.users: deletes and address changes need the old row
+ALTER TABLE public.users REPLICA IDENTITY FULL;
+
+-- initial snapshot progress
+CREATE TABLE IF NOT EXISTS onesignal_bridge.snapshot_progress (
+    slot        text NOT NULL,
+    table_name  text NOT NULL,
+    last_key    jsonb,
+    rows_done   bigint NOT NULL DEFAULT 0,
+    done        boolean NOT NULL DEFAULT false,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot, table_name)
+);
+
+-- replication slot onesignal_bridge (pgoutput)
+SELECT pg_create_logical_replication_slot('onesignal_bridge', 'pgoutput')
+WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge');

@@ -1,0 +1,88 @@
+"""`check`, `setup` and configuration errors as an operator meets them on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from bridgeproc import API_KEY, bridge_config, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text, email text);"
+MAPPING = [{"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"},
+            "on_delete": "delete_user"}]
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "bridge.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_check_finds_a_missing_publication_and_says_how_to_fix_it(pg_db, sim, tmp_path):
+    pg_db.execute(DDL)
+    path = _write(tmp_path, bridge_config(pg_db.dsn, sim.base_url, MAPPING))
+    out = run_cli("check", "--config", str(path))
+    assert out.returncode == 1
+    assert "[FAIL] publication onesignal_bridge does not exist" in out.stdout
+    assert "fix: run `onesignal-bridge setup --config FILE`" in out.stdout
+    assert "REPLICA IDENTITY FULL" in out.stdout  # on_delete needs the old row
+    assert run_cli("setup", "--config", str(path)).returncode == 0
+    ok = run_cli("check", "--config", str(path))
+    assert ok.returncode == 0, ok.stdout
+    assert "0 failed" in ok.stdout
+    assert API_KEY not in ok.stdout + ok.stderr
+
+
+def test_check_finds_a_wal_level_that_is_not_logical(pg_cluster_replica, sim, tmp_path):
+    dsn = pg_cluster_replica.create_database("check_replica")
+    try:
+        path = _write(tmp_path, bridge_config(dsn, sim.base_url, MAPPING))
+        out = run_cli("check", "--config", str(path))
+        assert out.returncode == 1
+        assert "[FAIL] wal_level is replica, logical decoding needs logical" in out.stdout
+        assert "wal_level = logical" in out.stdout
+    finally:
+        pg_cluster_replica.drop_database("check_replica")
+
+
+def test_setup_is_idempotent_and_print_sql_shows_the_same_statements(pg_db, sim, tmp_path):
+    pg_db.execute(DDL)
+    path = _write(tmp_path, bridge_config(pg_db.dsn, sim.base_url, MAPPING))
+    first = run_cli("setup", "--config", str(path))
+    second = run_cli("setup", "--config", str(path))
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    printed = run_cli("setup", "--config", str(path), "--print-sql").stdout
+    assert "CREATE PUBLICATION onesignal_bridge FOR TABLE public.users" in printed
+    assert "ALTER TABLE public.users REPLICA IDENTITY FULL;" in printed
+    assert "pg_create_logical_replication_slot('onesignal_bridge', 'pgoutput')" in printed
+    assert pg_db.fetch("SELECT count(*) FROM pg_replication_slots")[0][0] == 1
+
+
+def test_sql_files_match_what_setup_prints_for_the_example_configuration(tmp_path):
+    cfg = bridge_config("postgresql://bridge@db/app", "http://127.0.0.1:1", [
+        {"table": "public.users", "identity": {"external_id": "id"}, "aliases": {"crm_id": "crm_id"},
+         "tags": {"plan": "plan"}, "on_delete": "delete_user"},
+        {"table": "public.orders", "identity": {"external_id": "user_id"}, "tags": {"last_order_total": "total"}},
+    ], source={"snapshot": "never"})
+    path = _write(tmp_path, cfg)
+    printed = run_cli("setup", "--config", str(path), "--print-sql").stdout
+    assert printed == (ROOT / "sql" / "postgres-source.sql").read_text(), \
+        "sql/postgres-source.sql is out of date: regenerate it with `setup --print-sql` (see sql/README.md)"
+
+
+def test_bad_configuration_names_the_file_the_key_and_the_expectation(tmp_path):
+    cfg = bridge_config("postgresql://x@db/app", "http://127.0.0.1:1", MAPPING)
+    cfg["mappings"][0]["tagz"] = {"plan": "plan"}
+    cfg["delivery"]["flush_interval_ms"] = "soon"
+    path = _write(tmp_path, cfg)
+    out = run_cli("run", "--config", str(path))
+    assert out.returncode == 2
+    assert f"{path}: mappings[0].tagz: unknown key" in out.stderr
+    assert f"{path}: delivery.flush_interval_ms:" in out.stderr and "integer" in out.stderr
+    missing = tmp_path / "env.yaml"
+    missing.write_text("onesignal:\n  app_id: a\n  api_key: ${NOT_SET_ANYWHERE}\n")
+    out = run_cli("check", "--config", str(missing))
+    assert out.returncode == 2
+    assert "onesignal.api_key: environment variable NOT_SET_ANYWHERE is not set" in out.stderr

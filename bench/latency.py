@@ -3,7 +3,7 @@
 flush interval + 250 ms at 1,000 changes/s.
 
     .venv/bin/python bench/latency.py            # 5 rounds; updates docs/BENCHMARKS.md
-    .venv/bin/python bench/latency.py --quick    # 1 round of 3 s per rate; prints only
+    .venv/bin/python bench/latency.py --quick    # 1 round, <= 1,000 changes per rate; prints only
 
 Real processes: a private Postgres cluster, the OneSignal simulator (`bridge.onesignal.simulator`,
 documented limits: 1,000 writes/s per app, 1 per user per second) and `python -m bridge run` with
@@ -39,8 +39,9 @@ TICK_S = 0.01
 MAX_CHANGES = 5_000
 
 
-def run_once(stack: Stack, rate: int, seconds: float, first_id: int, rng: random.Random) -> dict:
-    n = int(min(rate * seconds, MAX_CHANGES))
+def run_once(stack: Stack, rate: int, seconds: float, first_id: int, rng: random.Random,
+             max_changes: int = MAX_CHANGES) -> dict:
+    n = int(min(rate * seconds, max_changes))
     seconds = n / rate
     ids = list(range(first_id, first_id + n))
     rng.shuffle(ids)
@@ -107,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flush-ms", type=int, default=200)
-    ap.add_argument("--quick", action="store_true", help="1 round of 3 s per rate; no docs update")
+    ap.add_argument("--max-changes", type=int, default=MAX_CHANGES, help="cap on the changes of one run")
+    ap.add_argument("--quick", action="store_true", help="1 round of 3 s per rate, at most 1,000 changes; no docs update")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rounds, args.seconds, args.no_write = 1, 3.0, True
+        args.rounds, args.seconds, args.max_changes, args.no_write = 1, 3.0, 1_000, True
     rates = [int(r) for r in args.rates.split(",")]
-    per_round = sum(int(min(r * args.seconds, MAX_CHANGES)) for r in rates)
+    per_round = sum(int(min(r * args.seconds, args.max_changes)) for r in rates)
     total_users = per_round * args.rounds
 
     rng = random.Random(11)
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 order = rates if rnd % 2 == 0 else list(reversed(rates))
                 for rate in order:
-                    res = run_once(stack, rate, args.seconds, next_id, rng)
-                    next_id += int(min(rate * args.seconds, MAX_CHANGES))
+                    res = run_once(stack, rate, args.seconds, next_id, rng, args.max_changes)
+                    next_id += int(min(rate * args.seconds, args.max_changes))
                     results[rate].append(res)
                     print(f"round {rnd + 1}/{args.rounds} {rate:>5}/s: {res['changes']:,} changes "
                           f"(writer {res['achieved']:,.0f}/s) p50 {res['p50'] * 1000:,.0f} ms "

@@ -2,7 +2,7 @@
 pending. Target: <= 300 MiB.
 
     .venv/bin/python bench/memory.py            # 1,000,000 changes, 3 rounds; updates docs/BENCHMARKS.md
-    .venv/bin/python bench/memory.py --quick    # 100,000 changes, 1 round; prints only
+    .venv/bin/python bench/memory.py --quick    # 30,000 changes (under the budget), 1 round; prints only
 
 Real processes: a private Postgres cluster, the OneSignal simulator answering every API request
 with 503 (`/_simulator/faults {"error_rate": 1.0, "status": 503}`) and `python -m bridge run` with
@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--settle", type=float, default=8.0)
     ap.add_argument("--timeout", type=float, default=240.0)
-    ap.add_argument("--quick", action="store_true", help="100,000 changes, 1 round; no docs update")
+    ap.add_argument("--quick", action="store_true", help="30,000 changes, 1 round; no docs update")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.changes, args.rounds, args.no_write, args.settle = 100_000, 1, True, 4.0
+        args.changes, args.rounds, args.no_write, args.settle = 30_000, 1, True, 4.0
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:

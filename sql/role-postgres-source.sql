@@ -17,3 +17,11 @@ CREATE SCHEMA IF NOT EXISTS onesignal_bridge AUTHORIZATION onesignal_bridge;
 --   CREATE PUBLICATION onesignal_bridge FOR TABLE public.users, public.orders;
 -- The slot can be created by the bridge itself (REPLICATION is enough):
 --   SELECT pg_create_logical_replication_slot('onesignal_bridge', 'pgoutput');
+
+-- The bridge's own tables (dead letters, subscription ids, snapshot progress, backfill requests)
+-- are created by `onesignal-bridge setup`; whoever runs it, the bridge's role may use them.
+GRANT USAGE ON SCHEMA onesignal_bridge TO onesignal_bridge;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA onesignal_bridge TO onesignal_bridge;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA onesignal_bridge TO onesignal_bridge;
+ALTER DEFAULT PRIVILEGES IN SCHEMA onesignal_bridge GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO onesignal_bridge;
+ALTER DEFAULT PRIVILEGES IN SCHEMA onesignal_bridge GRANT USAGE, SELECT ON SEQUENCES TO onesignal_bridge;

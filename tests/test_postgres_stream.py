@@ -4,6 +4,7 @@ and the OneSignal simulator (real HTTP) ends with the users the database implies
 from __future__ import annotations
 
 import random
+from pathlib import Path
 import time
 
 import psycopg
@@ -160,3 +161,38 @@ def test_api_key_never_appears_in_logs_even_at_debug(pg_db, sim, bridge):
     assert "rejects the API key" in out.stdout
     assert wrong_key not in out.stdout + out.stderr
     assert API_KEY not in out.stdout + out.stderr
+
+
+def test_bridge_reconnects_after_the_replication_connection_drops(pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'before')")
+    wait_until(lambda: sim.user("1"), what="user 1")
+    pg_db.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active_pid IS NOT NULL")
+    pg_db.execute("UPDATE users SET plan = 'after' WHERE id = 1")
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (2, 'after')")
+    wait_until(lambda: (sim.user("2") or {}).get("properties", {}).get("tags", {}).get("plan") == "after",
+               timeout=30, what="changes after the connection dropped")
+    wait_until(lambda: sim.user("1")["properties"]["tags"]["plan"] == "after", what="user 1's update")
+    assert "reconnecting" in b.logs()
+    assert b.alive()
+
+
+def test_least_privilege_role_from_sql_runs_the_bridge(pg_db, sim, bridge):
+    pg_db.execute(USERS_DDL)
+    script = (Path(__file__).resolve().parent.parent / "sql" / "role-postgres-source.sql").read_text()
+    pg_db.execute(script.replace("public.users, public.orders", "public.users, public.profiles"))
+    role_dsn = pg_db.dsn.replace("postgresql://postgres@", "postgresql://onesignal_bridge:change-me@")
+    # the tables' owner creates the publication and replica identity (setup as the owner)
+    owner_cfg = bridge_config(pg_db.dsn, sim.base_url, MAPPINGS)
+    owner = bridge(owner_cfg, name="owner")
+    assert run_cli("setup", "--config", str(owner.config_path)).returncode == 0
+    pg_db.execute("SELECT pg_drop_replication_slot('onesignal_bridge')")  # the role makes its own
+    cfg = bridge_config(role_dsn, sim.base_url, MAPPINGS, source={"snapshot": "initial"})
+    b = bridge(cfg, name="role")
+    check = run_cli("check", "--config", str(b.config_path))
+    assert "[FAIL]" not in check.stdout, check.stdout
+    b.start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (7, 'least-privilege')")
+    wait_until(lambda: sim.user("7"), timeout=30, what="the role to stream")
+    (superuser,) = pg_db.fetch("SELECT rolsuper FROM pg_roles WHERE rolname = 'onesignal_bridge'")[0]
+    assert superuser is False

@@ -114,7 +114,12 @@ class PostgresSource:
                 self.connected = False
                 delay = min(RECONNECT_MAX_S, 0.5 * 2 ** min(attempt, 6))
                 attempt += 1
-                log.warning("replication connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
+                if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                    log.error("%s: the bridge's role lacks a privilege; grant it (sql/role-postgres-source.sql,"
+                              " `onesignal-bridge check` names what is missing); retrying in %.0fs",
+                              _clean(exc), delay)
+                else:
+                    log.warning("replication connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
                 await asyncio.sleep(delay)
             else:
                 return

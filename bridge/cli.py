@@ -110,12 +110,17 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from bridge.config import PostgresSourceConfig
     from bridge.sources import backfill
 
-    if not isinstance(config.source, PostgresSourceConfig):
-        print("backfill: only source.kind postgres runs backfills in this version", file=sys.stderr)
-        return 2
+    from bridge.config import OutboxSourceConfig
+
     table = args.table if "." in args.table else f"public.{args.table}"
     if config.mapping_for(table) is None:
         print(f"backfill: table {table} is not mapped in {args.config}", file=sys.stderr)
+        return 2
+    if isinstance(config.source, OutboxSourceConfig):
+        return backfill.outbox_backfill(config.source.dsn.get_secret_value(), table, args.where, args.chunk_size)
+    if not isinstance(config.source, PostgresSourceConfig):
+        print("backfill: with source.kind kafka, re-snapshot through Debezium (an incremental snapshot signal)",
+              file=sys.stderr)
         return 2
     return backfill.request(config.source.dsn.get_secret_value(), table, args.where, args.resume,
                             args.chunk_size, not args.no_wait, timeout=args.timeout)

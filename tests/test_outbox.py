@@ -430,3 +430,18 @@ def test_bridge_without_setup_exits_with_the_fix(odb, sim, bridge):
     assert b.proc is not None
     assert b.proc.wait(30) != 0
     assert "run `onesignal-bridge setup --config FILE`" in b.logs()
+
+
+def test_backfill_writes_the_selected_rows_into_the_outbox_and_they_converge(odb, sim, bridge):
+    b = _prepare(odb, sim, bridge)
+    odb.execute("ALTER TABLE users DISABLE TRIGGER USER")  # rows that predate the bridge
+    odb.execute("INSERT INTO users (id, plan) SELECT g, 'existing' FROM generate_series(1, 300) g")
+    odb.execute("ALTER TABLE users ENABLE TRIGGER USER")
+    b.start()
+    out = run_cli("backfill", "--config", str(b.config_path), "--table", "public.users",
+                  "--where", "id % 3 = 0", "--chunk-size", "40")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "100 rows" in out.stdout
+    wait_until(lambda: len(sim.users()) == 100, timeout=60, what="the 100 matching users")
+    assert {u["identity"]["external_id"] for u in sim.users()} == {str(i) for i in range(3, 301, 3)}
+    assert all(u["properties"]["tags"]["plan"] == "existing" for u in sim.users())

@@ -215,3 +215,53 @@ def request(dsn: str, table: str, where: str | None, resume: bool, chunk_size: i
             time.sleep(0.5)
         out(f"backfill #{req_id}: still {status} after {timeout:.0f}s (is a bridge streaming this database?)")
         return 1
+
+
+def outbox_backfill(dsn: str, table: str, where: str | None, chunk_size: int, out: Any = print) -> int:
+    """`backfill` for `source.kind: outbox`: write the selected rows into the outbox, chunk by chunk.
+
+    Each chunk locks its rows (`FOR SHARE`) while it copies them: a concurrent update either
+    committed before (the copy reads its new value) or waits until the copy committed (its own
+    outbox row then comes after the copy's). So a row updated during the backfill keeps its newer
+    value. Rows are written as updates carrying the whole row.
+    """
+    import asyncio as _asyncio
+
+    async def keys() -> list[str]:
+        from bridge.sources.snapshot import _primary_key
+
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+            return await _primary_key(c, table)
+
+    key_columns = _asyncio.run(keys())
+    schema, name = table.split(".", 1)
+    cols = sql.SQL(", ").join(sql.Identifier(k) for k in key_columns)
+    total = 0
+    last: list[Any] | None = None
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            conds: list[sql.Composable] = []
+            params: list[Any] = [table]
+            if where:
+                conds.append(sql.SQL("({})").format(sql.SQL(where.replace("%", "%%"))))
+            if last is not None:
+                conds.append(sql.SQL("({}) > ({})").format(cols, sql.SQL(", ").join(sql.Placeholder() for _ in last)))
+                params.extend(last)
+            cond = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
+            q = sql.SQL(
+                "WITH chunk AS (SELECT * FROM {}.{}{} ORDER BY {} LIMIT %s FOR SHARE) "
+                "INSERT INTO onesignal_bridge.outbox (table_name, op, new_row) "
+                "SELECT %s, 'U', to_jsonb(chunk.*) FROM chunk ORDER BY {} "
+                "RETURNING {}"
+            ).format(sql.Identifier(schema), sql.Identifier(name), cond, cols, cols,
+                     sql.SQL(", ").join(sql.SQL("(new_row->>{})").format(sql.Literal(k)) for k in key_columns))
+            # parameters: WHERE's key values, the LIMIT, then the table name
+            rows = conn.execute(q, [*params[1:], chunk_size, table]).fetchall()
+            total += len(rows)
+            if rows:
+                last = list(rows[-1])
+                out(f"backfill of {table}: {total} rows written to the outbox")
+            if len(rows) < chunk_size:
+                break
+    out(f"backfill of {table} done: {total} rows; the bridge drains them like any change")
+    return 0

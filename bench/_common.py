@@ -130,11 +130,7 @@ def machine_line(info: dict[str, str]) -> str:
 
 HEADER = """# Benchmarks
 
-Every figure below comes from one script under `bench/` and can be reproduced with one command.
-Each script has `--quick` (small sizes, under a minute, prints only) and writes its own section
-here when run at full size (`--no-write` to only print). `bench/run_all.py` runs them all.
-Throughput ratios are measured side by side in the same invocation (runs interleaved), and the
-tables give the median over the runs, with the range in brackets.
+Every figure here comes from one script under `bench/` and can be reproduced with one command.
 """
 
 

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Machine: {machine_line(info)}.",
         "",
-        f"Command: `.venv/bin/python bench/latency.py --rounds {args.rounds} --seconds {args.seconds:g}`. "
+        f"Command: `.venv/bin/python bench/latency.py --rounds {args.rounds} --seconds {args.seconds:g}"
+        + (f" --max-changes {args.max_changes}" if args.max_changes != MAX_CHANGES else "") + "`. "
         f"Bridge and simulator as processes, default delivery settings (flush {args.flush_ms} ms, "
         "900 requests/s app budget). Every change in a run is to a different user (one request each). "
         "Latency: simulator 2xx log time minus the writer's time after COMMIT. Median over "

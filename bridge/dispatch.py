@@ -323,8 +323,10 @@ class Dispatcher:
 
     async def _send(self, req: Request) -> Response:
         """Send one request (the per-user interval starts when its answer arrived)."""
-        await self.bucket.acquire()
         async with self.slots:
+            # The app-wide token is taken right before the request leaves, never before a wait
+            # for a slot: requests that queued must not leave back to back past the limit.
+            await self.bucket.acquire()
             t0 = time.perf_counter()
             status = "error"
             try:

@@ -32,6 +32,7 @@ class Pipeline:
         self.watermark = Watermark(on_pass=self._passed)
         self.on_confirm: Callable[[Any], None] | None = None  # a source that wants every passed marker
         self.stale = StaleFilter()
+        self._counters: dict[Any, Any] = {}
         self.mapper = Mapper(config)
         self.dead_letters = dead_letters
         self.dispatcher = Dispatcher(client, config.delivery, dead_letters, self.watermark.complete_many,
@@ -61,7 +62,10 @@ class Pipeline:
     async def put(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> None:
         """Map and hand over one event. `order`: the source position for stale-value filtering
         (sources whose events for one user can arrive out of order, i.e. Kafka partitions)."""
-        m.CHANGES.labels(event.table, event.op.value).inc()
+        counter = self._counters.get((event.table, event.op))
+        if counter is None:
+            counter = self._counters[(event.table, event.op)] = m.CHANGES.labels(event.table, event.op.value)
+        counter.inc()
         result = self.mapper.map(event)
         if order and result.changes:
             kept = [c for c in (self.stale.filter(ch, order) for ch in result.changes) if c is not None]
@@ -72,10 +76,13 @@ class Pipeline:
             return
         # One seq per outcome, so the event is done only when all its outcomes are.
         seqs = [event.seq] + [self.watermark.issue() for _ in range(n - 1)]
-        changes = [
-            dataclasses.replace(ch, origin=dataclasses.replace(ch.origin, seq=s))
-            for ch, s in zip(result.changes, seqs)
-        ]
+        if n == 1:
+            changes = list(result.changes)  # the mapping already carries the event's seq
+        else:
+            changes = [
+                dataclasses.replace(ch, origin=dataclasses.replace(ch.origin, seq=s))
+                for ch, s in zip(result.changes, seqs)
+            ]
         rejected_seqs = seqs[len(changes):]
         for ch in changes:
             await self.dispatcher.wait_for_room()

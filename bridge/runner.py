@@ -25,7 +25,10 @@ def _source(config: Config):  # type: ignore[no-untyped-def]
     if isinstance(src, PostgresSourceConfig):
         from bridge.sources.postgres import PostgresSource
 
-        return PostgresSource(src, tables, requests_per_s=config.delivery.app_requests_per_second)
+        from bridge.mapping import TableMapping
+
+        columns = {mp.table: TableMapping.compile(mp).columns for mp in config.mappings}
+        return PostgresSource(src, tables, requests_per_s=config.delivery.app_requests_per_second, columns=columns)
     if isinstance(src, KafkaSourceConfig):
         from bridge.sources.kafka import KafkaSource
 

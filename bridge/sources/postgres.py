@@ -50,9 +50,10 @@ class Sink(Protocol):
 class _Table:
     """A relation as announced by a Relation message, with its value converters resolved."""
 
-    __slots__ = ("name", "names", "convert", "key_idx")
+    __slots__ = ("name", "names", "convert", "key_idx", "wanted")
 
-    def __init__(self, rel: po.Relation, primary_key: list[str] | None = None) -> None:
+    def __init__(self, rel: po.Relation, primary_key: list[str] | None = None,
+                 columns: frozenset[str] | None = None) -> None:
         self.name = f"{rel.namespace}.{rel.name}"
         self.names = [c.name for c in rel.columns]
         self.convert: list[Callable[[str], Any]] = [converter_for(c.type_oid) for c in rel.columns]
@@ -60,16 +61,21 @@ class _Table:
             self.key_idx = [self.names.index(k) for k in primary_key if k in self.names]
         else:
             self.key_idx = [i for i, c in enumerate(rel.columns) if c.is_key]
+        # Only mapped and key columns are converted: the rest would be decoded for nothing.
+        keep = None if columns is None else set(columns) | {self.names[i] for i in self.key_idx}
+        self.wanted = [i for i, n in enumerate(self.names) if keep is None or n in keep]
 
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, conv, v in zip(self.names, self.convert, values):
+        names, convert = self.names, self.convert
+        for i in self.wanted:
+            v = values[i]
             if v is None or v is UNCHANGED:
-                out[name] = v
+                out[names[i]] = v
             elif isinstance(v, str):
-                out[name] = conv(v)
+                out[names[i]] = convert[i](v)
             else:
-                out[name] = v  # binary: left as bytes
+                out[names[i]] = v  # binary: left as bytes
         return out
 
     def key(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +88,14 @@ def _now_us_since_2000() -> int:
 
 class PostgresSource:
     def __init__(self, cfg: PostgresSourceConfig, tables: set[str], dsn: str | None = None,
-                 requests_per_s: float = 900.0) -> None:
+                 requests_per_s: float = 900.0, columns: dict[str, frozenset[str]] | None = None) -> None:
         self.cfg = cfg
+        self._columns = columns or {}
         self._requests_per_s = requests_per_s
         self.tables = tables
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
+        self._tx_pos = "0/0"
         self.standby = False
         self.received_lsn = 0
         self.flushed_lsn = 0
@@ -363,6 +371,7 @@ class PostgresSource:
                 elif t is po.Begin:
                     in_tx = True
                     tx_lsn = msg.final_lsn
+                    self._tx_pos = po.lsn_to_str(tx_lsn)
                     tx_commit_time = msg.commit_time
                 elif t is po.Commit:
                     in_tx = False
@@ -373,7 +382,7 @@ class PostgresSource:
                     self._send_status(sink)
                 elif t is po.Relation:
                     name = f"{msg.namespace}.{msg.name}"
-                    self._relations[msg.oid] = (_Table(msg, self._pkeys.get(name))
+                    self._relations[msg.oid] = (_Table(msg, self._pkeys.get(name), self._columns.get(name))
                                                 if name in self.tables or name == BACKFILL_REQUESTS else None)
                 elif t is po.Truncate:
                     for oid in msg.relation_oids:
@@ -396,7 +405,7 @@ class PostgresSource:
         if t is po.Insert:
             new = table.row(msg.new)
             return ChangeEvent(table.name, Op.INSERT, new, None, table.key(new), sink.issue(),
-                               po.lsn_to_str(lsn), commit_time)
+                               self._tx_pos, commit_time)
         if t is po.Update:
             new = table.row(msg.new)
             old = table.row(msg.old) if msg.old is not None else None
@@ -406,12 +415,12 @@ class PostgresSource:
                 new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None and msg.old_kind == "O"
                            else v) for k, v in new.items()}
             return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), sink.issue(),
-                               po.lsn_to_str(lsn), commit_time)
+                               self._tx_pos, commit_time)
         old = table.row(msg.old)
         if msg.old_kind == "K":
             old = {k: v for k, v in old.items() if v is not None}
         return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), sink.issue(),
-                           po.lsn_to_str(lsn), commit_time)
+                           self._tx_pos, commit_time)
 
     # -- confirming ----------------------------------------------------------------------
 

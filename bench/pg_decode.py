@@ -19,7 +19,7 @@ both readers one after the other, alternating which goes first.
 
 - `pg_recvlogical`: wall time of `pg_recvlogical --start --endpos <last commit end> -f /dev/null`
   (process start, connect, stream, exit on the last commit).
-- bridge: `PostgresSource(cfg, tables).run(pipeline)` in this process, `pipeline` being the real
+- bridge: `PostgresSource.from_config(config).run(pipeline)` in this process, `pipeline` being the real
   `bridge.pipeline.Pipeline` (metrics, mapping into UserChanges, checkpoint bookkeeping) whose
   dispatcher is a stub that accepts each change and reports it done. Time from `run()` to the last
   change handed to the dispatcher.
@@ -135,7 +135,7 @@ def run_bridge(cluster: PgCluster, slot: str, expected: int, profile: cProfile.P
     async def main() -> tuple[float, int, float]:
         done = asyncio.Event()
         pipeline = counting_pipeline(config, expected, done)
-        source = PostgresSource(config.source, {"public.users"})  # type: ignore[arg-type]
+        source = PostgresSource.from_config(config)
         stop = asyncio.Event()
         t0 = time.perf_counter()
         task = asyncio.create_task(source.run(pipeline, stop))

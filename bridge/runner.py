@@ -25,10 +25,7 @@ def _source(config: Config):  # type: ignore[no-untyped-def]
     if isinstance(src, PostgresSourceConfig):
         from bridge.sources.postgres import PostgresSource
 
-        from bridge.mapping import TableMapping
-
-        columns = {mp.table: TableMapping.compile(mp).columns for mp in config.mappings}
-        return PostgresSource(src, tables, requests_per_s=config.delivery.app_requests_per_second, columns=columns)
+        return PostgresSource.from_config(config)
     if isinstance(src, KafkaSourceConfig):
         from bridge.sources.kafka import KafkaSource
 

@@ -105,6 +105,15 @@ class PostgresSource:
         self._newest_commit_time: float | None = None
         self._commit_times: dict[int, float] = {}
 
+    @classmethod
+    def from_config(cls, config: Any) -> "PostgresSource":
+        """The source for a whole configuration: mapped tables, their columns, the request budget."""
+        from bridge.mapping import TableMapping
+
+        columns = {mp.table: TableMapping.compile(mp).columns for mp in config.mappings}
+        return cls(config.source, set(columns), requests_per_s=config.delivery.app_requests_per_second,
+                   columns=columns)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def run(self, sink: Sink, stop: asyncio.Event | None = None,

@@ -217,8 +217,8 @@ class PgCluster:
 
     # -- running commands as the right OS user ---------------------------------------------
 
-    def _cmd(self, argv: Sequence[str]) -> list[str]:
-        argv = [str(a) for a in argv]
+    def _cmd(self, argv_in: Sequence[str | os.PathLike[str]]) -> list[str]:
+        argv = [os.fspath(a) for a in argv_in]
         if self._run_as is None:
             return argv
         runuser = shutil.which("runuser")
@@ -230,7 +230,7 @@ class PgCluster:
         # -s: the account may have a nologin shell.
         return [su, "-s", "/bin/sh", self._run_as.pw_name, "-c", shlex.join(argv)]
 
-    def _run(self, argv: Sequence[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def _run(self, argv: Sequence[str | os.PathLike[str]], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         cmd = self._cmd(argv)
         return subprocess.run(
             cmd,

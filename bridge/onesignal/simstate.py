@@ -501,11 +501,11 @@ class SimState:
             raise SimError.one(409, "subscription-conflict",
                                f"another subscription already has this {sub.type} token")
         if token != sub.token:
-            if sub.key() is not None:
-                del self._tokens[sub.key()]
+            if (old_key := sub.key()) is not None:
+                del self._tokens[old_key]
             sub.token = token
-            if sub.key() is not None:
-                self._tokens[sub.key()] = sub.id
+            if (new_key := sub.key()) is not None:
+                self._tokens[new_key] = sub.id
         if enabled is not None:
             sub.enabled = enabled
         return {}
@@ -594,8 +594,8 @@ class SimState:
         enabled = True if sub.get("enabled") is None else sub["enabled"]
         created = Subscription(self._new_id(), sub["type"], token, enabled, user.onesignal_id)
         self.subscriptions[created.id] = created
-        if created.key() is not None:
-            self._tokens[created.key()] = created.id
+        if (key := created.key()) is not None:
+            self._tokens[key] = created.id
         user.subscription_ids.append(created.id)
         return 201, created
 
@@ -606,6 +606,6 @@ class SimState:
 
     def _drop_subscription(self, sub: Subscription) -> None:
         self.users[sub.owner].subscription_ids.remove(sub.id)
-        if sub.key() is not None:
-            self._tokens.pop(sub.key(), None)
+        if (key := sub.key()) is not None:
+            self._tokens.pop(key, None)
         del self.subscriptions[sub.id]

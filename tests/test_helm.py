@@ -13,6 +13,7 @@ the Kubernetes schemas and against what the bridge itself serves and reads.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -57,6 +58,7 @@ CASES = {
     "kafka": CHART / "ci" / "kafka-values.yaml",
     "standby": CHART / "ci" / "standby-values.yaml",
     "monitoring": CHART / "ci" / "monitoring-values.yaml",
+    "networkpolicy-narrow": CHART / "ci" / "networkpolicy-narrow-values.yaml",
 }
 
 REQUIRED_ALERTS = {  # the issue's list: slot lag, source lag, error rate, dead letters growing, not ready
@@ -441,15 +443,239 @@ def test_outbox_and_scaled_kafka_render(chart: Any) -> None:
         ({"config": {"source": {"kind": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]}},
           "secretKeys": {"kafkaUsername": "u"}}, "kafkaPassword"),
         ({"terminationGracePeriodSeconds": 12}, "terminationGracePeriodSeconds"),
+        ({"networkPolicy": {"enabled": True, "metricsFrom": [{}]}}, "/networkPolicy/metricsFrom/0"),
+        ({"networkPolicy": {"enabled": True, "egress": {"sourceTo": [{"namespaceSelecter": {}}]}}},
+         "namespaceSelecter"),
+        ({"networkPolicy": {"enabled": True, "egress": {"dnsTo": [{"ipBlock": {"except": ["10.0.0.0/8"]}}]}}},
+         "cidr"),
+        ({"networkPolicy": {"enabled": True, "egress": {
+            "onesignalTo": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "onesignalExcept": ["10.0.0.0/8"]}}},
+         "onesignalExcept"),
     ],
     ids=["postgres-3-replicas", "standby-off", "outbox-2-replicas", "api-key-in-values", "dsn-in-values",
          "sasl-password-in-values", "kafka-without-topics", "postgres-key-in-kafka", "metrics-in-config",
-         "no-mappings", "user-rate-above-1", "secret-in-extra-env", "half-kafka-credentials", "short-grace"],
+         "no-mappings", "user-rate-above-1", "secret-in-extra-env", "half-kafka-credentials", "short-grace",
+         "empty-network-peer", "misspelt-network-peer", "ip-block-without-cidr", "onesignal-except-with-to"],
 )
 def test_values_the_chart_refuses(chart: Any, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError) as exc:
         _render(chart, values)
     assert message in str(exc.value), str(exc.value)
+
+
+# -- secrets under config.source.consumer ----------------------------------------------------
+
+KAFKA_SOURCE = {"kind": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]}
+CLEAR = "Cl34r-S3cr3t-V4lue"
+# librdkafka properties (2.x CONFIGURATION.md) whose value is a credential, plus the Java names people
+# copy over; each must never be written in values, only as a ${VAR} read from a Secret.
+SECRET_CONSUMER_KEYS = [
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "ssl.keystore.password",
+    "ssl.truststore.password",
+    "sasl.jaas.config",
+]
+# Names, paths and public material: accepted as they are.
+PLAIN_CONSUMER_KEYS = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanism": "OAUTHBEARER",
+    "sasl.username": "bridge",
+    "sasl.oauthbearer.method": "oidc",
+    "sasl.oauthbearer.client.id": "bridge",
+    "sasl.oauthbearer.token.endpoint.url": "https://idp.example.com/token",
+    "sasl.oauthbearer.assertion.private.key.file": "/etc/kafka/assertion.key",
+    "sasl.kerberos.keytab": "/etc/krb5/bridge.keytab",
+    "ssl.key.location": "/etc/kafka/tls/tls.key",
+    "ssl.keystore.location": "/etc/kafka/keystore.p12",
+    "ssl.certificate.pem": "-----BEGIN CERTIFICATE-----",
+    "ssl.ca.pem": "-----BEGIN CERTIFICATE-----",
+    "session.timeout.ms": 45000,
+}
+
+
+def _kafka_values(consumer: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"config": {"source": {**KAFKA_SOURCE, "consumer": consumer}}, **extra}
+
+
+@pytest.mark.parametrize("key", SECRET_CONSUMER_KEYS)
+@pytest.mark.parametrize("value", [CLEAR, f"${{VAR:-{CLEAR}}}", f"prefix-${{VAR}}-{CLEAR}", {"v": CLEAR}],
+                         ids=["clear", "env-default", "mixed", "mapping"])
+def test_schema_refuses_every_secret_consumer_key(chart: Any, key: str, value: Any) -> None:
+    env = [{"name": "VAR", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
+    with pytest.raises(helm.HelmError) as exc:
+        _render(chart, _kafka_values({key: value}, extraEnv=env))
+    message = str(exc.value)
+    assert "values don't meet the specifications of the schema" in message, message  # the schema, not a template
+    assert f"'/config/source/consumer/{key}'" in message, message  # names the key
+    assert "extraEnv valueFrom.secretKeyRef" in message and "secretKeys.kafkaUsername/kafkaPassword" in message, message
+    assert CLEAR not in message, "the refusal must not echo the secret"
+
+
+def test_template_and_schema_share_the_secret_key_pattern() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    (kafka,) = [b["then"] for b in schema["properties"]["config"]["properties"]["source"]["allOf"]
+                if b["if"]["properties"]["kind"]["const"] == "kafka"]
+    (schema_pattern,) = kafka["properties"]["consumer"]["patternProperties"]
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    (tpl_pattern,) = re.findall(
+        r'define "onesignal-bridge.consumerSecretKeyPattern" -}}\n(.*)\n\{\{- end', helpers)
+    assert tpl_pattern == schema_pattern
+    for key in SECRET_CONSUMER_KEYS:
+        assert re.search(schema_pattern, key), key
+    for key in PLAIN_CONSUMER_KEYS:
+        assert not re.search(schema_pattern, key), key
+
+
+def test_plain_consumer_keys_pass(chart: Any) -> None:
+    docs = _render(chart, _kafka_values(dict(PLAIN_CONSUMER_KEYS)))
+    data, env = _bridge_config(docs)
+    config = parse_config(data, env=env)
+    assert isinstance(config.source, KafkaSourceConfig)
+    assert config.source.consumer == PLAIN_CONSUMER_KEYS
+
+
+@pytest.mark.parametrize("key", ["sasl.oauthbearer.client.secret", "ssl.keystore.password", "ssl.key.pem"])
+def test_secret_consumer_key_reads_a_kubernetes_secret(chart: Any, key: str) -> None:
+    """The mechanism the refusal points to: extraEnv valueFrom.secretKeyRef, and ${VAR} in consumer."""
+    env = [{"name": "KAFKA_CLIENT_SECRET", "valueFrom": {"secretKeyRef": {"name": "kafka-client", "key": "secret"}}}]
+    docs = _render(chart, _kafka_values({key: "${KAFKA_CLIENT_SECRET}"}, extraEnv=env))
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(_strip(doc), KUBE_VERSIONS[-1], strict=True)
+    data, container_env = _bridge_config(docs)
+    assert data["source"]["consumer"][key] == "${KAFKA_CLIENT_SECRET}"
+    config = parse_config(data, env=container_env)
+    assert config.source.consumer[key] == container_env["KAFKA_CLIENT_SECRET"]  # type: ignore[union-attr]
+    assert container_env["KAFKA_CLIENT_SECRET"].startswith("secret-")  # from secretKeyRef, not a literal
+    # extraEnvFrom may carry it too (the chart cannot see the names inside).
+    _render(chart, _kafka_values({key: "${KAFKA_CLIENT_SECRET}"}, extraEnvFrom=[{"secretRef": {"name": "kafka"}}]))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({}, "nothing sets"),
+        ({"extraEnv": [{"name": "KAFKA_CLIENT_SECRET", "value": "clear"}]}, "valueFrom.secretKeyRef"),
+        ({"extraEnv": [{"name": "KAFKA_CLIENT_SECRET",
+                        "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]}, "valueFrom.secretKeyRef"),
+    ],
+    ids=["unset", "literal-extra-env", "config-map"],
+)
+def test_secret_reference_must_come_from_a_secret(chart: Any, extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError) as exc:
+        _render(chart, _kafka_values({"ssl.keystore.password": "${KAFKA_CLIENT_SECRET}"}, **extra))
+    assert "config.source.consumer.ssl.keystore.password" in str(exc.value), str(exc.value)
+    assert message in str(exc.value), str(exc.value)
+    assert "clear" not in str(exc.value)
+
+
+# -- NetworkPolicy ----------------------------------------------------------------------------
+
+
+def _broad_peer(peer: dict[str, Any]) -> bool:
+    """A peer that admits (nearly) everything: a huge ipBlock, or every namespace."""
+    if "ipBlock" in peer:
+        return ipaddress.ip_network(peer["ipBlock"]["cidr"], strict=False).prefixlen < 8
+    return peer.get("namespaceSelector") == {} and not peer.get("podSelector")
+
+
+def _openings(policy: dict[str, Any]) -> set[str]:
+    """Ports the policy leaves open to anyone (ingress) or to anywhere (egress)."""
+    out = set()
+    for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+        for rule in policy["spec"].get(direction, []):
+            peers = rule.get(peers_key)
+            if not peers or any(_broad_peer(p) for p in peers):
+                ports = rule.get("ports") or [{"port": "any"}]
+                out |= {f"{direction} {p['port']}/{p.get('protocol', 'TCP')}" for p in ports}
+    return out
+
+
+def _ports(policy: dict[str, Any], direction: str) -> set[str]:
+    return {f"{p['port']}/{p.get('protocol', 'TCP')}" for r in policy["spec"].get(direction, [])
+            for p in r.get("ports", [])}
+
+
+DNS = {"egress 53/UDP", "egress 53/TCP"}
+BROAD_POSTGRES = {"ingress metrics/TCP", "egress 443/TCP", "egress 5432/TCP"} | DNS
+
+
+def test_enabled_network_policy_is_broad_by_default_and_says_so(chart: Any) -> None:
+    out = chart.render({"networkPolicy": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs = _render(chart, {"networkPolicy": {"enabled": True}})
+    policy = _one(docs, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert _openings(policy) == BROAD_POSTGRES
+    (https,) = [r for r in policy["spec"]["egress"] if "443/TCP" in _ports({"spec": {"egress": [r]}}, "egress")]
+    assert https["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    kafka = _one(_render(chart, {"networkPolicy": {"enabled": True}, "config": {"source": KAFKA_SOURCE}}),
+                 "NetworkPolicy")
+    assert _openings(kafka) == {"ingress metrics/TCP", "egress 443/TCP", "egress 9092/TCP", "egress 9093/TCP"} | DNS
+    # Said where people look: install notes and values.yaml.
+    notes = next(t for name, t in out.items() if name.endswith("NOTES.txt"))
+    for value in ("networkPolicy.metricsFrom", "networkPolicy.egress.onesignalTo",
+                  "networkPolicy.egress.sourceTo", "networkPolicy.egress.dnsTo"):
+        assert value in notes, notes
+    values_text = (CHART / "values.yaml").read_text()
+    header = values_text[:values_text.index("\nnetworkPolicy:")].rsplit("\n\n", 1)[-1]
+    for words in ("ANY pod", "0.0.0.0/0", "ANY destination", "ci/networkpolicy-narrow-values.yaml"):
+        assert words in header, header
+    values = yaml.safe_load(values_text)["networkPolicy"]
+    assert values["metricsFrom"] == [] and values["egress"]["sourceTo"] == []  # what the comment describes
+
+
+def test_narrow_example_closes_every_opening(chart: Any, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    policy = _one(rendered["networkpolicy-narrow"], "NetworkPolicy")
+    assert _openings(policy) == set()
+    # Still lets through what the bridge needs: DNS over UDP and TCP, HTTPS, the database, scrapes.
+    assert _ports(policy, "egress") == {"53/UDP", "53/TCP", "443/TCP", "5432/TCP"}
+    assert _ports(policy, "ingress") == {"metrics/TCP"}
+    for rule in policy["spec"]["egress"]:
+        for peer in rule["to"]:
+            assert peer.get("ipBlock", {}).get("cidr") not in {"0.0.0.0/0", "::/0"}
+    (dns,) = [r for r in policy["spec"]["egress"] if "53/UDP" in _ports({"spec": {"egress": [r]}}, "egress")]
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["from"][0].keys() == {"namespaceSelector", "podSelector"}  # both must match
+    # The install notes list nothing as broad any more.
+    out = chart.render(_values("networkpolicy-narrow"), name=RELEASE, namespace=NAMESPACE, is_install=True)
+    notes = next(t for name, t in out.items() if name.endswith("NOTES.txt"))
+    assert "NetworkPolicy is broad" not in notes, notes
+
+
+@pytest.mark.parametrize(
+    "narrowing, closed",
+    [
+        ({"metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+         {"ingress metrics/TCP"}),
+        ({"egress": {"dnsTo": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]}},
+         DNS),
+        ({"egress": {"onesignalTo": [{"ipBlock": {"cidr": "198.51.100.0/24"}}]}}, {"egress 443/TCP"}),
+        ({"egress": {"onesignalCidr": "198.51.100.0/24"}}, {"egress 443/TCP"}),
+        ({"egress": {"sourceTo": [{"ipBlock": {"cidr": "10.20.0.10/32"}}]}}, {"egress 5432/TCP"}),
+        ({"egress": {"sourceTo": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "db"}},
+                                   "podSelector": {"matchLabels": {"cnpg.io/cluster": "app-db"}}}]}},
+         {"egress 5432/TCP"}),
+        # Private ranges excepted from 0.0.0.0/0: still the whole internet on 443.
+        ({"egress": {"onesignalExcept": ["10.0.0.0/8"]}}, set()),
+    ],
+    ids=["metrics-from", "dns-to", "onesignal-to", "onesignal-cidr", "source-cidr", "source-pods",
+         "onesignal-except"],
+)
+def test_each_narrowing_value_closes_its_opening(chart: Any, narrowing: dict[str, Any], closed: set[str]) -> None:
+    docs = _render(chart, {"networkPolicy": {"enabled": True, **narrowing}})
+    policy = _one(docs, "NetworkPolicy")
+    kubernetes_validate.validate(_strip(policy), KUBE_VERSIONS[-1], strict=True)
+    assert _openings(policy) == BROAD_POSTGRES - closed
+    assert _ports(policy, "egress") == {"53/UDP", "53/TCP", "443/TCP", "5432/TCP"}  # nothing needed is lost
 
 
 # -- metrics: alerts and dashboard against a live /metrics ---------------------------------

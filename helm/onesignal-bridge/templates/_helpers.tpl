@@ -62,6 +62,13 @@ app.kubernetes.io/component: bridge
 {{- define "onesignal-bridge.configDir" -}}/etc/onesignal-bridge{{- end -}}
 {{- define "onesignal-bridge.configPath" -}}/etc/onesignal-bridge/config.yaml{{- end -}}
 
+{{/* librdkafka keys that carry a secret (the same regular expression as values.schema.json's
+     config.source.consumer patternProperties): passwords, secrets, passphrases, private keys in PEM,
+     the Java JAAS line, sasl.oauthbearer.config. */}}
+{{- define "onesignal-bridge.consumerSecretKeyPattern" -}}
+password|passphrase|secret|jaas|(^|\.)key\.pem$|^ssl_key$|^sasl\.oauthbearer\.config$
+{{- end -}}
+
 {{/* Guards: combinations the schema cannot express clearly, with a fix in each message. ---- */}}
 {{- define "onesignal-bridge.validate" -}}
 {{- $kind := include "onesignal-bridge.sourceKind" . -}}
@@ -86,6 +93,31 @@ app.kubernetes.io/component: bridge
 {{- $kafkaPassword := .Values.secretKeys.kafkaPassword | default "" -}}
 {{- if and (or $kafkaUser $kafkaPassword) (not (and $kafkaUser $kafkaPassword)) -}}
 {{- fail "secretKeys.kafkaUsername and secretKeys.kafkaPassword go together: set both or neither" -}}
+{{- end -}}
+{{- with .Values.networkPolicy.egress -}}
+{{- if and .onesignalTo .onesignalExcept -}}
+{{- fail "networkPolicy.egress.onesignalExcept narrows onesignalCidr, which onesignalTo replaces: write the exceptions into onesignalTo's ipBlock (except:) instead" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $kind "kafka" -}}
+{{- /* values.schema.json lets a secret-bearing consumer key hold only ${VAR}; VAR must come from a Secret. */ -}}
+{{- $pattern := include "onesignal-bridge.consumerSecretKeyPattern" . -}}
+{{- $chartVars := list -}}
+{{- if and $kafkaUser $kafkaPassword -}}{{- $chartVars = list "KAFKA_SASL_USERNAME" "KAFKA_SASL_PASSWORD" -}}{{- end -}}
+{{- range $key, $value := (.Values.config.source.consumer | default dict) -}}
+{{- if regexMatch $pattern $key -}}
+{{- $var := regexReplaceAll "^\\$\\{([A-Za-z_][A-Za-z0-9_]*)\\}$" (toString $value) "${1}" -}}
+{{- $found := dict -}}
+{{- range $.Values.extraEnv -}}{{- if eq .name $var -}}{{- $found = . -}}{{- end -}}{{- end -}}
+{{- if $found -}}
+{{- if not (and $found.valueFrom $found.valueFrom.secretKeyRef) -}}
+{{- fail (printf "config.source.consumer.%s reads ${%s}, which extraEnv sets without valueFrom.secretKeyRef: put the value in a Secret and read it with valueFrom.secretKeyRef" $key $var) -}}
+{{- end -}}
+{{- else if and (not (has $var $chartVars)) (not $.Values.extraEnvFrom) -}}
+{{- fail (printf "config.source.consumer.%s reads ${%s}, which nothing sets: add {name: %s, valueFrom: {secretKeyRef: {name: <Secret>, key: <key>}}} to extraEnv (SASL credentials: secretKeys.kafkaUsername/kafkaPassword)" $key $var $var) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 

@@ -3,7 +3,11 @@
 Values are formatted the way OneSignal wants them: tag values are strings (booleans
 `true`/`false`, numbers as written, timestamps as unix seconds), NULL deletes a tag or alias,
 an unchanged TOAST column changes nothing. A value OneSignal would reject becomes a `Rejection`
-(dead letter) naming table, row key and field; the row's other fields still sync.
+(dead letter) naming table, row key and field; the row's other fields still sync. Rejected:
+identities and alias values that are not usable in a URL path (`client.alias_problem`: empty,
+`.`/`..`, `/?#&=`, whitespace, control characters, over 128 characters), timestamps and dates
+with no unix-seconds value (`infinity`, BC, after 9999), and tag values over
+`MAX_TAG_VALUE_BYTES` (see docs/configuration.md, "Values and limits").
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import datetime as dt
 import decimal
 import functools
 import json
+import math
 import re
 import zoneinfo
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ import orjson
 
 from bridge import addresses
 from bridge.config import ColumnSpec, Config, MappingConfig, SubscriptionSpec
+from bridge.errors import ConfigError
 from bridge.events import (
     UNCHANGED,
     ChangeEvent,
@@ -31,9 +37,15 @@ from bridge.events import (
     UserChange,
     UserRef,
 )
+from bridge.onesignal.client import alias_problem
+from bridge.sources.pgtypes import Unrepresentable
 
-_ALIAS_ID = re.compile(r"^[^/?#&=\s\x00-\x1f\x7f]{1,128}$")
 _EPOCH_DATE = dt.date(1970, 1, 1)
+# OneSignal documents no per-value limit for tags; its API reference recommends "only tag devices
+# with 1 kilobyte of data" in all (docs/configuration.md, "Values and limits"). One value over
+# that can only be a mistake (a blob in a tag column): dead-lettered rather than sent.
+MAX_TAG_VALUE_BYTES = 1024
+_FLOAT_WORDS = {math.inf: "Infinity", -math.inf: "-Infinity"}  # as Postgres prints float8
 
 
 class InvalidValue(ValueError):
@@ -58,20 +70,59 @@ def unix_seconds(value: dt.datetime | dt.date) -> int:
 
 
 def tag_value(value: Any) -> str:
-    """Format a column value as a OneSignal tag value (always a string)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
+    """Format a column value as a OneSignal tag value (always a string).
+
+    Raises `InvalidValue` for what has no such string: a date or timestamp with no unix-seconds
+    value, JSON holding NaN or Infinity, or a result over `MAX_TAG_VALUE_BYTES`.
+    """
+    text = _tag_text(value)
+    if len(text) > MAX_TAG_VALUE_BYTES // 4:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_TAG_VALUE_BYTES:
+            raise InvalidValue(
+                f"is {size} bytes long; OneSignal tags hold short values (at most {MAX_TAG_VALUE_BYTES} "
+                f"bytes, see 'Values and limits' in docs/configuration.md): map a shorter column or drop it"
+            )
+    return text
+
+
+def _tag_text(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
         return value
-    if isinstance(value, (int, decimal.Decimal)):
+    if kind is bool:
+        return "true" if value else "false"
+    if isinstance(value, Unrepresentable):
+        raise InvalidValue(
+            "has no unix-seconds value (Postgres infinity, a BC date or a year after 9999), so it cannot "
+            "be a OneSignal time value"
+        )
+    if isinstance(value, str):
         return str(value)
+    if isinstance(value, (int, decimal.Decimal)):
+        return str(value)  # Decimal keeps Postgres's own text, NaN and Infinity included
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return _FLOAT_WORDS.get(value, "NaN")
         return repr(value) if not value.is_integer() else str(int(value))
     if isinstance(value, (dt.datetime, dt.date)):
         return str(unix_seconds(value))
     if isinstance(value, (dict, list)):
+        if _has_nonfinite(value):
+            raise InvalidValue("holds NaN or Infinity, which JSON (the form of array and json tags) "
+                               "cannot carry")
         return _compact_json(value)
     return str(value)
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_has_nonfinite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    return False
 
 
 def _json_default(value: Any) -> Any:
@@ -88,10 +139,17 @@ def _compact_json(value: Any) -> str:
 
 
 def alias_id(value: Any) -> str:
-    text = tag_value(value)
-    if not _ALIAS_ID.match(text):
+    """The alias id (identity or extra alias) for a column value; `InvalidValue` if it cannot be
+    one. The rule is the client's: whatever passes here reaches exactly its endpoint."""
+    try:
+        text = _tag_text(value)
+    except InvalidValue as exc:
+        raise InvalidValue(f"{_shown(value)} {exc}") from None
+    problem = alias_problem(text)
+    if problem is not None:
         raise InvalidValue(
-            f"{text[:40]!r} is not a usable alias id (1-128 characters, no spaces, control characters or /?#&=)"
+            f"{text[:40]!r} is not a usable alias id: it {problem} (OneSignal alias ids are 1-128 "
+            f"characters, not '.' or '..', without /?#&=, whitespace or control characters)"
         )
     return text
 
@@ -128,6 +186,8 @@ def _coordinate(limit: float) -> Callable[[Any], float]:
             f = float(value)
         except (TypeError, ValueError):
             raise InvalidValue(f"{str(value)[:20]!r} is not a number") from None
+        if not math.isfinite(f):
+            raise InvalidValue(f"{str(value)[:20]!r} is not a finite number")
         if not -limit <= f <= limit:
             raise InvalidValue(f"{f} is outside -{limit}..{limit}")
         return f
@@ -139,7 +199,13 @@ def _timestamp(value: Any) -> int:
     if isinstance(value, (dt.datetime, dt.date)):
         return unix_seconds(value)
     if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
-        return int(value)
+        try:
+            return int(value)
+        except (ValueError, OverflowError):  # NaN, Infinity
+            raise InvalidValue(f"{value} is not a finite number of unix seconds") from None
+    if isinstance(value, Unrepresentable):
+        raise InvalidValue(f"{str(value)[:30]!r} has no unix-seconds value (Postgres infinity, BC or "
+                           f"after 9999)")
     raise InvalidValue(f"{str(value)[:30]!r} is not a timestamp")
 
 
@@ -198,6 +264,10 @@ class TableMapping:
             default_region=default_region,
             on_address_change=m.on_address_change,
         )
+        for where, label in (("identity", tm.label), *(("aliases", a) for a, _ in tm.aliases)):
+            problem = alias_problem(label)
+            if problem is not None:  # never routable: every request for this table would be refused
+                raise ConfigError(f"mappings ({m.table}).{where}: alias label {label[:40]!r} {problem}")
         cols = {tm.identity_column, *(c for _, c in tm.aliases), *(c for _, c in tm.tags)}
         cols |= {c for _, c in tm.properties}
         cols |= {c for _, c, _ in tm.subscriptions} | {e for _, _, e in tm.subscriptions if e}
@@ -241,7 +311,13 @@ class TableMapping:
             v = row.get(col, UNCHANGED)
             if v is UNCHANGED:
                 continue
-            tags[tag] = None if v is None else tag_value(v)
+            if v is None:
+                tags[tag] = None
+                continue
+            try:
+                tags[tag] = tag_value(v)
+            except InvalidValue as exc:
+                rejections.append(reject(col, f"tag {tag}: {_shown(v)} {exc}", {col: _jsonable_value(v)}))
         props: dict[str, Any] = {}
         for prop, col in self.properties:
             v = row.get(col, UNCHANGED)
@@ -293,14 +369,15 @@ class TableMapping:
         # The identity itself changed: the old user is treated like a deleted row.
         if event.op is Op.UPDATE and event.old is not None:
             old_ident = event.old.get(self.identity_column, UNCHANGED)
-            if old_ident not in (UNCHANGED, None) and tag_value(old_ident) != user.id:
+            if old_ident not in (UNCHANGED, None):
                 try:
-                    old_user = UserRef(self.label, alias_id(old_ident))
-                    gone = self._on_delete(old_user, origin)
+                    old_id = alias_id(old_ident)
+                except InvalidValue:  # the old identity was never usable: no OneSignal user has it
+                    old_id = user.id
+                if old_id != user.id:
+                    gone = self._on_delete(UserRef(self.label, old_id), origin)
                     if gone is not None:
                         changes.insert(0, gone)
-                except InvalidValue:
-                    pass
         return MappingResult(tuple(changes), tuple(rejections))
 
     def _on_delete(self, user: UserRef, origin: Origin) -> UserChange | None:
@@ -331,10 +408,25 @@ class TableMapping:
         return MappingResult((change,) if change else ())
 
 
+_PAYLOAD_TEXT = 2048  # a dead letter keeps at most this much of a long text value
+
+
+def _shown(v: Any) -> str:
+    """A value for a reason message: short and printable."""
+    text = v if isinstance(v, str) else repr(v)
+    return repr(text[:40]) + ("..." if len(text) > 40 else "")
+
+
 def _jsonable_value(v: Any) -> Any:
     if v is UNCHANGED:
         return "<unchanged>"
-    if isinstance(v, (str, int, float, bool)) or v is None:
+    if isinstance(v, str):
+        if len(v) > _PAYLOAD_TEXT:
+            return f"{v[:_PAYLOAD_TEXT]}... ({len(v)} characters)"
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return _FLOAT_WORDS.get(v, "NaN")  # JSON has no NaN: Postgres's text
+    if isinstance(v, (int, float, bool)) or v is None:
         return v
     if isinstance(v, (dt.datetime, dt.date)):
         return v.isoformat()

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from bridge.config import parse_config
+from bridge.errors import ConfigError
 from bridge.events import UNCHANGED, ChangeEvent, Op, Rejection, SubscriptionChange, UserChange, UserRef
-from bridge.mapping import Mapper, MappingResult, tag_value
+from bridge.mapping import MAX_TAG_VALUE_BYTES, Mapper, MappingResult, tag_value
+from bridge.sources.pgtypes import PgType, converter_for
 
 USERS = {
     "table": "public.users",
@@ -77,6 +79,12 @@ USER_42 = UserRef("external_id", "42")
         pytest.param([1, "two", None], '[1,"two",null]', id="json-array-compact"),
         pytest.param({"n": 2**70}, '{"n":1180591620717411303424}', id="json-big-integer"),
         pytest.param([decimal.Decimal("1.50")], '["1.50"]', id="numeric-array"),
+        pytest.param(float("nan"), "NaN", id="float-nan-as-postgres-prints-it"),
+        pytest.param(float("inf"), "Infinity", id="float-infinity-as-postgres-prints-it"),
+        pytest.param(float("-inf"), "-Infinity", id="float-minus-infinity-as-postgres-prints-it"),
+        pytest.param(decimal.Decimal("NaN"), "NaN", id="numeric-nan"),
+        pytest.param(decimal.Decimal("-Infinity"), "-Infinity", id="numeric-minus-infinity"),
+        pytest.param("é" * (MAX_TAG_VALUE_BYTES // 2), "é" * (MAX_TAG_VALUE_BYTES // 2), id="longest-tag"),
     ],
 )
 def test_tag_values_are_the_strings_onesignal_expects(value: Any, tag: str) -> None:
@@ -196,6 +204,41 @@ def test_identity_unusable_as_an_alias_id_is_rejected() -> None:
     assert rejection.field == "id"
 
 
+@pytest.mark.parametrize("ident", [".", "..", "．", "", "a/b", "a?b", "a#b", "a\tb", "a\x00b", "x" * 129])
+@pytest.mark.parametrize("op", [Op.INSERT, Op.UPDATE, Op.DELETE])
+def test_identity_that_would_not_route_to_its_own_endpoint_is_a_dead_letter(ident: str, op: Op) -> None:
+    row = {"id": ident, "plan": "gold"}
+    ev = event(op, new=None if op is Op.DELETE else row, old=row if op is Op.DELETE else None)
+    result = mapper().map(ev)
+    assert result.changes == ()
+    (rejection,) = result.rejections
+    assert (rejection.table, rejection.field) == ("public.users", "id")
+    assert rejection.key == f"id={ident}" and "not a usable alias id" in rejection.reason
+
+
+def test_dot_alias_value_is_a_dead_letter_and_the_rest_of_the_row_still_maps() -> None:
+    result = mapper().map(insert(crm_id="..", plan="gold"))
+    (rejection,) = result.rejections
+    assert rejection.field == "crm_id"
+    assert "alias crm_id" in rejection.reason and "dot segment" in rejection.reason
+    change = only_change(result)
+    assert change.aliases == {} and change.tags == {"plan": "gold"}
+
+
+def test_unusable_old_identity_of_a_renamed_row_touches_only_the_new_user() -> None:
+    ev = event(Op.UPDATE, new={"id": 42, "plan": "gold"}, old={"id": ".."})
+    change = only_change(mapper().map(ev))
+    assert change.user == USER_42 and not change.delete_user
+
+
+@pytest.mark.parametrize("label", [".", ".."])
+def test_alias_label_that_is_a_dot_segment_is_refused_when_the_mapping_is_compiled(label: str) -> None:
+    with pytest.raises(ConfigError, match="dot segment"):
+        mapper(identity={label: "id"})
+    with pytest.raises(ConfigError, match="dot segment"):
+        mapper(aliases={label: "crm_id"})
+
+
 def test_identity_missing_from_new_row_is_taken_from_the_old_row() -> None:
     ev = event(Op.UPDATE, new={"plan": "gold"}, old={"id": 42})
     assert only_change(mapper().map(ev)).user == USER_42
@@ -313,3 +356,70 @@ def test_consent_column_sets_enabled() -> None:
 def test_rejections_are_plain_data_for_the_dead_letter_store() -> None:
     (rejection,) = mapper().map(insert(tz="Nowhere/Land")).rejections
     assert rejection.payload == {"tz": "Nowhere/Land"}
+
+
+# -- values that have no OneSignal form ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("oid", "text"), [
+    (PgType.TIMESTAMPTZ, "infinity"),
+    (PgType.TIMESTAMPTZ, "-infinity"),
+    (PgType.TIMESTAMP, "0044-03-15 12:00:00 BC"),
+    (PgType.TIMESTAMPTZ, "10000-01-01 00:00:00+00"),
+    (PgType.DATE, "-infinity"),
+    (PgType.DATE, "0044-03-15 BC"),
+    (PgType.DATE, "10000-01-01"),
+])
+def test_timestamp_without_unix_seconds_is_a_dead_letter_not_a_raw_text_tag(oid: int, text: str) -> None:
+    value = converter_for(oid)(text)
+    result = mapper().map(insert(created_at=value, plan="gold"))
+    (rejection,) = result.rejections
+    assert (rejection.table, rejection.key, rejection.field) == ("public.users", "id=42", "created_at")
+    assert "tag signup_at" in rejection.reason and "unix-seconds" in rejection.reason
+    assert text in rejection.reason
+    assert rejection.payload == {"created_at": text}
+    assert only_change(result).tags == {"plan": "gold"}
+
+
+def test_text_column_holding_the_word_infinity_is_still_a_text_tag() -> None:
+    assert only_change(mapper().map(insert(plan="infinity"))).tags == {"plan": "infinity"}
+
+
+def test_json_tag_holding_nan_is_a_dead_letter() -> None:
+    result = mapper().map(insert(prefs=[1.0, float("nan")]))
+    (rejection,) = result.rejections
+    assert rejection.field == "prefs" and "NaN" in rejection.reason
+    assert rejection.payload is not None and "prefs" in rejection.payload
+
+
+def test_tag_value_over_the_limit_is_a_dead_letter_with_its_size_and_the_rest_still_maps() -> None:
+    huge = "x" * 100_000
+    result = mapper().map(insert(plan=huge, vip=True))
+    (rejection,) = result.rejections
+    assert rejection.field == "plan" and "100000 bytes" in rejection.reason
+    assert "Values and limits" in rejection.reason
+    assert len(rejection.payload["plan"]) < 3000  # the letter keeps a prefix, not 100 KB
+    assert only_change(result).tags == {"vip": "true"}
+
+
+def test_tag_value_is_measured_in_utf8_bytes() -> None:
+    result = mapper().map(insert(plan="é" * (MAX_TAG_VALUE_BYTES // 2 + 1)))
+    (rejection,) = result.rejections
+    assert f"{MAX_TAG_VALUE_BYTES + 2} bytes" in rejection.reason
+
+
+@pytest.mark.parametrize("value", [
+    float("nan"), float("inf"), decimal.Decimal("NaN"), decimal.Decimal("-Infinity"),
+    converter_for(PgType.TIMESTAMPTZ)("infinity"),
+])
+def test_non_finite_activity_time_is_a_dead_letter_not_a_crash(value: Any) -> None:
+    result = mapper(properties={"last_active": "seen"}).map(insert(seen=value))
+    (rejection,) = result.rejections
+    assert rejection.field == "seen" and "last_active" in rejection.reason
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), "Infinity"])
+def test_non_finite_coordinate_is_a_dead_letter(value: Any) -> None:
+    result = mapper(properties={"lat": "where"}).map(insert(where=value))
+    (rejection,) = result.rejections
+    assert rejection.field == "where" and "finite" in rejection.reason

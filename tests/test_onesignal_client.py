@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from bridge.onesignal import errors
-from bridge.onesignal.client import OneSignalClient, Request, requests
+from bridge.onesignal.client import OneSignalClient, Request, UnroutableRequest, requests
 
 API_KEY = "os_v2_app_s3cr3tk3yDONOTPRINTs3cr3t"
 APP_ID = "2d5e1c1a-0000-4000-8000-000000000001"
@@ -78,12 +78,68 @@ async def test_update_user_patches_the_user_by_alias_with_escaped_path_segments(
         seen.append(request)
         return httpx.Response(202, json={"properties": {"tags": {"plan": "free"}}})
 
-    resp = await client_for(handler).update_user("external_id", "a/b c", {"tags": {"plan": "free"}})
+    resp = await client_for(handler).update_user("external_id", "a+b%é", {"tags": {"plan": "free"}})
 
     assert seen[0].method == "PATCH"
-    assert seen[0].url.raw_path.decode() == f"/apps/{APP_ID}/users/by/external_id/a%2Fb%20c"
+    assert seen[0].url.raw_path.decode() == f"/apps/{APP_ID}/users/by/external_id/a%2Bb%25%C3%A9"
     assert orjson.loads(seen[0].content) == {"properties": {"tags": {"plan": "free"}}}
     assert resp.status == 202
+
+
+def recorder() -> tuple[OneSignalClient, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, json={})
+
+    return client_for(handler), seen
+
+
+@pytest.mark.parametrize("alias", [".", "..", "．．", "", "a/b", "a b", "a?b", "a#b", "tab\t", "nul\x00",
+                                   "x" * 129, "\ud800"])
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda a: requests.delete_user("external_id", a), id="delete-user"),
+    pytest.param(lambda a: requests.update_user("external_id", a, {"tags": {"t": "1"}}), id="update-user"),
+    pytest.param(lambda a: requests.delete_alias("external_id", a, "crm_id"), id="delete-alias"),
+    pytest.param(lambda a: requests.delete_alias("external_id", "ada", a), id="delete-alias-label"),
+    pytest.param(lambda a: requests.delete_subscription(a), id="delete-subscription"),
+])
+async def test_request_whose_path_segment_cannot_be_routed_is_never_sent(
+        alias: str, build: Callable[[str], Request]) -> None:
+    client, seen = recorder()
+    with pytest.raises(UnroutableRequest) as info:
+        await client.send(build(alias))
+    assert seen == []
+    exc = info.value
+    assert isinstance(exc, errors.Rejected) and not exc.retriable  # the dispatcher dead-letters it
+    assert exc.reason == "unroutable_request" and "not sent" in str(exc)
+
+
+async def test_request_made_by_hand_with_a_dot_segment_in_its_path_is_never_sent() -> None:
+    client, seen = recorder()
+    with pytest.raises(UnroutableRequest, match="dot segment"):
+        await client.send(Request("DELETE", "/users/by/external_id/..", "DELETE /users/by"))
+    assert seen == []
+
+
+async def test_url_that_httpx_would_build_elsewhere_is_never_sent() -> None:
+    # A base URL with a query string: httpx appends the path to the query, so the request
+    # would reach "/" whatever the segments are.
+    seen: list[httpx.Request] = []
+    http = httpx.AsyncClient(base_url="https://api.onesignal.com/?tenant=1",
+                             transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200)))
+    client = OneSignalClient(http, APP_ID, API_KEY)
+    with pytest.raises(UnroutableRequest, match="not /apps/"):
+        await client.delete_user("external_id", "ada")
+    assert seen == []
+
+
+async def test_alias_ids_with_dots_inside_are_routed_exactly() -> None:
+    client, seen = recorder()
+    for alias in ("...", ".a", "a.", "a..b", "%2e%2e"):
+        await client.send(requests.delete_user("external_id", alias))
+    assert [r.url.raw_path.decode().split("/")[-1] for r in seen] == ["...", ".a", "a.", "a..b", "%252e%252e"]
 
 
 async def test_delete_of_a_user_that_is_already_gone_is_a_success() -> None:

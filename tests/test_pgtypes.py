@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.sources.pgtypes import PgType, converter_for, parse_array
+from bridge.sources.pgtypes import PgType, Unrepresentable, converter_for, parse_array
 
 
 def convert(oid: int, text: str) -> Any:
@@ -109,8 +109,10 @@ def test_date_is_a_date() -> None:
 
 
 @pytest.mark.parametrize("text", ["infinity", "-infinity", "0044-03-15 BC", "10000-01-01"])
-def test_dates_python_cannot_hold_stay_strings(text: str) -> None:
-    assert convert(PgType.DATE, text) == text
+def test_dates_python_cannot_hold_stay_marked_strings(text: str) -> None:
+    value = convert(PgType.DATE, text)
+    assert value == text
+    assert isinstance(value, Unrepresentable)  # marked, so mapping can refuse it as unix seconds
 
 
 def test_timestamp_without_time_zone_is_naive() -> None:
@@ -119,8 +121,10 @@ def test_timestamp_without_time_zone_is_naive() -> None:
 
 
 @pytest.mark.parametrize("text", ["infinity", "-infinity", "0044-03-15 12:00:00 BC", "294276-12-31 00:00:00"])
-def test_timestamps_python_cannot_hold_stay_strings(text: str) -> None:
-    assert convert(PgType.TIMESTAMP, text) == text
+def test_timestamps_python_cannot_hold_stay_marked_strings(text: str) -> None:
+    value = convert(PgType.TIMESTAMP, text)
+    assert value == text
+    assert isinstance(value, Unrepresentable)  # marked, so mapping can refuse it as unix seconds
 
 
 def test_timestamptz_in_utc_is_an_aware_utc_datetime() -> None:
@@ -159,8 +163,10 @@ def test_timestamptz_accepts_every_offset_postgres_prints(text: str, expected: d
         "9999-12-31 23:00:00-05",
     ],
 )
-def test_timestamptz_instants_python_cannot_hold_stay_strings(text: str) -> None:
-    assert convert(PgType.TIMESTAMPTZ, text) == text
+def test_timestamptz_instants_python_cannot_hold_stay_marked_strings(text: str) -> None:
+    value = convert(PgType.TIMESTAMPTZ, text)
+    assert value == text
+    assert isinstance(value, Unrepresentable)  # marked, so mapping can refuse it as unix seconds
 
 
 def _pg_timestamptz_text(instant: datetime, offset_seconds: int) -> str:

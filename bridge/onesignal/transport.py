@@ -12,6 +12,7 @@ import asyncio
 
 import aiohttp
 import httpx
+import yarl
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -36,7 +37,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         body = request.content if request.content else None
         try:
             async with self._get_session().request(
-                request.method, str(request.url), data=body,
+                # encoded=True: send the path exactly as httpx built it (yarl would otherwise
+                # decode %2E and remove the dot segments it makes, re-routing the request).
+                request.method, yarl.URL(str(request.url), encoded=True), data=body,
                 headers=[(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"],
                 timeout=timeout, allow_redirects=False,
             ) as resp:

@@ -55,6 +55,7 @@ import orjson
 
 from bridge.config import ColumnSpec
 from bridge.events import UNCHANGED, Op
+from bridge.sources.pgtypes import Unrepresentable
 
 __all__ = [
     "FORMATS",
@@ -174,7 +175,7 @@ def _from_micros(us: int) -> dt.datetime | str:
     try:
         return _EPOCH + dt.timedelta(microseconds=us)
     except OverflowError:
-        return "infinity" if us > 0 else "-infinity"
+        return Unrepresentable("infinity" if us > 0 else "-infinity")
 
 
 def _micro_timestamp(value: Any, schema: Mapping, where: str) -> Any:
@@ -198,7 +199,7 @@ def _zoned_timestamp(value: Any, schema: Mapping, where: str) -> Any:
     if not isinstance(value, str):
         raise _bad(where, "an ISO-8601 string (io.debezium.time.ZonedTimestamp)", value)
     if value in ("infinity", "-infinity"):
-        return value
+        return Unrepresentable(value)
     text = _FRACTION.sub(r"\1", value.strip(), count=1)
     try:
         parsed = dt.datetime.fromisoformat(text)
@@ -214,7 +215,7 @@ def _date_days(value: Any, schema: Mapping, where: str) -> Any:
     try:
         return dt.date.fromordinal(_EPOCH_ORDINAL + days)
     except (ValueError, OverflowError):
-        return "infinity" if days > 0 else "-infinity"
+        return Unrepresentable("infinity" if days > 0 else "-infinity")
 
 
 def _time_of_day(micros: int, value: Any, where: str) -> str:

@@ -20,8 +20,10 @@ arrays of any known type               ``list`` (nested lists for multi-dimensio
 everything else (text, uuid, time...)  ``str`` unchanged (uuid lowercased)
 =====================================  =====================================================
 
-Values a Python type cannot hold are kept as the Postgres string: dates and timestamps
-``infinity``/``-infinity``, BC dates and years after 9999.
+Values a Python type cannot hold are kept as the Postgres string, typed :class:`Unrepresentable`
+(a ``str`` subclass, so it prints and serialises as that text): dates and timestamps
+``infinity``/``-infinity``, BC dates and years after 9999. Mapping refuses them where a number is
+needed (a tag of unix seconds), with a dead letter naming the value.
 
 Converters raise ``ValueError`` on text that is not what Postgres prints for the type (for
 example a non-ISO ``DateStyle``); SQL NULL and unchanged TOAST values never reach them.
@@ -39,7 +41,7 @@ from typing import Any, TypeAlias
 
 import orjson
 
-__all__ = ["Converter", "PgType", "converter_for", "parse_array"]
+__all__ = ["Converter", "PgType", "Unrepresentable", "converter_for", "parse_array"]
 
 Converter: TypeAlias = Callable[[str], Any]
 
@@ -127,24 +129,34 @@ def _numeric(text: str) -> Decimal:
         raise ValueError(f"not a Postgres numeric: {text!r}") from None
 
 
-def _unrepresentable(text: str, kind: str) -> str:
+class Unrepresentable(str):
+    """A valid Postgres date or timestamp that ``datetime`` cannot hold (``infinity``,
+    ``-infinity``, BC, after year 9999), as Postgres prints it. It has no unix-seconds value."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Unrepresentable({str.__repr__(self)})"
+
+
+def _unrepresentable(text: str, kind: str) -> Unrepresentable:
     """Return ``text`` if it is a valid Postgres value Python cannot hold, else raise."""
     if text in _INFINITIES or text.endswith(" BC"):
-        return text
+        return Unrepresentable(text)
     year, dash, _ = text.partition("-")
     if dash and len(year) > 4 and year.isdigit():  # year 10000 and later
-        return text
+        return Unrepresentable(text)
     raise ValueError(f"not an ISO {kind}: {text!r} (is the session's DateStyle ISO?)")
 
 
-def _date(text: str) -> date | str:
+def _date(text: str) -> date | Unrepresentable:
     try:
         return _date_fromisoformat(text)
     except ValueError:
         return _unrepresentable(text, "date")
 
 
-def _timestamp(text: str) -> datetime | str:
+def _timestamp(text: str) -> datetime | Unrepresentable:
     try:
         value = _fromisoformat(text)
     except ValueError:
@@ -154,7 +166,7 @@ def _timestamp(text: str) -> datetime | str:
     return value
 
 
-def _timestamptz(text: str) -> datetime | str:
+def _timestamptz(text: str) -> datetime | Unrepresentable:
     try:
         value = _fromisoformat(text)
     except ValueError:
@@ -167,7 +179,7 @@ def _timestamptz(text: str) -> datetime | str:
     try:
         return value.astimezone(_UTC)
     except OverflowError:  # e.g. 0001-01-01 00:00:00+05: before year 1 in UTC
-        return text
+        return Unrepresentable(text)
 
 
 # orjson turns integers outside the 64-bit range into floats (silently losing digits) and

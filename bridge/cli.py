@@ -116,14 +116,20 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if config.mapping_for(table) is None:
         print(f"backfill: table {table} is not mapped in {args.config}", file=sys.stderr)
         return 2
-    if isinstance(config.source, OutboxSourceConfig):
-        return backfill.outbox_backfill(config.source.dsn.get_secret_value(), table, args.where, args.chunk_size)
-    if not isinstance(config.source, PostgresSourceConfig):
+    if not isinstance(config.source, (OutboxSourceConfig, PostgresSourceConfig)):
         print("backfill: with source.kind kafka, re-snapshot through Debezium (an incremental snapshot signal)",
               file=sys.stderr)
         return 2
-    return backfill.request(config.source.dsn.get_secret_value(), table, args.where, args.resume,
-                            args.chunk_size, not args.no_wait, timeout=args.timeout)
+    try:
+        backfill.check_where(args.where)  # before connecting; Postgres checks it again before it is used
+        if isinstance(config.source, OutboxSourceConfig):
+            return backfill.outbox_backfill(config.source.dsn.get_secret_value(), table, args.where,
+                                            args.chunk_size)
+        return backfill.request(config.source.dsn.get_secret_value(), table, args.where, args.resume,
+                                args.chunk_size, not args.no_wait, timeout=args.timeout)
+    except backfill.BackfillError as exc:  # a bad --where (WhereError) or table: one line, nothing recorded
+        print(f"backfill: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:

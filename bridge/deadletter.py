@@ -8,13 +8,96 @@ bad input never vanishes.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import orjson
 import psycopg
 
 from bridge.events import Origin, Rejection
+
+log = logging.getLogger("bridge.deadletter")
+
+ROW_KEY_TEXT_MAX = 500  # the text column is for people; the JSON column keeps every key in full
+
+
+class RowKey(str):
+    """A row's primary key: reads as the text people see (`id=42`), and keeps the columns and values.
+
+    Mapping renders keys with this type, so every `Origin.key` and `Rejection.key` still is the
+    familiar string while a dead letter can store the key structurally (`row_keys`), which `dlq
+    replay` reads back without parsing text (a value may contain `,`, `;` or `=`).
+    """
+
+    __slots__ = ("columns",)
+    columns: Mapping[str, Any]
+
+    def __new__(cls, columns: Mapping[str, Any], text: str) -> "RowKey":
+        self = super().__new__(cls, text)
+        self.columns = columns  # normalised only when a dead letter is written (hot path)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RowKey, (dict(self.columns), str(self)))
+
+
+def key_value(v: Any) -> Any:
+    """A key value as JSON: strings, integers, booleans and null as they are, anything else as text
+    that Postgres reads back as the column's type (timestamps, numerics, uuids ...)."""
+    if v is None or isinstance(v, (str, bool)):
+        return v
+    if isinstance(v, int):
+        return v if -(2**63) <= v < 2**63 else str(v)
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(v).hex()
+    if isinstance(v, (dict, list)):
+        return orjson.dumps(v, default=str).decode()
+    return str(v)
+
+
+def structured_keys(origins: Iterable[tuple[str, str]]) -> list[dict[str, Any]] | None:
+    """`[{"table": "public.users", "key": {"id": "a,b"}}, ...]` for (table, key) pairs, without
+    duplicates; None when a key was not rendered as a `RowKey` (nothing structured to store)."""
+    out: list[dict[str, Any]] = []
+    seen: set[bytes] = set()
+    for table, key in origins:
+        if not isinstance(key, RowKey):
+            return None
+        entry = {"table": table, "key": {str(k): key_value(v) for k, v in key.columns.items()}}
+        ident = orjson.dumps(entry)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(entry)
+    return out
+
+
+def _human(v: Any) -> str:
+    if v is None:
+        return "NULL"
+    if not isinstance(v, str):
+        return orjson.dumps(v).decode()
+    plain = bool(v) and v.isprintable() and v != "NULL" and not any(c in v for c in ',;="\\ ')
+    return v if plain else orjson.dumps(v).decode()
+
+
+def render_row_keys(keys: list[dict[str, Any]], table: str | None = None) -> str:
+    """Structured keys for people, unambiguous: `id=42`, `id="a,b"`, `code=x; public.orders:id=7`.
+
+    A value with a separator, a quote, a space, nothing, or an unprintable character is written as
+    a JSON string; keys of another table than the letter's are prefixed with their table.
+    """
+    parts = []
+    for entry in keys:
+        cols = entry.get("key") or {}
+        text = ",".join(f"{_human(str(k))}={_human(v)}" for k, v in cols.items()) or "(no key)"
+        if table is not None and entry.get("table") != table:
+            text = f"{entry.get('table')}:{text}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +112,26 @@ class DeadLetter:
     payload: dict[str, Any] | None = None
     request: dict[str, Any] | None = None
     origins: tuple[Origin, ...] = field(default=())
+    # The row keys, structurally (see `structured_keys`): what `dlq replay` looks the rows up by.
+    row_keys: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_rejection(cls, r: Rejection) -> "DeadLetter":
-        return cls(r.table, r.key, r.field, "invalid_value", r.message(), r.position,
-                   payload=dict(r.payload) if r.payload else None)
+        keys = structured_keys([(r.table, r.key)])
+        return cls(r.table, render_row_keys(keys, r.table) if keys is not None else r.key, r.field,
+                   "invalid_value", r.message(), r.position,
+                   payload=dict(r.payload) if r.payload else None, row_keys=keys)
+
+    @classmethod
+    def from_origins(cls, origins: tuple[Origin, ...], **kw: Any) -> "DeadLetter":
+        """A letter for a change merged from these origins (a request OneSignal refused)."""
+        table = origins[0].table if origins else ""
+        keys = structured_keys((o.table, o.key) for o in origins)
+        if keys is not None:
+            text = render_row_keys(keys, table)
+        else:
+            text = ";".join(sorted({o.key for o in origins}))
+        return cls(table=table, row_key=text[:ROW_KEY_TEXT_MAX], origins=origins, row_keys=keys, **kw)
 
 
 class DeadLetterStore(Protocol):
@@ -57,7 +155,16 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.dead_letters (
     replayed_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS dead_letters_table_idx ON onesignal_bridge.dead_letters (source_table, created_at);
+-- row keys as JSON, [{"table": ..., "key": {column: value}}], read by `dlq replay` (row_key: for people)
+ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb;
 """.strip()
+
+ADD_ROW_KEYS_SQL = "ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb"
+HAS_ROW_KEYS_SQL = (
+    "SELECT to_regclass('onesignal_bridge.dead_letters') IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute"
+    " WHERE attrelid = to_regclass('onesignal_bridge.dead_letters') AND attname = 'row_keys'"
+    " AND NOT attisdropped)"
+)
 
 
 def _json(v: Any) -> str | None:
@@ -70,11 +177,34 @@ class PostgresDeadLetters:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._row_keys = True  # whether the table has the `row_keys` column (checked per connection)
+        self._warned = False
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+            self._row_keys = await self._ensure_row_keys(self._conn)
         return self._conn
+
+    async def _ensure_row_keys(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """A table created by an older `setup` lacks `row_keys`: add it, or write without it."""
+        row = await (await conn.execute(HAS_ROW_KEYS_SQL)).fetchone()
+        exists, has = row if row is not None else (False, False)
+        if has or not exists:
+            return True  # a missing table fails on insert, as it always did
+        try:
+            await conn.execute(ADD_ROW_KEYS_SQL)
+            log.info("added column row_keys to onesignal_bridge.dead_letters")
+            return True
+        except psycopg.Error as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("onesignal_bridge.dead_letters has no row_keys column and it cannot be added "
+                            "(%s): run `onesignal-bridge setup` as the table's owner; until then "
+                            "`dlq replay` reads row keys from their text, and refuses keys it cannot read "
+                            "unambiguously",
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            return False
 
     async def put(self, letters: list[DeadLetter]) -> None:
         if not letters:
@@ -82,12 +212,22 @@ class PostgresDeadLetters:
         try:
             conn = await self._connection()
             async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO onesignal_bridge.dead_letters (source_table, row_key, field, reason, message,"
-                    " position, onesignal_user, payload, request) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                    [(d.table, d.row_key, d.field, d.reason, d.message, d.position, d.user,
-                      _json(d.payload), _json(d.request)) for d in letters],
-                )
+                if self._row_keys:
+                    await cur.executemany(
+                        "INSERT INTO onesignal_bridge.dead_letters (source_table, row_key, field, reason,"
+                        " message, position, onesignal_user, payload, request, row_keys)"
+                        " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                        [(d.table, d.row_key, d.field, d.reason, d.message, d.position, d.user,
+                          _json(d.payload), _json(d.request), _json(d.row_keys)) for d in letters],
+                    )
+                else:
+                    await cur.executemany(
+                        "INSERT INTO onesignal_bridge.dead_letters (source_table, row_key, field, reason,"
+                        " message, position, onesignal_user, payload, request)"
+                        " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                        [(d.table, d.row_key, d.field, d.reason, d.message, d.position, d.user,
+                          _json(d.payload), _json(d.request)) for d in letters],
+                    )
         except psycopg.Error:
             if self._conn is not None:
                 await self._conn.close()

@@ -347,19 +347,16 @@ class Dispatcher:
         self._update_room()
 
     def _letter(self, batch: UserBatch, req: Request, exc: errors.OneSignalError) -> DeadLetter:
-        first = batch.origins[0] if batch.origins else None
         positions = ",".join(o.position for o in batch.origins[:4])
         log.warning("dead-lettered %s %s for user %s: %s", req.method, req.endpoint, batch.user, exc)
-        return DeadLetter(
-            table=first.table if first else "",
-            row_key=";".join(sorted({o.key for o in batch.origins}))[:500],
+        return DeadLetter.from_origins(
+            batch.origins,
             field=None,
             reason=exc.reason,
             message=f"user {batch.user}: {exc}",
             position=positions,
             user=str(batch.user),
             request={"method": req.method, "path": req.path, "body": req.body},
-            origins=batch.origins,
         )
 
     async def _store_letters(self, letters: list[DeadLetter]) -> None:

@@ -27,6 +27,7 @@ import orjson
 from bridge import addresses
 from bridge.config import ColumnSpec, Config, MappingConfig, SubscriptionSpec
 from bridge.errors import ConfigError
+from bridge.deadletter import RowKey
 from bridge.events import (
     UNCHANGED,
     ChangeEvent,
@@ -225,7 +226,8 @@ def _column(ref: str | ColumnSpec) -> str:
 
 
 def render_key(key: Mapping[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in key.items()) or "(no key)"
+    # A RowKey reads as this text and keeps the values for dead letters (`dlq replay`).
+    return RowKey(key, ",".join(f"{k}={v}" for k, v in key.items()) or "(no key)")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.dead_letters (
     replayed_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS dead_letters_table_idx ON onesignal_bridge.dead_letters (source_table, created_at);
+-- row keys as JSON, [{"table": ..., "key": {column: value}}], read by `dlq replay` (row_key: for people)
+ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb;
 
 -- subscription ids the bridge learned (email/SMS)
 CREATE TABLE IF NOT EXISTS onesignal_bridge.subscriptions (

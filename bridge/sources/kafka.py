@@ -82,6 +82,7 @@ class KafkaDeadLetters:
             self.producer.produce(self.topic, value=value, headers=[
                 ("dlq.reason", d.reason.encode()), ("dlq.table", d.table.encode()),
                 ("dlq.position", d.position.encode()),
+                *([("dlq.row_keys", orjson.dumps(d.row_keys))] if d.row_keys is not None else []),
             ])
         remaining = await asyncio.to_thread(self.producer.flush, 30)
         if remaining:

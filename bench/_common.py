@@ -16,8 +16,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (str(ROOT), str(ROOT / "tests")):
@@ -25,7 +26,6 @@ for p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, p)
 
 import httpx  # noqa: E402
-
 from bridgeproc import API_KEY, APP_ID, BridgeProcess, free_port, wait_until  # noqa: E402,F401
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -442,7 +442,7 @@ class PacedWriter:
         self.max_behind = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "PacedWriter":
+    def start(self) -> PacedWriter:
         self._thread.start()
         return self
 

@@ -36,7 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    USERS_DDL, PacedWriter, Stack, insert_users, machine_line, median, spread, try_scrape, write_section,
+    USERS_DDL,
+    PacedWriter,
+    Stack,
+    insert_users,
+    machine_line,
+    median,
+    spread,
+    try_scrape,
+    write_section,
 )
 
 TICK_S = 0.01
@@ -101,16 +109,27 @@ def run_once(stack: Stack, args: argparse.Namespace, rng: random.Random) -> dict
         for t in times:
             counts[int(t)] += 1
         max_in_sec = max(max_in_sec, max(counts.values()))
-        for a, b in zip(times, times[1:]):
+        for a, b in zip(times, times[1:], strict=False):
             min_gap = min(min_gap, b - a)
             gaps_under += (b - a) < 1.0
     n = len(reqs)
     return {
-        "changes": w.changes, "achieved": w.changes / (w.finished - w.started), "users_changed": len({i for i, _ in pairs}),
-        "pairs": len(pairs), "windows": len(windows), "requests": n, "ok": sum(v for k, v in statuses.items() if 200 <= k < 300),
-        "r429": statuses.get(429, 0), "per_window": n / len(windows), "vs_pairs": n / len(pairs),
-        "vs_changes": n / w.changes, "max_in_sec": max_in_sec, "min_gap": min_gap, "gaps_under_1s": gaps_under,
-        "drain_s": drain, "coalesced": after.get("onesignal_bridge_user_changes_coalesced_total", 0)
+        "changes": w.changes,
+        "achieved": w.changes / (w.finished - w.started),
+        "users_changed": len({i for i, _ in pairs}),
+        "pairs": len(pairs),
+        "windows": len(windows),
+        "requests": n,
+        "ok": sum(v for k, v in statuses.items() if 200 <= k < 300),
+        "r429": statuses.get(429, 0),
+        "per_window": n / len(windows),
+        "vs_pairs": n / len(pairs),
+        "vs_changes": n / w.changes,
+        "max_in_sec": max_in_sec,
+        "min_gap": min_gap,
+        "gaps_under_1s": gaps_under,
+        "drain_s": drain,
+        "coalesced": after.get("onesignal_bridge_user_changes_coalesced_total", 0)
         - before.get("onesignal_bridge_user_changes_coalesced_total", 0),
     }
 
@@ -144,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 r = run_once(stack, args, rng)
                 results.append(r)
-                print(f"round {rnd + 1}/{args.rounds}: {r['changes']:,} changes ({r['achieved']:,.0f}/s) to "
-                      f"{r['users_changed']:,} users; {r['pairs']:,} (user, s) pairs; {r['requests']:,} requests "
-                      f"({r['vs_pairs']:.2f} x pairs, {r['vs_changes']:.3f} x changes, {r['per_window']:.2f} per "
-                      f"(user, window)); 429s {r['r429']}; max/user/s {r['max_in_sec']}; min gap "
-                      f"{r['min_gap']:.3f} s; drained {r['drain_s']:.1f} s after the writer", flush=True)
+                print(
+                    f"round {rnd + 1}/{args.rounds}: {r['changes']:,} changes ({r['achieved']:,.0f}/s) to "
+                    f"{r['users_changed']:,} users; {r['pairs']:,} (user, s) pairs; {r['requests']:,} requests "
+                    f"({r['vs_pairs']:.2f} x pairs, {r['vs_changes']:.3f} x changes, {r['per_window']:.2f} per "
+                    f"(user, window)); 429s {r['r429']}; max/user/s {r['max_in_sec']}; min gap "
+                    f"{r['min_gap']:.3f} s; drained {r['drain_s']:.1f} s after the writer",
+                    flush=True,
+                )
             info = stack.info
         finally:
             stack.close()
@@ -166,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python bench/api_efficiency.py --rounds {args.rounds}`. Zipf(s={args.zipf_s:g}) over "
         f"{args.users:,} users, {args.changes:,} row changes in {args.seconds:g} s (one transaction of "
         f"{int(args.changes * TICK_S / args.seconds)} updates every 10 ms), bridge and simulator as processes, "
-        f"default delivery settings (flush {args.flush_ms} ms, 900 requests/s). Median (range) over {args.rounds} rounds.",
+        f"default delivery settings (flush {args.flush_ms} ms, 900 requests/s). "
+        f"Median (range) over {args.rounds} rounds.",
         "",
         "| quantity | value |",
         "|---|---:|",
@@ -186,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Targets: at most 1 request per user per second: **{'met' if max_sec <= 1 else 'missed'}** "
         f"(max {max_sec}); zero 429s: **{'met' if r429 == 0 else 'missed'}**; total requests within 10% of the "
         f"(user, second) pairs: ratio {vs_pairs:.2f}: **"
-        + ("met" if 0.9 <= vs_pairs <= 1.10 else ("fewer requests than pairs (the request budget binds, see below)"
-                                                    if within else "missed")) + "**.",
+        + (
+            "met"
+            if 0.9 <= vs_pairs <= 1.10
+            else ("fewer requests than pairs (the request budget binds, see below)" if within else "missed")
+        )
+        + "**.",
     ]
     table = "\n".join(lines)
     print("\n" + table)

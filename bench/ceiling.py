@@ -34,7 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    USERS_DDL, Stack, insert_users, machine_line, median, spread, try_scrape, write_section,
+    USERS_DDL,
+    Stack,
+    insert_users,
+    machine_line,
+    spread,
+    try_scrape,
+    write_section,
 )
 
 CHUNK = 5_000

@@ -35,14 +35,13 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import counting_pipeline, machine, machine_line, median, spread, write_section  # noqa: E402
-
 import orjson  # noqa: E402
+from _common import counting_pipeline, machine, machine_line, median, spread, write_section  # noqa: E402
 from confluent_kafka import Consumer, Producer  # noqa: E402
+from kafkabroker import KafkaBroker  # noqa: E402
 
 from bridge.config import parse_config  # noqa: E402
 from bridge.sources.kafka import DEFAULT_CONSUMER, KafkaSource  # noqa: E402
-from kafkabroker import KafkaBroker  # noqa: E402
 
 TOPIC = "dbserver1.public.users"
 PARTITIONS = 4

@@ -32,7 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    USERS_DDL, PacedWriter, Stack, insert_users, machine_line, median, percentile, write_section,
+    USERS_DDL,
+    PacedWriter,
+    Stack,
+    insert_users,
+    machine_line,
+    median,
+    percentile,
+    write_section,
 )
 
 TICK_S = 0.01
@@ -94,10 +101,18 @@ def run_once(stack: Stack, rate: int, seconds: float, first_id: int, rng: random
     lat.sort()
     span = max(r["time"] for r in reqs) - min(r["time"] for r in reqs) if reqs else 0.0
     return {
-        "rate": rate, "changes": w.changes, "seconds": seconds,
-        "achieved": w.changes / max(1e-9, w.finished - w.started), "writer_behind_ms": w.max_behind * 1000,
-        "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99), "max": lat[-1] if lat else float("nan"),
-        "missing": missing, "requests": len(reqs), "req_per_s": len(reqs) / span if span else 0.0,
+        "rate": rate,
+        "changes": w.changes,
+        "seconds": seconds,
+        "achieved": w.changes / max(1e-9, w.finished - w.started),
+        "writer_behind_ms": w.max_behind * 1000,
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
+        "max": lat[-1] if lat else float("nan"),
+        "missing": missing,
+        "requests": len(reqs),
+        "req_per_s": len(reqs) / span if span else 0.0,
         "r429": statuses.get("429", 0),
     }
 
@@ -109,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flush-ms", type=int, default=200)
     ap.add_argument("--max-changes", type=int, default=MAX_CHANGES, help="cap on the changes of one run")
-    ap.add_argument("--quick", action="store_true", help="1 round of 3 s per rate, at most 1,000 changes; no docs update")
+    ap.add_argument(
+        "--quick", action="store_true", help="1 round of 3 s per rate, at most 1,000 changes; no docs update"
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -136,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_once(stack, rate, args.seconds, next_id, rng, args.max_changes)
                     next_id += int(min(rate * args.seconds, args.max_changes))
                     results[rate].append(res)
-                    print(f"round {rnd + 1}/{args.rounds} {rate:>5}/s: {res['changes']:,} changes "
-                          f"(writer {res['achieved']:,.0f}/s) p50 {res['p50'] * 1000:,.0f} ms "
-                          f"p95 {res['p95'] * 1000:,.0f} ms p99 {res['p99'] * 1000:,.0f} ms "
-                          f"max {res['max'] * 1000:,.0f} ms; {res['requests']:,} requests "
-                          f"({res['req_per_s']:,.0f}/s), 429s {res['r429']}, undelivered {res['missing']}",
-                          flush=True)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} {rate:>5}/s: {res['changes']:,} changes "
+                        f"(writer {res['achieved']:,.0f}/s) p50 {res['p50'] * 1000:,.0f} ms "
+                        f"p95 {res['p95'] * 1000:,.0f} ms p99 {res['p99'] * 1000:,.0f} ms "
+                        f"max {res['max'] * 1000:,.0f} ms; {res['requests']:,} requests "
+                        f"({res['req_per_s']:,.0f}/s), 429s {res['r429']}, undelivered {res['missing']}",
+                        flush=True,
+                    )
                     time.sleep(1.0)
             info = stack.info
         finally:
@@ -152,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine_line(info)}.",
         "",
         f"Command: `.venv/bin/python bench/latency.py --rounds {args.rounds} --seconds {args.seconds:g}"
-        + (f" --max-changes {args.max_changes}" if args.max_changes != MAX_CHANGES else "") + "`. "
+        + (f" --max-changes {args.max_changes}" if args.max_changes != MAX_CHANGES else "")
+        + "`. "
         f"Bridge and simulator as processes, default delivery settings (flush {args.flush_ms} ms, "
         "900 requests/s app budget). Every change in a run is to a different user (one request each). "
         "Latency: simulator 2xx log time minus the writer's time after COMMIT. Median over "
@@ -168,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for rate in rates:
         rs = results[rate]
-        lines.append(f"| {rate:,} | {rs[0]['changes']:,} | {ms('p50', rs)} | {ms('p95', rs)} | {ms('p99', rs)} | "
-                     f"{median(r['req_per_s'] for r in rs):,.0f} | {sum(r['r429'] for r in rs)} |")
+        lines.append(
+            f"| {rate:,} | {rs[0]['changes']:,} | {ms('p50', rs)} | {ms('p95', rs)} | {ms('p99', rs)} | "
+            f"{median(r['req_per_s'] for r in rs):,.0f} | {sum(r['r429'] for r in rs)} |"
+        )
     if 1000 in results:
         p99 = median(r["p99"] for r in results[1000]) * 1000
         verdict = "met" if p99 <= target_ms else f"missed by {p99 - target_ms:,.0f} ms"

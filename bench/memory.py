@@ -31,7 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    USERS_DDL, Stack, insert_users, machine_line, median, rss_peak_kib, spread, try_scrape, write_section,
+    USERS_DDL,
+    Stack,
+    insert_users,
+    machine_line,
+    median,
+    rss_peak_kib,
+    spread,
+    try_scrape,
+    write_section,
 )
 
 CHUNK = 10_000
@@ -58,8 +66,10 @@ def run_once(stack: Stack, args: argparse.Namespace) -> dict:
     stack.start_bridge()
     pid = stack.bridge.proc.pid
     first = 10_000_000
-    writer = threading.Thread(target=(write_inserts if args.users == 0 else write_updates),
-                              args=((stack, first, args.changes) if args.users == 0 else (stack, args.users, args.changes)))
+    writer = threading.Thread(
+        target=(write_inserts if args.users == 0 else write_updates),
+        args=((stack, first, args.changes) if args.users == 0 else (stack, args.users, args.changes)),
+    )
     t0 = time.monotonic()
     writer.start()
     samples: list[tuple[float, float]] = []  # (time, changes read)
@@ -84,18 +94,25 @@ def run_once(stack: Stack, args: argparse.Namespace) -> dict:
     stack.stop_bridge()
     stack.drop_slot()
     stack.sim.reset()
-    return {"peak_mib": hwm / 1024, "end_mib": rss / 1024, "read": m.get("onesignal_bridge_changes_total", 0),
-            "pending_users": m.get("onesignal_bridge_pending_users", 0),
-            "pending_bytes": m.get("onesignal_bridge_pending_bytes", 0), "lag_mib": lag / 2**20,
-            "backpressure": m.get("onesignal_bridge_backpressure_waits_total", 0),
-            "requests": sum(v for k, v in m.items() if k.startswith("onesignal_bridge_api_requests_total{")),
-            "seconds": time.monotonic() - t0}
+    return {
+        "peak_mib": hwm / 1024,
+        "end_mib": rss / 1024,
+        "read": m.get("onesignal_bridge_changes_total", 0),
+        "pending_users": m.get("onesignal_bridge_pending_users", 0),
+        "pending_bytes": m.get("onesignal_bridge_pending_bytes", 0),
+        "lag_mib": lag / 2**20,
+        "backpressure": m.get("onesignal_bridge_backpressure_waits_total", 0),
+        "requests": sum(v for k, v in m.items() if k.startswith("onesignal_bridge_api_requests_total{")),
+        "seconds": time.monotonic() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--changes", type=int, default=1_000_000)
-    ap.add_argument("--users", type=int, default=0, help="0: every change a new user (inserts); N: updates over N users")
+    ap.add_argument(
+        "--users", type=int, default=0, help="0: every change a new user (inserts); N: updates over N users"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--settle", type=float, default=8.0)
     ap.add_argument("--timeout", type=float, default=240.0)
@@ -120,22 +137,30 @@ def main(argv: list[str] | None = None) -> int:
                         conn.execute("VACUUM users")
                 r = run_once(stack, args)
                 results.append(r)
-                print(f"round {rnd + 1}/{args.rounds}: peak RSS {r['peak_mib']:.0f} MiB (end {r['end_mib']:.0f}), "
-                      f"read {r['read']:,.0f} of {args.changes:,} changes, pending users {r['pending_users']:,.0f}, "
-                      f"pending bytes {r['pending_bytes'] / 2**20:.1f} MiB, slot lag {r['lag_mib']:.0f} MiB, "
-                      f"{r['requests']:,.0f} failed requests, {r['seconds']:.0f} s", flush=True)
+                print(
+                    f"round {rnd + 1}/{args.rounds}: peak RSS {r['peak_mib']:.0f} MiB (end {r['end_mib']:.0f}), "
+                    f"read {r['read']:,.0f} of {args.changes:,} changes, pending users {r['pending_users']:,.0f}, "
+                    f"pending bytes {r['pending_bytes'] / 2**20:.1f} MiB, slot lag {r['lag_mib']:.0f} MiB, "
+                    f"{r['requests']:,.0f} failed requests, {r['seconds']:.0f} s",
+                    flush=True,
+                )
             info = stack.info
         finally:
             stack.close()
 
     peak = median(r["peak_mib"] for r in results)
-    what = ("1,000,000 inserted rows = 1,000,000 different users" if args.users == 0 and args.changes == 1_000_000
-            else f"{args.changes:,} changes " + ("to as many new users" if args.users == 0 else f"over {args.users:,} users"))
+    what = (
+        "1,000,000 inserted rows = 1,000,000 different users"
+        if args.users == 0 and args.changes == 1_000_000
+        else f"{args.changes:,} changes "
+        + ("to as many new users" if args.users == 0 else f"over {args.users:,} users")
+    )
     lines = [
         f"Machine: {machine_line(info)}.",
         "",
         f"Command: `.venv/bin/python bench/memory.py --changes {args.changes} --rounds {args.rounds}"
-        + (f" --users {args.users}" if args.users else "") + f"`. OneSignal down (every request 503), {what} "
+        + (f" --users {args.users}" if args.users else "")
+        + f"`. OneSignal down (every request 503), {what} "
         "written while the bridge streams, default delivery settings (max_pending_users 100,000, "
         f"max_pending_bytes 64 MiB). Median (range) over {args.rounds} rounds.",
         "",
@@ -145,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| RSS when it stopped reading (MiB) | {spread([r['end_mib'] for r in results])} |",
         f"| changes read by the bridge | {spread([r['read'] for r in results])} |",
         f"| pending users | {spread([r['pending_users'] for r in results])} |",
-        f"| pending bytes (the bridge's estimate, MiB) | {spread([r['pending_bytes'] / 2**20 for r in results], '{:.1f}')} |",
+        f"| pending bytes (the bridge's estimate, MiB) "
+        f"| {spread([r['pending_bytes'] / 2**20 for r in results], '{:.1f}')} |",
         f"| replication slot lag (MiB of WAL held by Postgres) | {spread([r['lag_mib'] for r in results])} |",
         "",
         f"Target: peak RSS <= 300 MiB: **{'met' if peak <= 300 else f'missed by {peak - 300:.0f} MiB'}** "

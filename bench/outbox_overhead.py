@@ -72,7 +72,9 @@ def _variant(cluster: PgCluster, variant: str) -> None:
     else:
         cols = ", ".join(f"'{c}'" for c in CAPTURED)
         _psql(cluster, f"SELECT onesignal_bridge.install_trigger('users', ARRAY[{cols}])")
-        _psql(cluster, f"UPDATE onesignal_bridge.wakeup SET waiting = {'true' if variant.endswith('idle') else 'false'}")
+        _psql(
+            cluster, f"UPDATE onesignal_bridge.wakeup SET waiting = {'true' if variant.endswith('idle') else 'false'}"
+        )
     _psql(cluster, "TRUNCATE onesignal_bridge.outbox")
     _psql(cluster, "VACUUM users")
     _psql(cluster, "CHECKPOINT")
@@ -80,10 +82,30 @@ def _variant(cluster: PgCluster, variant: str) -> None:
 
 def _pgbench(cluster: PgCluster, script: Path, clients: int, seconds: int) -> tuple[float, float]:
     out = subprocess.run(
-        [str(cluster.bindir / "pgbench"), "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
-         "-j", str(min(clients, os.cpu_count() or 1)), "-T", str(seconds),
-         "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "bench"],
-        capture_output=True, text=True, check=True,
+        [
+            str(cluster.bindir / "pgbench"),
+            "-n",
+            "-M",
+            "prepared",
+            "-f",
+            str(script),
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, os.cpu_count() or 1)),
+            "-T",
+            str(seconds),
+            "-h",
+            cluster.host,
+            "-p",
+            str(cluster.port),
+            "-U",
+            "postgres",
+            "bench",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     tps = float(re.search(r"tps = ([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))  # type: ignore[union-attr]
@@ -120,11 +142,17 @@ def _machine(cluster: PgCluster) -> str:
         mem = "RAM unknown"
     with cluster.connect("bench") as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        settings = ", ".join(f"{k}={conn.execute(f'SHOW {k}').fetchone()[0]}"  # type: ignore[index]
-                             for k in ("fsync", "synchronous_commit", "shared_buffers", "wal_level"))
-    pgbench = subprocess.run([str(cluster.bindir / "pgbench"), "--version"], capture_output=True, text=True).stdout.strip()
-    return (f"{cpu}, {os.cpu_count()} vCPU, {mem}, Linux {platform.release()}; PostgreSQL {version} ({settings}); "
-            f"{pgbench}; Python {platform.python_version()}")
+        settings = ", ".join(
+            f"{k}={conn.execute(f'SHOW {k}').fetchone()[0]}"  # type: ignore[index]
+            for k in ("fsync", "synchronous_commit", "shared_buffers", "wal_level")
+        )
+    pgbench = subprocess.run(
+        [str(cluster.bindir / "pgbench"), "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"{cpu}, {os.cpu_count()} vCPU, {mem}, Linux {platform.release()}; PostgreSQL {version} ({settings}); "
+        f"{pgbench}; Python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,12 +189,17 @@ def main(argv: list[str] | None = None) -> int:
                         t, lt = _pgbench(cluster, script, c, args.seconds)
                         tps.setdefault((variant, c), []).append(t)
                         lat.setdefault((variant, c), []).append(lt)
-                        print(f"run {run + 1}/{args.runs} {variant:<26} {c} client(s): {t:9.1f} tps {lt:7.3f} ms",
-                              flush=True)
+                        print(
+                            f"run {run + 1}/{args.runs} {variant:<26} {c} client(s): {t:9.1f} tps {lt:7.3f} ms",
+                            flush=True,
+                        )
                     _variant(cluster, variant)
                     bulk[variant].append(_bulk(cluster))
-                    print(f"run {run + 1}/{args.runs} {variant:<26} bulk UPDATE of {BULK_ROWS}: "
-                          f"{bulk[variant][-1]:8.0f} ms", flush=True)
+                    print(
+                        f"run {run + 1}/{args.runs} {variant:<26} bulk UPDATE of {BULK_ROWS}: "
+                        f"{bulk[variant][-1]:8.0f} ms",
+                        flush=True,
+                    )
         machine = _machine(cluster)
     finally:
         cluster.destroy()
@@ -191,14 +224,26 @@ def main(argv: list[str] | None = None) -> int:
             add = "" if v == "none" else f"{(lt - base_l) * 1000:+.0f} / {(bl - best_l) * 1000:+.0f} µs"
             lines.append(f"| {c} | {v} | {t:,.0f} | {bt:,.0f} | {lt:.3f} | {rel} | {add} |")
     base_b, best_b = med(bulk["none"]), min(bulk["none"])
-    lines += ["", f"Bulk `UPDATE` of {BULK_ROWS:,} rows in one statement:", "",
-              "| variant | ms (median) | ms (best) | per row added (median / best) |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"Bulk `UPDATE` of {BULK_ROWS:,} rows in one statement:",
+        "",
+        "| variant | ms (median) | ms (best) | per row added (median / best) |",
+        "|---|---:|---:|---:|",
+    ]
     for v in VARIANTS:
         b, bb = med(bulk[v]), min(bulk[v])
-        add = "" if v == "none" else f"{(b - base_b) * 1000 / BULK_ROWS:+.0f} / {(bb - best_b) * 1000 / BULK_ROWS:+.0f} µs"
+        add = (
+            ""
+            if v == "none"
+            else f"{(b - base_b) * 1000 / BULK_ROWS:+.0f} / {(bb - best_b) * 1000 / BULK_ROWS:+.0f} µs"
+        )
         lines.append(f"| {v} | {b:,.0f} | {bb:,.0f} | {add} |")
-    lines += ["", f"Load average (1 min) before / after: {load_before} / {_load()}. The machine is shared: "
-              "the best run of each cell is the least disturbed estimate of the trigger's own cost."]
+    lines += [
+        "",
+        f"Load average (1 min) before / after: {load_before} / {_load()}. The machine is shared: "
+        "the best run of each cell is the least disturbed estimate of the trigger's own cost.",
+    ]
     table = "\n".join(lines)
     print("\n" + table)
     if not args.no_write:
@@ -211,7 +256,7 @@ def _write_docs(table: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = f"{BEGIN}\n{table}\n{END}"
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n## Outbox trigger overhead\n\n" + section + "\n"
     path.write_text(text)

@@ -39,7 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    counting_pipeline, machine, machine_line, median, spread, write_section,
+    counting_pipeline,
+    machine,
+    machine_line,
+    median,
+    spread,
+    write_section,
 )
 
 from bridge.config import parse_config  # noqa: E402

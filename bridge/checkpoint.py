@@ -11,11 +11,12 @@ Memory is one byte per outstanding sequence number.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Watermark:
-    def __init__(self, on_pass: "Callable[[Any], None] | None" = None) -> None:
+    def __init__(self, on_pass: Callable[[Any], None] | None = None) -> None:
         self.on_pass = on_pass  # called with every marker's position the watermark passes
         self._base = 0  # sequence number of _done[_head]
         self._head = 0
@@ -45,7 +46,7 @@ class Watermark:
         if idx == self._head:
             self._advance()
 
-    def complete_many(self, seqs: "list[int] | tuple[int, ...]") -> None:
+    def complete_many(self, seqs: list[int] | tuple[int, ...]) -> None:
         head_idx = self._head
         advance = False
         for seq in seqs:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import orjson
 import psycopg
@@ -34,7 +35,7 @@ class RowKey(str):
     __slots__ = ("columns",)
     columns: Mapping[str, Any]
 
-    def __new__(cls, columns: Mapping[str, Any], text: str) -> "RowKey":
+    def __new__(cls, columns: Mapping[str, Any], text: str) -> RowKey:
         self = super().__new__(cls, text)
         self.columns = columns  # normalised only when a dead letter is written (hot path)
         return self
@@ -116,14 +117,14 @@ class DeadLetter:
     row_keys: list[dict[str, Any]] | None = None
 
     @classmethod
-    def from_rejection(cls, r: Rejection) -> "DeadLetter":
+    def from_rejection(cls, r: Rejection) -> DeadLetter:
         keys = structured_keys([(r.table, r.key)])
         return cls(r.table, render_row_keys(keys, r.table) if keys is not None else r.key, r.field,
                    "invalid_value", r.message(), r.position,
                    payload=dict(r.payload) if r.payload else None, row_keys=keys)
 
     @classmethod
-    def from_origins(cls, origins: tuple[Origin, ...], **kw: Any) -> "DeadLetter":
+    def from_origins(cls, origins: tuple[Origin, ...], **kw: Any) -> DeadLetter:
         """A letter for a change merged from these origins (a request OneSignal refused)."""
         table = origins[0].table if origins else ""
         keys = structured_keys((o.table, o.key) for o in origins)

@@ -6,13 +6,12 @@ each OneSignal user looks like after each step.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import psycopg
@@ -125,7 +124,7 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
         env = {**os.environ, "DEMO_ONESIGNAL_KEY": DEMO_KEY, "DEMO_DATABASE_URL": dsn}
         print(f"==> onesignal-bridge setup --config {cfg_path}")
         subprocess.run([sys.executable, "-m", "bridge", "setup", "--config", str(cfg_path)], env=env, check=True)
-        print("==> onesignal-bridge run (metrics on http://127.0.0.1:%d/metrics)" % metrics_port)
+        print(f"==> onesignal-bridge run (metrics on http://127.0.0.1:{metrics_port}/metrics)")
         procs.append(subprocess.Popen([sys.executable, "-m", "bridge", "run", "--config", str(cfg_path)],
                                       stdout=log, stderr=log, env=env))
         _wait(lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/readyz").status_code == 200, 30, "the bridge")
@@ -135,17 +134,22 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
                 print(f"\n--- step {i}: {title}\n    SQL: {statement}")
                 before = http.get("/_simulator/stats").json()["total_requests"]
                 conn.execute(statement)  # type: ignore[arg-type]
-                _wait(lambda: http.get("/_simulator/stats").json()["total_requests"] > before, 15, "OneSignal calls")
+                _wait(lambda before=before: http.get("/_simulator/stats").json()["total_requests"] > before, 15,
+                      "OneSignal calls")
                 time.sleep(1.5)  # let the per-user rate limit (1 request/s) pass for follow-up calls
                 print("    OneSignal now has:")
                 _show(http.get("/_simulator/users").json()["users"])
-            letters = conn.execute("SELECT source_table, row_key, message FROM onesignal_bridge.dead_letters").fetchall()
+            letters = conn.execute(
+                "SELECT source_table, row_key, message FROM onesignal_bridge.dead_letters"
+            ).fetchall()
         print("\n--- dead letters (onesignal-bridge dlq list):")
         for t, k, msg in letters:
             print(f"    {t} {k}: {msg}")
         stats = http.get("/_simulator/stats").json()
-        print(f"\n==> {stats['total_requests']} OneSignal requests, by status {stats['by_status']}, "
-              f"429s: {stats['rate_limited']}")
+        print(
+            f"\n==> {stats['total_requests']} OneSignal requests, by status {stats['by_status']}, "
+            f"429s: {stats['rate_limited']}"
+        )
         print(f"==> logs in {work / 'demo.log'}; config in {cfg_path}")
         return 0
     finally:

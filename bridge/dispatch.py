@@ -17,7 +17,8 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Awaitable, Callable, Iterable, Optional, Tuple
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from bridge.coalesce import Coalescer, UserBatch
 from bridge.config import DeliveryConfig
@@ -30,7 +31,7 @@ from bridge.onesignal.ratelimit import TokenBucket
 from bridge.plan import SUBSCRIPTION_TYPES, plan, subscription_item
 from bridge.subscriptions import KnownSubscription, MemorySubscriptionState, SubscriptionState
 
-Step = Tuple[Request, Optional[Callable[[], Awaitable[bool]]], Optional[Callable[[Response], Awaitable[None]]]]
+Step = tuple[Request, Callable[[], Awaitable[bool]] | None, Callable[[Response], Awaitable[None]] | None]
 
 log = logging.getLogger("bridge.dispatch")
 

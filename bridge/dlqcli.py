@@ -118,8 +118,8 @@ def _legacy_keys(conn: psycopg.Connection[Any], table: str, text: str) -> tuple[
         if any(c in name for name in cols for c in ",;=") or text.count(",") != len(cols) - 1:
             continue
         parts = text.split(",")
-        if all(part.startswith(col + "=") for col, part in zip(cols, parts)):
-            key = {col: part[len(col) + 1:] for col, part in zip(cols, parts)}
+        if all(part.startswith(col + "=") for col, part in zip(cols, parts, strict=False)):
+            key = {col: part[len(col) + 1:] for col, part in zip(cols, parts, strict=False)}
             if nullable and "None" in key.values():
                 return None, refuse("'None' may be the text None or a NULL")
             return [(table, key)], ""
@@ -256,8 +256,8 @@ async def _replay_one(conn: psycopg.Connection[Any], mapper: Mapper, client: One
             gone += 1
             continue
         cols = [d.name for d in cur.description or []]
-        event = ChangeEvent(key_table, Op.SNAPSHOT, dict(zip(cols, row)), None, key, 0, "dlq-replay",
-                            dt.datetime.now(dt.timezone.utc).timestamp())
+        event = ChangeEvent(key_table, Op.SNAPSHOT, dict(zip(cols, row, strict=True)), None, key, 0, "dlq-replay",
+                            dt.datetime.now(dt.UTC).timestamp())
         result = mapper.map(event)
         if result.rejections:
             return Outcome("failed", "still invalid: " + "; ".join(r.message() for r in result.rejections))

@@ -10,8 +10,9 @@ Everything here is a frozen dataclass: stages never share mutable state.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class _Unchanged:
@@ -20,9 +21,9 @@ class _Unchanged:
     It is never a value: mapping skips such columns, so the user keeps what it has.
     """
 
-    _instance: "_Unchanged | None" = None
+    _instance: _Unchanged | None = None
 
-    def __new__(cls) -> "_Unchanged":
+    def __new__(cls) -> _Unchanged:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -37,7 +38,7 @@ class _Unchanged:
 UNCHANGED: Any = _Unchanged()
 
 
-class Op(str, enum.Enum):
+class Op(enum.StrEnum):
     INSERT = "insert"
     UPDATE = "update"
     DELETE = "delete"

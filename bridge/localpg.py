@@ -35,9 +35,10 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import sql as psql
@@ -230,7 +231,9 @@ class PgCluster:
         # -s: the account may have a nologin shell.
         return [su, "-s", "/bin/sh", self._run_as.pw_name, "-c", shlex.join(argv)]
 
-    def _run(self, argv: Sequence[str | os.PathLike[str]], *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, argv: Sequence[str | os.PathLike[str]], *, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
         cmd = self._cmd(argv)
         return subprocess.run(
             cmd,
@@ -269,11 +272,15 @@ class PgCluster:
         proc = self._run(
             [
                 self.bindir / "initdb",
-                "-D", self.data_dir,
-                "-A", "trust",
-                "-U", SUPERUSER,
+                "-D",
+                self.data_dir,
+                "-A",
+                "trust",
+                "-U",
+                SUPERUSER,
                 "--no-sync",
-                "-E", "UTF8",
+                "-E",
+                "UTF8",
                 "--locale=C",
             ]
         )
@@ -328,7 +335,7 @@ class PgCluster:
                 lines.append("{} = '{}'".format(key, str(value).replace("'", "''")))
         self._write(self.data_dir / "pgcluster.conf", "\n".join(lines) + "\n")
 
-    def start(self) -> "PgCluster":
+    def start(self) -> PgCluster:
         """initdb on first call, then start the server and wait until it accepts connections."""
         if self._running:
             return self
@@ -345,10 +352,13 @@ class PgCluster:
             proc = self._run(
                 [
                     self.bindir / "pg_ctl",
-                    "-D", self.data_dir,
-                    "-l", self.log_file,
+                    "-D",
+                    self.data_dir,
+                    "-l",
+                    self.log_file,
                     "-w",
-                    "-t", str(int(self.start_timeout)),
+                    "-t",
+                    str(int(self.start_timeout)),
                     "start",
                 ],
                 timeout=self.start_timeout + 30,
@@ -394,7 +404,7 @@ class PgCluster:
             )
         self._running = False
 
-    def restart(self, mode: str = "fast") -> "PgCluster":
+    def restart(self, mode: str = "fast") -> PgCluster:
         """Stop and start again on the same port (DSNs stay valid)."""
         self.stop(mode)
         return self.start()
@@ -428,13 +438,13 @@ class PgCluster:
             return
         self._finalizer_registered = True
 
-        def _cleanup(cluster_ref: "PgCluster" = self) -> None:
+        def _cleanup(cluster_ref: PgCluster = self) -> None:
             with contextlib.suppress(Exception):
                 cluster_ref.destroy()
 
         atexit.register(_cleanup)
 
-    def __enter__(self) -> "PgCluster":
+    def __enter__(self) -> PgCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -505,9 +515,7 @@ class PgCluster:
                 if not remaining or remaining[0] == 0:
                     break
                 if time.monotonic() > deadline:
-                    raise PgClusterError(
-                        f"replication slots of database {name!r} still in use after {timeout}s"
-                    )
+                    raise PgClusterError(f"replication slots of database {name!r} still in use after {timeout}s")
                 time.sleep(0.05)
             conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(name)))
 

@@ -19,15 +19,16 @@ import json
 import math
 import re
 import zoneinfo
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import orjson
 
 from bridge import addresses
 from bridge.config import ColumnSpec, Config, MappingConfig, SubscriptionSpec
-from bridge.errors import ConfigError
 from bridge.deadletter import RowKey
+from bridge.errors import ConfigError
 from bridge.events import (
     UNCHANGED,
     ChangeEvent,
@@ -65,7 +66,7 @@ EMPTY = MappingResult()
 def unix_seconds(value: dt.datetime | dt.date) -> int:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:  # timestamp without time zone: read as UTC
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return int(value.timestamp())
     return (value - _EPOCH_DATE).days * 86400
 
@@ -247,7 +248,7 @@ class TableMapping:
     columns: frozenset[str] = field(default=frozenset())
 
     @classmethod
-    def compile(cls, m: MappingConfig, default_region: str = "US") -> "TableMapping":
+    def compile(cls, m: MappingConfig, default_region: str = "US") -> TableMapping:
         subs = []
         for channel, spec in m.subscriptions.items():
             if isinstance(spec, SubscriptionSpec):

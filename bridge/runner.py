@@ -20,7 +20,6 @@ log = logging.getLogger("bridge.run")
 
 
 def _source(config: Config):  # type: ignore[no-untyped-def]
-    tables = {mp.table for mp in config.mappings}
     src = config.source
     if isinstance(src, PostgresSourceConfig):
         from bridge.sources.postgres import PostgresSource

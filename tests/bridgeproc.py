@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import yaml
@@ -42,11 +43,25 @@ class Simulator:
     def __init__(self, api_key: str = API_KEY, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = open(ROOT / ".pytest_cache" / f"simulator-{self.port}.log", "w+") if (ROOT / ".pytest_cache").exists() else subprocess.DEVNULL
+        self.log = (
+            open(ROOT / ".pytest_cache" / f"simulator-{self.port}.log", "w+")
+            if (ROOT / ".pytest_cache").exists()
+            else subprocess.DEVNULL
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge.onesignal.simulator", "--port", str(self.port), "--api-key", api_key,
-             *(extra or [])],
-            stdout=self.log, stderr=self.log, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "bridge.onesignal.simulator",
+                "--port",
+                str(self.port),
+                "--api-key",
+                api_key,
+                *(extra or []),
+            ],
+            stdout=self.log,
+            stderr=self.log,
+            cwd=ROOT,
         )
         self.http = httpx.Client(base_url=self.base_url, timeout=10)
         wait_until(self._up, 15, what="simulator to listen")
@@ -93,12 +108,25 @@ class Simulator:
         self.http.close()
 
 
-def bridge_config(dsn: str, sim_url: str, mappings: list[dict[str, Any]], *, api_key: str = API_KEY,
-                  delivery: dict[str, Any] | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+def bridge_config(
+    dsn: str,
+    sim_url: str,
+    mappings: list[dict[str, Any]],
+    *,
+    api_key: str = API_KEY,
+    delivery: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "onesignal": {"app_id": APP_ID, "api_key": api_key, "base_url": sim_url},
-        "source": {"kind": "postgres", "dsn": dsn, "slot": "onesignal_bridge", "publication": "onesignal_bridge",
-                   "snapshot": "never", **(source or {})},
+        "source": {
+            "kind": "postgres",
+            "dsn": dsn,
+            "slot": "onesignal_bridge",
+            "publication": "onesignal_bridge",
+            "snapshot": "never",
+            **(source or {}),
+        },
         "mappings": mappings,
         "delivery": {"flush_interval_ms": 100, **(delivery or {})},
         "metrics": {"port": 0, "host": "127.0.0.1"},
@@ -108,8 +136,15 @@ def bridge_config(dsn: str, sim_url: str, mappings: list[dict[str, Any]], *, api
 class BridgeProcess:
     """`onesignal-bridge run` as a child process (so tests can SIGKILL it)."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, *, log_level: str = "info",
-                 env: dict[str, str] | None = None, name: str = "bridge") -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        log_level: str = "info",
+        env: dict[str, str] | None = None,
+        name: str = "bridge",
+    ) -> None:
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -120,14 +155,27 @@ class BridgeProcess:
         self.runs = 0
         self.extra_args: list[str] = []
 
-    def start(self) -> "BridgeProcess":
+    def start(self) -> BridgeProcess:
         self.runs += 1
         log = open(self.log_path, "ab")
         log.write(f"\n==== start #{self.runs} ====\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path), "--log-level", self.log_level, *self.extra_args],
-            stdout=log, stderr=log, cwd=ROOT, env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "bridge",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                self.log_level,
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            env=self.env,
         )
         return self
 
@@ -156,5 +204,11 @@ class BridgeProcess:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

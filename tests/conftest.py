@@ -16,7 +16,6 @@ from __future__ import annotations
 #
 # No PostgreSQL binaries: skipped locally, a failure when $CI is set.
 # ============================================================================================
-
 import os
 import uuid
 from collections.abc import Iterator

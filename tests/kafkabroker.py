@@ -242,7 +242,7 @@ class KafkaBroker:
         self._admin = None
         self._producer = None
         self._delivered, self._errors = [], []
-        for attempt in range(3):
+        for _attempt in range(3):
             self._spawn()
             if self._wait_ready(timeout):
                 self._port_fixed = True
@@ -448,7 +448,7 @@ class KafkaBroker:
             return []
         # delivery reports of one partition arrive in order; map them back per partition
         slots: list[list[tuple[int, int]]] = [[] for _ in recs]
-        for r, slot in zip(recs, slots):
+        for r, slot in zip(recs, slots, strict=True):
             self._produce_one(topic, r, slot)
         self.flush()
         return [s[0] for s in slots]

@@ -220,7 +220,7 @@ def test_random_completion_orders_match_the_naive_model_across_compaction(
     w.mark("bulk")
     naive.mark("bulk")
     bulk = [w.issue() for _ in range(65_600)]
-    for s in bulk:
+    for _ in bulk:
         naive.issue()
     w.complete_many(bulk)
     for s in bulk:

@@ -36,7 +36,7 @@ from bridge.sources.debezium import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "debezium"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _require_fixtures() -> Path:

@@ -12,8 +12,6 @@ from collections import defaultdict
 import httpx
 import psutil
 import psycopg
-import pytest
-
 from bridgeproc import bridge_config, free_port, run_cli, wait_until
 
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text, score int, tz text);"
@@ -55,7 +53,9 @@ def _max_requests_per_user_per_second(requests: list[dict]) -> float:
     for r in requests:
         if r["status"] < 300 and r["method"] != "GET":
             by_user[r["user"]].append(r["time"])
-    shortest = min((b - a for ts in by_user.values() for a, b in zip(sorted(ts), sorted(ts)[1:])), default=10.0)
+    shortest = min(
+        (b - a for ts in by_user.values() for a, b in zip(sorted(ts), sorted(ts)[1:], strict=False)), default=10.0
+    )
     return 1.0 / shortest
 
 
@@ -68,7 +68,7 @@ def test_fifty_users_updated_a_hundred_times_converge_within_rate_limits(pg_db, 
             conn.execute("UPDATE users SET plan = %s, score = %s", (f"p{step}", step))
             time.sleep(max(0.0, t0 + step * 0.05 - time.monotonic()))  # 100 rounds spread over 5 s
     want = {str(i): {"plan": "p100", "score": "100"} for i in range(1, 51)}
-    wait_until(lambda: _tags(sim) == want, timeout=30, what="50 users at their last values")
+    wait_until(lambda want=want: _tags(sim) == want, timeout=30, what="50 users at their last values")
     stats = sim.stats()
     assert stats["rate_limited"] == 0
     reqs = sim.requests()
@@ -102,15 +102,20 @@ def test_onesignal_outage_of_twenty_seconds_loses_nothing(pg_db, sim, bridge):
                 sim.clear_faults()
                 outage_ended = True
             time.sleep(0.005)
-    wait_until(lambda: all(_tags(sim).get(str(k), {}).get("plan") == v for k, v in expected.items()),
-               timeout=90, what="convergence after the outage")
+    wait_until(
+        lambda: all(_tags(sim).get(str(k), {}).get("plan") == v for k, v in expected.items()),
+        timeout=90,
+        what="convergence after the outage",
+    )
     assert sim.stats()["by_status"].get("503", 0) > 0, "the outage was not observed"
     rss = psutil.Process(b.proc.pid).memory_info().rss
     assert rss < 200 * 1024 * 1024, f"bridge RSS {rss / 2**20:.0f} MiB"
     assert _metric(b, "onesignal_bridge_api_retries_total") > 0
 
 
-CRASH_RUNS = int(os.environ.get("ONESIGNAL_BRIDGE_CRASH_RUNS", "200" if os.environ.get("ONESIGNAL_BRIDGE_LONG") else "20"))
+CRASH_RUNS = int(
+    os.environ.get("ONESIGNAL_BRIDGE_CRASH_RUNS", "200" if os.environ.get("ONESIGNAL_BRIDGE_LONG") else "20")
+)
 
 
 def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge, tmp_path):
@@ -127,7 +132,9 @@ def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge, tmp_path
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(DDL)
-                cfg = bridge_config(dsn, sim.base_url, MAPPING, delivery={"flush_interval_ms": rng.choice([0, 50, 200])})
+                cfg = bridge_config(
+                    dsn, sim.base_url, MAPPING, delivery={"flush_interval_ms": rng.choice([0, 50, 200])}
+                )
                 b = bridge(cfg, name=f"run{run}")
                 assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
                 b.start()
@@ -155,7 +162,9 @@ def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge, tmp_path
                 rows = conn.execute("SELECT id, plan, score FROM users").fetchall()
             want = {str(i): ({"plan": p} if p is not None else {}) | {"score": str(s)} for i, p, s in rows}
             try:
-                wait_until(lambda: _tags(sim) == want, timeout=45, what=f"run {run} (seed {seed}) to converge")
+                wait_until(
+                    lambda want=want: _tags(sim) == want, timeout=45, what=f"run {run} (seed {seed}) to converge"
+                )
             except AssertionError:
                 got = _tags(sim)
                 diff = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
@@ -170,9 +179,12 @@ def test_invalid_value_is_dead_lettered_and_replayed_after_fix(pg_db, sim, bridg
     b = _start(pg_db, sim, bridge).start()
     pg_db.execute("INSERT INTO users (id, plan, tz) VALUES (1, 'pro', 'Mars/Olympus_Mons'), (2, 'free', 'UTC')")
     wait_until(lambda: sim.user("2"), what="the stream to keep flowing")
-    wait_until(lambda: pg_db.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters")[0][0] == 1, what="a dead letter")
+    wait_until(
+        lambda: pg_db.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters")[0][0] == 1, what="a dead letter"
+    )
     table, key, field, reason, message = pg_db.fetch(
-        "SELECT source_table, row_key, field, reason, message FROM onesignal_bridge.dead_letters")[0]
+        "SELECT source_table, row_key, field, reason, message FROM onesignal_bridge.dead_letters"
+    )[0]
     assert (table, key, field) == ("public.users", "id=1", "tz")
     assert "Mars/Olympus_Mons" in message and "time zone" in message
     u1 = wait_until(lambda: sim.user("1"), what="user 1's other fields")
@@ -200,8 +212,11 @@ def test_backpressure_keeps_memory_bounded_and_the_slot_holds_the_backlog(pg_db,
     sim.faults(error_rate=1.0, status=503)
     pg_db.execute("INSERT INTO users (id, plan) SELECT g, 'x' FROM generate_series(1, 100000) g")
     pg_db.execute("UPDATE users SET plan = 'y' WHERE id > 0")  # 200,000 changes in all
-    wait_until(lambda: _metric(b, "onesignal_bridge_pending_users") >= budget_users * 0.95, timeout=60,
-               what="the pending budget to fill")
+    wait_until(
+        lambda: _metric(b, "onesignal_bridge_pending_users") >= budget_users * 0.95,
+        timeout=60,
+        what="the pending budget to fill",
+    )
     peak = 0
     for _ in range(20):
         peak = max(peak, psutil.Process(b.proc.pid).memory_info().rss)

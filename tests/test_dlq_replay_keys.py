@@ -14,7 +14,6 @@ import re
 import time
 
 import orjson
-
 from bridgeproc import API_KEY, APP_ID, bridge_config, free_port, run_cli, wait_until
 
 DDL = "CREATE TABLE accounts (code text PRIMARY KEY, uid text NOT NULL, plan text, tz text);"
@@ -92,7 +91,7 @@ def test_rows_keyed_with_separators_percent_and_unicode_are_replayed_by_their_ex
     wait_until(lambda: _count(pg_db) == len(rows), what=f"{len(rows)} dead letters")
     # the rest of each row went through: the users exist, without the time zone
     for _, uid in rows:
-        wait_until(lambda: (sim.user(uid) or {}).get("properties", {}).get("tags") == {"plan": "p"},
+        wait_until(lambda uid=uid: (sim.user(uid) or {}).get("properties", {}).get("tags") == {"plan": "p"},
                    what=f"user {uid}'s tags")
         assert _tz(sim, uid) is None
 

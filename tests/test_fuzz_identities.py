@@ -15,9 +15,11 @@ import decimal
 import math
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +31,6 @@ from bridge.onesignal.client import OneSignalClient, Request, UnroutableRequest,
 from bridge.sources.debezium import decode_value
 from bridge.sources.outbox import decoder_for
 from bridge.sources.pgtypes import PgType, Unrepresentable, converter_for
-from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
 
 TABLE = "public.accounts"
 MAPPING = {
@@ -80,7 +81,7 @@ values = st.one_of(
     st.decimals(allow_nan=True, allow_infinity=True),
     st.text(max_size=30),
     st.integers(min_value=MAX_TAG_VALUE_BYTES - 4, max_value=120_000).map(lambda n: "v" * n),
-    st.datetimes(timezones=st.just(dt.timezone.utc)),
+    st.datetimes(timezones=st.just(dt.UTC)),
     st.dates(),
     st.sampled_from(SPECIAL_TIMES),
     st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=3),
@@ -145,7 +146,7 @@ def _check_tag(value: Any, result_tags: dict[str, Any], rejections: list[Rejecti
         assert float(tag) == value if math.isfinite(value) else tag == _postgres_text(value)
     elif isinstance(value, (dt.datetime, dt.date)):
         moment = value if isinstance(value, dt.datetime) else dt.datetime(value.year, value.month, value.day,
-                                                                         tzinfo=dt.timezone.utc)
+                                                                         tzinfo=dt.UTC)
         assert int(tag) == int(moment.timestamp())
     elif isinstance(value, decimal.Decimal):
         assert tag == str(value)  # Postgres's own text: NaN, Infinity, 12.50

@@ -70,7 +70,7 @@ USER_42 = UserRef("external_id", "42")
         pytest.param(2.5, "2.5", id="float"),
         pytest.param(3.0, "3", id="integral-float"),
         pytest.param("gold", "gold", id="text"),
-        pytest.param(dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.timezone.utc), "1709294400", id="aware-utc"),
+        pytest.param(dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.UTC), "1709294400", id="aware-utc"),
         pytest.param(dt.datetime(2024, 3, 1, 13, 0, tzinfo=dt.timezone(dt.timedelta(hours=1))), "1709294400",
                      id="aware-offset"),
         pytest.param(dt.datetime(2024, 3, 1, 12, 0), "1709294400", id="naive-read-as-utc"),
@@ -92,7 +92,7 @@ def test_tag_values_are_the_strings_onesignal_expects(value: Any, tag: str) -> N
 
 
 def test_row_columns_become_formatted_tags() -> None:
-    created = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+    created = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.UTC)
     result = mapper().map(insert(plan="gold", vip=True, total=decimal.Decimal("12.50"), created_at=created,
                                  prefs={"news": False}))
     change = only_change(result)

@@ -5,7 +5,8 @@ Requests are answered by `httpx.MockTransport` handlers; nothing leaves the proc
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import orjson

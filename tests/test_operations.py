@@ -7,7 +7,6 @@ import time
 
 import httpx
 import psycopg
-
 from bridgeproc import bridge_config, free_port, run_cli, wait_until
 
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text); CREATE TABLE noise (id serial PRIMARY KEY, v text);"
@@ -61,7 +60,9 @@ def test_hot_standby_takes_over_within_fifteen_seconds_without_losing_a_change(p
     assert "taking over" in standby.logs()
     took_over = time.monotonic() - killed_at
     assert took_over < 15 + 5, f"standby needed {took_over:.1f}s"
-    assert all(u["properties"]["tags"]["plan"] == "after-failover" for u in sim.users() if u["identity"]["external_id"] != "1")
+    assert all(
+        u["properties"]["tags"]["plan"] == "after-failover" for u in sim.users() if u["identity"]["external_id"] != "1"
+    )
 
 
 def test_metrics_move_during_a_stream_and_lag_returns_to_zero(pg_db, sim, bridge):
@@ -82,7 +83,9 @@ def test_metrics_move_during_a_stream_and_lag_returns_to_zero(pg_db, sim, bridge
     assert after["onesignal_bridge_api_requests_total"] >= 100
     assert after["onesignal_bridge_end_to_end_latency_seconds_count"] >= 100
     assert after["onesignal_bridge_up"] == 1.0
-    wait_until(lambda: _metrics(cfg).get("onesignal_bridge_replication_slot_lag_bytes", -1) >= 0, what="slot lag metric")
+    wait_until(
+        lambda: _metrics(cfg).get("onesignal_bridge_replication_slot_lag_bytes", -1) >= 0, what="slot lag metric"
+    )
 
 
 def test_heartbeats_let_the_slot_advance_while_only_unmapped_tables_change(pg_db, sim, bridge):

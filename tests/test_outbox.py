@@ -14,7 +14,6 @@ from decimal import Decimal
 import httpx
 import psycopg
 import pytest
-
 from bridgeproc import ROOT, bridge_config, run_cli, wait_until
 from pgcluster import PgDb
 
@@ -107,9 +106,15 @@ def test_trigger_captures_mapped_columns_null_vs_missing_and_truncate(odb, sim, 
     odb.execute("UPDATE users SET plan = NULL WHERE id = 1")
     odb.execute("DELETE FROM users WHERE id = 1")
     odb.execute("TRUNCATE profiles")
-    rows = odb.fetch("SELECT op, table_name, new_row, old_row, txid IS NOT NULL FROM onesignal_bridge.outbox ORDER BY id")
-    assert [(r[0], r[1]) for r in rows] == [("I", "public.users"), ("U", "public.users"), ("D", "public.users"),
-                                            ("T", "public.profiles")]
+    rows = odb.fetch(
+        "SELECT op, table_name, new_row, old_row, txid IS NOT NULL FROM onesignal_bridge.outbox ORDER BY id"
+    )
+    assert [(r[0], r[1]) for r in rows] == [
+        ("I", "public.users"),
+        ("U", "public.users"),
+        ("D", "public.users"),
+        ("T", "public.profiles"),
+    ]
     captured = {"id", "crm_id", "plan", "country", "created_at", "locale", "tz", "vip", "score"}
     assert set(rows[0][2]) == captured, "only the mapped columns and the primary key"
     assert rows[1][2]["plan"] is None and "plan" in rows[1][2], "NULL is a key with null"
@@ -157,18 +162,21 @@ def test_values_equal_what_the_postgres_source_produces(odb):
         conn.execute("SET DateStyle = 'ISO'")
         names = [c[0] for c in cols]
         texts = conn.execute("SELECT " + ", ".join(f"{n}::text" for n in names) + " FROM typed").fetchone()
-        oids = dict(conn.execute("SELECT attname, atttypid::int FROM pg_attribute WHERE attrelid = 'typed'::regclass"
-                                 " AND attnum > 0").fetchall())
+        oids = dict(
+            conn.execute(
+                "SELECT attname, atttypid::int FROM pg_attribute WHERE attrelid = 'typed'::regclass AND attnum > 0"
+            ).fetchall()
+        )
     got = TableDecoder("public.typed", cols, ["id"]).row(parse_row(text))
     assert got is not None
-    for name, t in zip(names, texts):
+    for name, t in zip(names, texts, strict=True):
         want = None if t is None else converter_for(oids[name])(t)
         if name == "fnan":
             assert got[name] != got[name] and want != want
             continue
         assert got[name] == want and type(got[name]) is type(want), f"{name}: {got[name]!r} != {want!r}"
     assert got["n"] == Decimal("12.50") and str(got["n"]) == "12.50"
-    assert got["tstz"] == dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert got["tstz"] == dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     assert got["nul"] is None and "nul" in got
 
 
@@ -178,13 +186,18 @@ def test_values_equal_what_the_postgres_source_produces(odb):
 def test_inserts_updates_deletes_and_truncate_converge(odb, sim, bridge):
     b = _prepare(odb, sim, bridge).start()
     odb.execute(
-        "INSERT INTO users VALUES (1, 'crm-1', 'pro', 'FR', '2024-01-02 03:04:05+00', 'fr-FR', 'Europe/Paris', true, 12.50),"
+        "INSERT INTO users VALUES"
+        " (1, 'crm-1', 'pro', 'FR', '2024-01-02 03:04:05+00', 'fr-FR', 'Europe/Paris', true, 12.50),"
         " (2, 'crm-2', 'free', 'DE', NULL, NULL, NULL, false, NULL)"
     )
     u1 = wait_until(lambda: sim.user("1"), what="user 1 in OneSignal")
     assert u1["identity"]["crm_id"] == "crm-1"
     assert u1["properties"]["tags"] == {
-        "plan": "pro", "country": "FR", "signup_at": "1704164645", "vip": "true", "score": "12.50",
+        "plan": "pro",
+        "country": "FR",
+        "signup_at": "1704164645",
+        "vip": "true",
+        "score": "12.50",
     }
     assert u1["properties"]["language"] == "fr"
     assert u1["properties"]["timezone_id"] == "Europe/Paris"
@@ -220,8 +233,10 @@ def test_lost_notification_and_dropped_connections_only_delay(odb, sim, bridge):
     odb.execute("INSERT INTO users (id, plan) VALUES (2, 'b')")
     wait_until(lambda: _tags(sim, "2").get("plan") == "b", timeout=5, what="user 2 by polling")
 
-    killed = odb.fetch("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")[0][0]
+    killed = odb.fetch(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )[0][0]
     assert killed >= 2
     odb.execute("INSERT INTO users (id, plan) VALUES (3, 'c')")
     wait_until(lambda: _tags(sim, "3").get("plan") == "c", timeout=15, what="user 3 after reconnecting")
@@ -231,12 +246,16 @@ def test_lost_notification_and_dropped_connections_only_delay(odb, sim, bridge):
 
 
 def test_bulk_update_of_50000_rows_converges_with_one_notification(odb, sim, bridge):
-    odb.execute("CREATE TABLE devices (id bigint PRIMARY KEY, user_id bigint NOT NULL, model text);"
-                "INSERT INTO devices SELECT g, g % 400, 'a' FROM generate_series(1, 50000) g")  # before setup
+    odb.execute(
+        "CREATE TABLE devices (id bigint PRIMARY KEY, user_id bigint NOT NULL, model text);"
+        "INSERT INTO devices SELECT g, g % 400, 'a' FROM generate_series(1, 50000) g"
+    )  # before setup
     mappings = [{"table": "public.devices", "identity": {"external_id": "user_id"}, "tags": {"model": "model"}}]
     b = _prepare(odb, sim, bridge, ddl=None, mappings=mappings, batch_size=5000, max_unconfirmed_rows=50_000).start()
-    wait_until(lambda: odb.fetch("SELECT waiting FROM onesignal_bridge.wakeup")[0][0],
-               what="the idle bridge to ask for a notification")
+    wait_until(
+        lambda: odb.fetch("SELECT waiting FROM onesignal_bridge.wakeup")[0][0],
+        what="the idle bridge to ask for a notification",
+    )
 
     with psycopg.connect(odb.dsn, autocommit=True) as listener, odb.connect() as writer:
         listener.execute("LISTEN onesignal_bridge_outbox")
@@ -248,7 +267,8 @@ def test_bulk_update_of_50000_rows_converges_with_one_notification(odb, sim, bri
     def converged() -> bool:
         users = sim.by_external_id()
         return len(users) == 400 and all(
-            (u.get("properties") or {}).get("tags", {}).get("model") == f"b-{uid}" for uid, u in users.items())
+            (u.get("properties") or {}).get("tags", {}).get("model") == f"b-{uid}" for uid, u in users.items()
+        )
 
     wait_until(converged, timeout=90, interval=0.5, what="every user at model b-<id>")
     wait_until(lambda: _depth(odb) == 0, timeout=30, what="the outbox emptied")
@@ -267,15 +287,19 @@ def test_sigkill_mid_batch_loses_nothing_and_never_deletes_before_applied(odb, s
     wait_until(lambda: sim.stats()["by_status"].get("503", 0) >= 3, what="the bridge to try and fail")
     time.sleep(1.5)
     assert _depth(odb) == 20, "a row was deleted from the outbox before OneSignal accepted it"
-    metrics = wait_until(lambda: (mt := _metrics(b)).get("onesignal_bridge_outbox_depth") == 20 and mt,
-                         what="outbox depth metric")
+    metrics = wait_until(
+        lambda: (mt := _metrics(b)).get("onesignal_bridge_outbox_depth") == 20 and mt, what="outbox depth metric"
+    )
     assert metrics["onesignal_bridge_outbox_oldest_age_seconds"] > 0.5
     b.kill()  # mid-batch: claimed, nothing applied
     assert _depth(odb) == 20
     sim.clear_faults()
     b.start()
-    wait_until(lambda: all(_tags(sim, str(i)).get("plan") == "outage" for i in range(1, 21)), timeout=30,
-               what="the outage's changes after restart")
+    wait_until(
+        lambda: all(_tags(sim, str(i)).get("plan") == "outage" for i in range(1, 21)),
+        timeout=30,
+        what="the outage's changes after restart",
+    )
 
     # Kill while batches are in flight (slow OneSignal), keep writing, restart.
     sim.faults(latency_ms=150)
@@ -291,9 +315,13 @@ def test_sigkill_mid_batch_loses_nothing_and_never_deletes_before_applied(odb, s
             if step == 120:
                 b.kill()
                 # Every row no longer in the outbox was applied: the user is at that step or later.
-                left = {(int(u), int(p[1:])) for u, p in odb.fetch(
-                    "SELECT new_row->>'id', new_row->>'plan' FROM onesignal_bridge.outbox WHERE op = 'U'"
-                    " AND new_row->>'plan' LIKE 'v%'")}
+                left = {
+                    (int(u), int(p[1:]))
+                    for u, p in odb.fetch(
+                        "SELECT new_row->>'id', new_row->>'plan' FROM onesignal_bridge.outbox WHERE op = 'U'"
+                        " AND new_row->>'plan' LIKE 'v%'"
+                    )
+                }
                 users = sim.by_external_id()
                 applied = 0
                 for u, s in written:
@@ -329,7 +357,9 @@ def test_two_replicas_hold_per_user_order(odb, sim, bridge):
         for step in range(1, 401):
             with conn.transaction():  # some transactions touch one user twice, or several users
                 for _ in range(rng.choice((1, 1, 2, 3))):
-                    conn.execute("UPDATE users SET plan = %s WHERE id = %s", (f"v{step}-{rng.random():.6f}", rng.randint(1, 30)))
+                    conn.execute(
+                        "UPDATE users SET plan = %s WHERE id = %s", (f"v{step}-{rng.random():.6f}", rng.randint(1, 30))
+                    )
             time.sleep(0.005)  # spread the writes over the failover
             if step == 150:
                 sim.faults(latency_ms=100)
@@ -373,10 +403,14 @@ def test_least_privilege_role_runs_the_bridge_and_check_names_what_is_missing(od
 
         b.start()
         odb.execute("INSERT INTO users (id, plan, tz) VALUES (1, 'pro', 'Europe/Paris'), (2, 'free', 'Mars/Olympus')")
-        wait_until(lambda: _tags(sim, "1").get("plan") == "pro" and _tags(sim, "2").get("plan") == "free",
-                   what="users written by the least-privilege bridge")
-        wait_until(lambda: odb.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters")[0][0] == 1,
-                   what="the bad time zone dead-lettered by the role")
+        wait_until(
+            lambda: _tags(sim, "1").get("plan") == "pro" and _tags(sim, "2").get("plan") == "free",
+            what="users written by the least-privilege bridge",
+        )
+        wait_until(
+            lambda: odb.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters")[0][0] == 1,
+            what="the bad time zone dead-lettered by the role",
+        )
         odb.execute("DELETE FROM users WHERE id = 1")
         wait_until(lambda: sim.user("1") is None, what="user 1 deleted")
         wait_until(lambda: _depth(odb) == 0, what="the role deletes applied rows")
@@ -438,8 +472,17 @@ def test_backfill_writes_the_selected_rows_into_the_outbox_and_they_converge(odb
     odb.execute("INSERT INTO users (id, plan) SELECT g, 'existing' FROM generate_series(1, 300) g")
     odb.execute("ALTER TABLE users ENABLE TRIGGER USER")
     b.start()
-    out = run_cli("backfill", "--config", str(b.config_path), "--table", "public.users",
-                  "--where", "id % 3 = 0", "--chunk-size", "40")
+    out = run_cli(
+        "backfill",
+        "--config",
+        str(b.config_path),
+        "--table",
+        "public.users",
+        "--where",
+        "id % 3 = 0",
+        "--chunk-size",
+        "40",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "100 rows" in out.stdout
     wait_until(lambda: len(sim.users()) == 100, timeout=60, what="the 100 matching users")

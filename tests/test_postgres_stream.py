@@ -4,12 +4,10 @@ and the OneSignal simulator (real HTTP) ends with the users the database implies
 from __future__ import annotations
 
 import random
-from pathlib import Path
 import time
+from pathlib import Path
 
 import psycopg
-import pytest
-
 from bridgeproc import API_KEY, bridge_config, run_cli, wait_until
 
 USERS_DDL = """
@@ -56,15 +54,20 @@ def _prepare(pg_db, sim, bridge, **kw):  # type: ignore[no-untyped-def]
 
 
 def test_insert_update_delete_become_tags_properties_aliases_and_user_deletion(pg_db, sim, bridge):
-    b = _prepare(pg_db, sim, bridge).start()
+    _prepare(pg_db, sim, bridge).start()
     pg_db.execute(
-        "INSERT INTO users VALUES (1, 'crm-1', 'pro', 'FR', '2024-01-02 03:04:05+00', 'fr-FR', 'Europe/Paris', true, 12.50),"
+        "INSERT INTO users VALUES"
+        " (1, 'crm-1', 'pro', 'FR', '2024-01-02 03:04:05+00', 'fr-FR', 'Europe/Paris', true, 12.50),"
         " (2, 'crm-2', 'free', 'DE', NULL, NULL, NULL, false, NULL)"
     )
     u1 = wait_until(lambda: sim.user("1"), what="user 1 in OneSignal")
     assert u1["identity"]["crm_id"] == "crm-1"
     assert u1["properties"]["tags"] == {
-        "plan": "pro", "country": "FR", "signup_at": "1704164645", "vip": "true", "score": "12.50",
+        "plan": "pro",
+        "country": "FR",
+        "signup_at": "1704164645",
+        "vip": "true",
+        "score": "12.50",
     }
     assert u1["properties"]["language"] == "fr"
     assert u1["properties"]["timezone_id"] == "Europe/Paris"
@@ -83,7 +86,7 @@ def test_insert_update_delete_become_tags_properties_aliases_and_user_deletion(p
 
 
 def test_unchanged_toast_column_keeps_its_tag(pg_db, sim, bridge):
-    b = _prepare(pg_db, sim, bridge).start()
+    _prepare(pg_db, sim, bridge).start()
     rng = random.Random(7)
     bio = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(4000))  # stored out of line
     pg_db.execute("INSERT INTO profiles VALUES (1, 10, 'neo', %s)", bio)
@@ -94,12 +97,14 @@ def test_unchanged_toast_column_keeps_its_tag(pg_db, sim, bridge):
 
 
 def test_change_not_accepted_by_onesignal_is_never_confirmed_to_the_slot(pg_db, sim, bridge):
-    b = _prepare(pg_db, sim, bridge).start()
+    _prepare(pg_db, sim, bridge).start()
     pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'warmup')")
     wait_until(lambda: sim.user("1"), what="warm-up user")
 
     def confirmed() -> int:
-        (lsn,) = pg_db.fetch("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge'")[0]
+        (lsn,) = pg_db.fetch(
+            "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge'"
+        )[0]
         return int(lsn)
 
     sim.faults(error_rate=1.0, status=503)
@@ -129,9 +134,13 @@ def test_bridge_killed_mid_stream_loses_no_change(pg_db, sim, bridge):
                 b.kill()
             if step == 200:
                 b.start()
+
     def converged() -> bool:
         users = sim.by_external_id()
-        return all(users.get(str(i), {}).get("properties", {}).get("tags", {}).get("plan") == v for i, v in expected.items())
+        return all(
+            users.get(str(i), {}).get("properties", {}).get("tags", {}).get("plan") == v for i, v in expected.items()
+        )
+
     wait_until(converged, timeout=60, what="every user at its last value after SIGKILL and restart")
     assert b.runs == 2
 
@@ -141,7 +150,9 @@ def test_sigterm_confirms_what_was_applied_and_exits_zero(pg_db, sim, bridge):
     lsn = _insert_returning_lsn(pg_db, "INSERT INTO users (id, plan) VALUES (1, 'a')")
     wait_until(lambda: sim.user("1"), what="user 1")
     assert b.terminate(30) == 0
-    (confirmed,) = pg_db.fetch("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge'")[0]
+    (confirmed,) = pg_db.fetch(
+        "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge'"
+    )[0]
     assert confirmed > lsn, "the applied change's commit was not confirmed at shutdown"
 
 
@@ -170,8 +181,11 @@ def test_bridge_reconnects_after_the_replication_connection_drops(pg_db, sim, br
     pg_db.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active_pid IS NOT NULL")
     pg_db.execute("UPDATE users SET plan = 'after' WHERE id = 1")
     pg_db.execute("INSERT INTO users (id, plan) VALUES (2, 'after')")
-    wait_until(lambda: (sim.user("2") or {}).get("properties", {}).get("tags", {}).get("plan") == "after",
-               timeout=30, what="changes after the connection dropped")
+    wait_until(
+        lambda: (sim.user("2") or {}).get("properties", {}).get("tags", {}).get("plan") == "after",
+        timeout=30,
+        what="changes after the connection dropped",
+    )
     wait_until(lambda: sim.user("1")["properties"]["tags"]["plan"] == "after", what="user 1's update")
     assert "reconnecting" in b.logs()
     assert b.alive()

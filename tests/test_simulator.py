@@ -12,9 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -69,7 +70,7 @@ async def start_sim() -> AsyncIterator[StartSim]:
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        base_url = "http://127.0.0.1:%d" % runner.addresses[0][1]
+        base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Key {API_KEY}"},
                                    timeout=5.0, trust_env=False)
         clients.append(client)
@@ -383,7 +384,9 @@ async def test_second_write_to_a_user_within_a_second_is_429_with_retry_after_th
         start_sim: StartSim) -> None:
     sim = await start_sim(user_interval_s=1.0)
     assert (await sim.create("u1")).status_code == 200
-    patch = lambda: sim.client.patch(sim.user_path("u1"), json={"properties": {"tags": {"a": "1"}}})
+    def patch():  # type: ignore[no-untyped-def]
+        return sim.client.patch(sim.user_path("u1"), json={"properties": {"tags": {"a": "1"}}})
+
     limited = await patch()
     refused_at = time.monotonic()
     assert limited.status_code == 429
@@ -557,7 +560,7 @@ def _free_port() -> int:
 
 async def test_module_runs_as_a_server_until_sigterm_and_never_logs_the_key() -> None:
     port = _free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server must run while this test awaits it
         [sys.executable, "-m", "bridge.onesignal.simulator", "--port", str(port), "--api-key", API_KEY],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -8,7 +8,6 @@ import time
 
 import psycopg
 import pytest
-
 from bridgeproc import Simulator, bridge_config, run_cli, wait_until
 
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text);"

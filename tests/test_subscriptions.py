@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import psycopg
-
 from bridgeproc import bridge_config, run_cli, wait_until
 
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, email text, phone text, marketing_opt_in boolean, plan text);"
@@ -63,7 +62,9 @@ def test_disable_mode_keeps_the_old_address_unsubscribed(pg_db, sim, bridge):
 
 def test_two_users_swapping_email_addresses_in_one_transaction_converge(pg_db, sim, bridge):
     _start(pg_db, sim, bridge)
-    pg_db.execute("INSERT INTO users VALUES (1, 'a@example.com', NULL, true, 'x'), (2, 'b@example.com', NULL, true, 'y')")
+    pg_db.execute(
+        "INSERT INTO users VALUES (1, 'a@example.com', NULL, true, 'x'), (2, 'b@example.com', NULL, true, 'y')"
+    )
     _expect(sim, "1", {("Email", "a@example.com", True)}, "user 1 email")
     _expect(sim, "2", {("Email", "b@example.com", True)}, "user 2 email")
     with psycopg.connect(pg_db.dsn) as conn:
@@ -76,13 +77,22 @@ def test_two_users_swapping_email_addresses_in_one_transaction_converge(pg_db, s
 
 def test_phone_numbers_normalized_and_invalid_ones_dead_lettered_while_tags_sync(pg_db, sim, bridge):
     _start(pg_db, sim, bridge)
-    pg_db.execute("INSERT INTO users VALUES (1, NULL, '(212) 555-0199', true, 'a'), (2, NULL, 'not-a-phone', true, 'b'),"
-                  " (3, NULL, '+1 555 010 0199', true, 'c')")
+    pg_db.execute(
+        "INSERT INTO users VALUES (1, NULL, '(212) 555-0199', true, 'a'), (2, NULL, 'not-a-phone', true, 'b'),"
+        " (3, NULL, '+1 555 010 0199', true, 'c')"
+    )
     _expect(sim, "1", {("SMS", "+12125550199", True)}, "normalized phone")
     wait_until(lambda: (sim.user("2") or {}).get("properties", {}).get("tags") == {"plan": "b"}, what="user 2 tags")
     wait_until(lambda: (sim.user("3") or {}).get("properties", {}).get("tags") == {"plan": "c"}, what="user 3 tags")
     assert _subs(sim, "2") == set() and _subs(sim, "3") == set()
-    letters = wait_until(lambda: pg_db.fetch("SELECT row_key, field, message FROM onesignal_bridge.dead_letters ORDER BY row_key") if len(pg_db.fetch("SELECT 1 FROM onesignal_bridge.dead_letters")) == 2 else None, what="two dead letters")
+    letters = wait_until(
+        lambda: (
+            pg_db.fetch("SELECT row_key, field, message FROM onesignal_bridge.dead_letters ORDER BY row_key")
+            if len(pg_db.fetch("SELECT 1 FROM onesignal_bridge.dead_letters")) == 2
+            else None
+        ),
+        what="two dead letters",
+    )
     assert [(k, f) for k, f, _ in letters] == [("id=2", "phone"), ("id=3", "phone")]
     assert "not-a-phone" in letters[0][2] and "+1 555 010 0199" in letters[1][2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class TokenBucket:
@@ -36,7 +36,7 @@ class TokenBucket:
 
     async def acquire(self) -> None:
         async with self._lock:  # FIFO among waiters
-            while not self.try_acquire():
+            while not self.try_acquire():  # noqa: ASYNC110 - waits for tokens to refill over time; no task signals it
                 await asyncio.sleep((1 - self._tokens) / self.rate)
 
     def pause(self, seconds: float) -> None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 RESERVED_TAG_KEYS = frozenset(
     {"message", "notification", "subscription", "user", "template", "app", "org",

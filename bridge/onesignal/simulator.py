@@ -25,8 +25,9 @@ import signal
 import sys
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 import orjson
 from aiohttp import web

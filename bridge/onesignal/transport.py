@@ -8,8 +8,6 @@ requests/s, aiohttp ≈780/s; see docs/BENCHMARKS.md). HTTP/1.1 with keep-alive.
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import httpx
 import yarl
@@ -46,7 +44,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 content = await resp.read()
                 return httpx.Response(resp.status, headers=list(resp.headers.items()), content=content,
                                       request=request)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.ReadTimeout("OneSignal did not answer in time", request=request) from None
         except aiohttp.ClientConnectorError as exc:
             raise httpx.ConnectError(str(exc.os_error or exc), request=request) from None

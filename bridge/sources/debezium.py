@@ -48,8 +48,9 @@ import binascii
 import datetime as dt
 import decimal
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import orjson
 
@@ -85,7 +86,7 @@ _TX_FIELDS = frozenset(("status", "id", "ts_ms", "event_count", "data_collection
 _HEARTBEAT_SCHEMA = "io.debezium.connector.common.Heartbeat"
 _DECIMAL = "org.apache.kafka.connect.data.Decimal"
 
-_UTC = dt.timezone.utc
+_UTC = dt.UTC
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 

@@ -88,7 +88,8 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import psycopg
 from psycopg import errors as pgerr

@@ -488,6 +488,7 @@ _HANDLERS: dict[int, _Handler] = dict(
         b"BCORYIUDTMSEcA",
         (_begin, _commit, _origin, _relation, _type, _insert, _update, _delete, _truncate, _message)
         + (_stream_start, _stream_stop, _stream_commit, _stream_abort),
+        strict=True,
     )
 )
 _NAMES = {code: h.__name__.strip("_").replace("_", " ").title() for code, h in _HANDLERS.items()}

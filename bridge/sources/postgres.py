@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import pq
@@ -106,7 +107,7 @@ class PostgresSource:
         self._commit_times: dict[int, float] = {}
 
     @classmethod
-    def from_config(cls, config: Any) -> "PostgresSource":
+    def from_config(cls, config: Any) -> PostgresSource:
         """The source for a whole configuration: mapped tables, their columns, the request budget."""
         from bridge.mapping import TableMapping
 
@@ -314,16 +315,20 @@ class PostgresSource:
             while True:
                 await snap.save(conn)
                 if snap.complete:
-                    log.info("snapshot complete: %s", ", ".join(f"{t} {p.rows_done} rows" for t, p in snap.progress.items()))
+                    log.info("snapshot complete: %s",
+                             ", ".join(f"{t} {p.rows_done} rows" for t, p in snap.progress.items()))
                     return
                 await asyncio.sleep(0.5)
 
     async def _start_replication(self, pg: Any) -> None:
         pub = self.cfg.publication.replace("'", "''")
-        res = await _send_and_wait(pg, (
-            f"START_REPLICATION SLOT {self.cfg.slot} LOGICAL 0/0 "
-            f"(proto_version '1', publication_names '{pub}', messages 'true')"
-        ))
+        res = await _send_and_wait(
+            pg,
+            (
+                f"START_REPLICATION SLOT {self.cfg.slot} LOGICAL 0/0 "
+                f"(proto_version '1', publication_names '{pub}', messages 'true')"
+            ),
+        )
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode(errors="replace") if res is not None else "no result"
             if "does not exist" in msg and "publication" in msg:
@@ -394,16 +399,30 @@ class PostgresSource:
                     self._send_status(sink)
                 elif isinstance(msg, po.Relation):
                     name = f"{msg.namespace}.{msg.name}"
-                    self._relations[msg.oid] = (_Table(msg, self._pkeys.get(name), self._columns.get(name))
-                                                if name in self.tables or name == BACKFILL_REQUESTS else None)
+                    self._relations[msg.oid] = (
+                        _Table(msg, self._pkeys.get(name), self._columns.get(name))
+                        if name in self.tables or name == BACKFILL_REQUESTS
+                        else None
+                    )
                 elif isinstance(msg, po.Truncate):
                     for oid in msg.relation_oids:
                         table = self._relations.get(oid)
                         if table is not None:
-                            log.warning("TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)",
-                                        table.name)
-                            await sink.put(ChangeEvent(table.name, Op.TRUNCATE, None, None, {}, sink.issue(),
-                                                       po.lsn_to_str(tx_lsn), tx_commit_time))
+                            log.warning(
+                                "TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)", table.name
+                            )
+                            await sink.put(
+                                ChangeEvent(
+                                    table.name,
+                                    Op.TRUNCATE,
+                                    None,
+                                    None,
+                                    {},
+                                    sink.issue(),
+                                    po.lsn_to_str(tx_lsn),
+                                    tx_commit_time,
+                                )
+                            )
                 elif isinstance(msg, po.LogicalMessage):
                     if msg.prefix == BACKFILL_PREFIX:
                         await self.backfills.on_message(bytes(msg.content))
@@ -417,23 +436,24 @@ class PostgresSource:
         t = type(msg)
         if t is po.Insert:
             new = table.row(msg.new)
-            return ChangeEvent(table.name, Op.INSERT, new, None, table.key(new), sink.issue(),
-                               self._tx_pos, commit_time)
+            return ChangeEvent(
+                table.name, Op.INSERT, new, None, table.key(new), sink.issue(), self._tx_pos, commit_time
+            )
         if t is po.Update:
             new = table.row(msg.new)
             old = table.row(msg.old) if msg.old is not None else None
             if old is not None and msg.old_kind == "K":
                 old = {k: v for k, v in old.items() if v is not None}  # only key columns are real
             if old is not None:  # unchanged TOAST in new: the old row (if full) has the value
-                new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None and msg.old_kind == "O"
-                           else v) for k, v in new.items()}
-            return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), sink.issue(),
-                               self._tx_pos, commit_time)
+                new = {
+                    k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None and msg.old_kind == "O" else v)
+                    for k, v in new.items()
+                }
+            return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), sink.issue(), self._tx_pos, commit_time)
         old = table.row(msg.old)
         if msg.old_kind == "K":
             old = {k: v for k, v in old.items() if v is not None}
-        return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), sink.issue(),
-                           self._tx_pos, commit_time)
+        return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), sink.issue(), self._tx_pos, commit_time)
 
     # -- confirming ----------------------------------------------------------------------
 
@@ -491,6 +511,7 @@ async def _send_and_wait(pg: Any, query: str) -> Any:
             if not pg.is_busy():
                 break
         fut: asyncio.Future[None] = loop.create_future()
+
         def wake(fut: asyncio.Future[None] = fut) -> None:
             if not fut.done():
                 fut.set_result(None)

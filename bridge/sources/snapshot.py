@@ -162,7 +162,7 @@ class Snapshot:
             names = [d.name for d in cur.description or []]
             rows = await cur.fetchall()
             for row in rows:
-                new = dict(zip(names, row))
+                new = dict(zip(names, row, strict=True))
                 key = {k: new[k] for k in tp.key_columns}
                 await sink.put(ChangeEvent(tp.table, Op.SNAPSHOT, new, None, key, sink.issue(),
                                            f"snapshot:{tp.table}", None))
@@ -170,7 +170,7 @@ class Snapshot:
             m.SNAPSHOT_ROWS_READ.labels(tp.table).inc(len(rows))
             done = len(rows) < self.chunk_size
             if rows:
-                last = [dict(zip(names, rows[-1]))[k] for k in tp.key_columns]
+                last = [dict(zip(names, rows[-1], strict=True))[k] for k in tp.key_columns]
             sink.mark(("snapshot", tp.table, _jsonable(last), len(rows), done))
             self._show(tp, started)
             if done:

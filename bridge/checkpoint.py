@@ -11,7 +11,7 @@ Memory is one byte per outstanding sequence number.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -46,7 +46,7 @@ class Watermark:
         if idx == self._head:
             self._advance()
 
-    def complete_many(self, seqs: list[int] | tuple[int, ...]) -> None:
+    def complete_many(self, seqs: Iterable[int]) -> None:
         head_idx = self._head
         advance = False
         for seq in seqs:

@@ -29,7 +29,7 @@ class UserBatch:
     properties: dict[str, Any]
     aliases: dict[str, str | None]
     subscriptions: dict[str, SubscriptionChange]
-    seqs: array
+    seqs: array[int]
     origins: tuple[Origin, ...]
     changes: int  # how many UserChanges were merged into this batch
     attempt: int = 0
@@ -50,7 +50,7 @@ class _Pending:
     properties: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, str | None] = field(default_factory=dict)
     subscriptions: dict[str, SubscriptionChange] = field(default_factory=dict)
-    seqs: array = field(default_factory=lambda: array("q"))
+    seqs: array[int] = field(default_factory=lambda: array("q"))
     origins: list[Origin] = field(default_factory=list)
     changes: int = 0
     attempt: int = 0

@@ -7,11 +7,12 @@ bad input never vanishes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -112,7 +113,7 @@ class DeadLetter:
     user: str | None = None
     payload: dict[str, Any] | None = None
     request: dict[str, Any] | None = None
-    origins: tuple[Origin, ...] = field(default=())
+    origins: tuple[Origin, ...] = dataclasses.field(default=())
     # The row keys, structurally (see `structured_keys`): what `dlq replay` looks the rows up by.
     row_keys: list[dict[str, Any]] | None = None
 

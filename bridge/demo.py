@@ -92,7 +92,7 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
         else:
             print("==> using the Postgres in $DEMO_DATABASE_URL")
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SCHEMA)  # type: ignore[arg-type]
+            conn.execute(SCHEMA)
             conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
                          " WHERE slot_name = 'onesignal_bridge_demo' AND NOT active")
 
@@ -133,9 +133,12 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
             for i, (title, statement) in enumerate(STEPS, 1):
                 print(f"\n--- step {i}: {title}\n    SQL: {statement}")
                 before = http.get("/_simulator/stats").json()["total_requests"]
-                conn.execute(statement)  # type: ignore[arg-type]
-                _wait(lambda before=before: http.get("/_simulator/stats").json()["total_requests"] > before, 15,
-                      "OneSignal calls")
+                conn.execute(statement)
+
+                def called(before: int = before) -> bool:
+                    return bool(http.get("/_simulator/stats").json()["total_requests"] > before)
+
+                _wait(called, 15, "OneSignal calls")
                 time.sleep(1.5)  # let the per-user rate limit (1 request/s) pass for follow-up calls
                 print("    OneSignal now has:")
                 _show(http.get("/_simulator/users").json()["users"])

@@ -279,13 +279,15 @@ class Dispatcher:
         steps: list[Step] = []
         items = [subscription_item(c, t, e) for c, t, e in new]
         for req in plan(batch, items):
-            after = None
+            after: Callable[[Response], Awaitable[None]] | None = None
             if req.method == "DELETE" and req.endpoint == "DELETE /users/by":
-                async def after(_resp: Response, owner: str = owner) -> None:
+                async def forget_owner(_resp: Response, owner: str = owner) -> None:
                     await state.forget_owner(owner)
+                after = forget_owner
             elif req.endpoint == "POST /users" and new:
-                async def after(resp: Response, new: list[tuple[str, str, bool | None]] = new) -> None:
+                async def learn_ids(resp: Response, new: list[tuple[str, str, bool | None]] = new) -> None:
                     await self._learn_ids(owner, new, resp.body)
+                after = learn_ids
             steps.append((req, None, after))
         for known, enabled in patches:
             async def after_patch(_resp: Response, k: KnownSubscription = known, e: bool = enabled) -> None:
@@ -311,7 +313,8 @@ class Dispatcher:
         subs = body.get("subscriptions") if isinstance(body, dict) else None
         if not isinstance(subs, list):
             return
-        wanted = {(SUBSCRIPTION_TYPES[c], t): (c, e) for c, t, e in new}
+        wanted: dict[tuple[Any, Any], tuple[str, bool | None]] = {
+            (SUBSCRIPTION_TYPES[c], t): (c, e) for c, t, e in new}
         for s in subs:
             if not isinstance(s, dict) or not s.get("id"):
                 continue

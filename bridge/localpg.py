@@ -112,7 +112,8 @@ def find_bindir() -> str | None:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -477,7 +478,7 @@ class PgCluster:
     ) -> list[tuple[Any, ...]]:
         """Run one statement in autocommit mode; returns its rows ([] when it returns none)."""
         with self.connect(dbname) as conn:
-            cur = conn.execute(sql, params or None)  # type: ignore[arg-type]
+            cur = conn.execute(sql, params or None)
             return cur.fetchall() if cur.description is not None else []
 
     def create_database(self, name: str) -> str:
@@ -541,12 +542,12 @@ class PgDb:
     def execute(self, sql: str, *params: Any) -> int:
         """Run one statement (autocommit); returns the row count."""
         with self.connect() as conn:
-            return conn.execute(sql, params or None).rowcount  # type: ignore[arg-type]
+            return conn.execute(sql, params or None).rowcount
 
     def fetch(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """Run one query (autocommit); returns all rows."""
         with self.connect() as conn:
-            cur = conn.execute(sql, params or None)  # type: ignore[arg-type]
+            cur = conn.execute(sql, params or None)
             return cur.fetchall() if cur.description is not None else []
 
     def replication_dsn(self) -> str:

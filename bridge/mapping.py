@@ -91,7 +91,7 @@ def tag_value(value: Any) -> str:
 def _tag_text(value: Any) -> str:
     kind = type(value)
     if kind is str:
-        return value
+        return str(value)
     if kind is bool:
         return "true" if value else "false"
     if isinstance(value, Unrepresentable):

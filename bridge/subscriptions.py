@@ -81,7 +81,7 @@ class PostgresSubscriptionState:
     async def _run(self, q: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
             conn = await self._c()
-            cur = await conn.execute(q, params)  # type: ignore[arg-type]
+            cur = await conn.execute(q, params)
             return await cur.fetchall() if cur.description else []
         except psycopg.Error:
             if self._conn is not None:

@@ -64,6 +64,7 @@ import asyncio
 import logging
 import re
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,7 +338,7 @@ class Backfills:
             return
         self._start(int(row["id"]), "requested")
 
-    def on_change(self, table: str, key: dict[str, Any]) -> None:
+    def on_change(self, table: str, key: Mapping[str, Any]) -> None:
         for chunk in self._chunks.values():
             if chunk.open and chunk.table == table:
                 chunk.changed.add(tuple(key.get(k) for k in chunk.key_columns))

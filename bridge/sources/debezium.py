@@ -112,14 +112,14 @@ class ParsedMessage:
     kind: str
     table: str | None
     op: Op | None
-    new: dict | None
-    old: dict | None
-    key: dict
-    source_order: tuple
+    new: dict[str, Any] | None
+    old: dict[str, Any] | None
+    key: dict[str, Any]
+    source_order: tuple[Any, ...]
     commit_time: float | None
     reason: str = ""
     pk_change: str | None = None
-    other_key: dict | None = None
+    other_key: dict[str, Any] | None = None
 
 
 def _ignore(reason: str) -> ParsedMessage:
@@ -179,16 +179,16 @@ def _from_micros(us: int) -> dt.datetime | str:
         return Unrepresentable("infinity" if us > 0 else "-infinity")
 
 
-def _micro_timestamp(value: Any, schema: Mapping, where: str) -> Any:
+def _micro_timestamp(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     return _from_micros(_int(value, where, "microseconds since the epoch, io.debezium.time.MicroTimestamp"))
 
 
-def _milli_timestamp(value: Any, schema: Mapping, where: str) -> Any:
+def _milli_timestamp(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     ms = _int(value, where, f"milliseconds since the epoch, {schema.get('name') or 'Timestamp'}")
     return _from_micros(ms * 1000)
 
 
-def _nano_timestamp(value: Any, schema: Mapping, where: str) -> Any:
+def _nano_timestamp(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     ns = _int(value, where, "nanoseconds since the epoch, io.debezium.time.NanoTimestamp")
     return _from_micros(ns // 1000)
 
@@ -196,7 +196,7 @@ def _nano_timestamp(value: Any, schema: Mapping, where: str) -> Any:
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
-def _zoned_timestamp(value: Any, schema: Mapping, where: str) -> Any:
+def _zoned_timestamp(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     if not isinstance(value, str):
         raise _bad(where, "an ISO-8601 string (io.debezium.time.ZonedTimestamp)", value)
     if value in ("infinity", "-infinity"):
@@ -211,7 +211,7 @@ def _zoned_timestamp(value: Any, schema: Mapping, where: str) -> Any:
     return parsed.astimezone(_UTC)
 
 
-def _date_days(value: Any, schema: Mapping, where: str) -> Any:
+def _date_days(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     days = _int(value, where, f"days since the epoch, {schema.get('name') or 'Date'}")
     try:
         return dt.date.fromordinal(_EPOCH_ORDINAL + days)
@@ -228,17 +228,17 @@ def _time_of_day(micros: int, value: Any, where: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}.{us:06d}"
 
 
-def _micro_time(value: Any, schema: Mapping, where: str) -> str:
+def _micro_time(value: Any, schema: Mapping[str, Any], where: str) -> str:
     return _time_of_day(_int(value, where, "microseconds since midnight, io.debezium.time.MicroTime"),
                         value, where)
 
 
-def _milli_time(value: Any, schema: Mapping, where: str) -> str:
+def _milli_time(value: Any, schema: Mapping[str, Any], where: str) -> str:
     ms = _int(value, where, f"milliseconds since midnight, {schema.get('name') or 'Time'}")
     return _time_of_day(ms * 1000, value, where)
 
 
-def _nano_time(value: Any, schema: Mapping, where: str) -> str:
+def _nano_time(value: Any, schema: Mapping[str, Any], where: str) -> str:
     ns = _int(value, where, "nanoseconds since midnight, io.debezium.time.NanoTime")
     return _time_of_day(ns // 1000, value, where)
 
@@ -280,10 +280,12 @@ def _scaled(unscaled: int, scale: int) -> decimal.Decimal:
     return decimal.Decimal((sign, tuple(int(d) for d in str(abs(unscaled))), -scale))
 
 
-def _scale_of(schema: Mapping, where: str) -> int:
+def _scale_of(schema: Mapping[str, Any], where: str) -> int:
     params = schema.get("parameters")
     raw = params.get("scale") if isinstance(params, Mapping) else None
     try:
+        if raw is None:
+            raise TypeError("no scale")
         return int(raw)  # Connect writes parameters as strings: {"scale": "2"}
     except (TypeError, ValueError):
         raise PoisonMessage(
@@ -292,7 +294,7 @@ def _scale_of(schema: Mapping, where: str) -> int:
         ) from None
 
 
-def _decimal(value: Any, schema: Mapping, where: str) -> Any:
+def _decimal(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return decimal.Decimal(str(value))  # JsonConverter decimal.format=NUMERIC
     if not isinstance(value, str):
@@ -300,7 +302,7 @@ def _decimal(value: Any, schema: Mapping, where: str) -> Any:
     return decode_decimal(value, _scale_of(schema, where), where)
 
 
-def _variable_decimal(value: Any, schema: Mapping, where: str) -> Any:
+def _variable_decimal(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     if not isinstance(value, dict) or "value" not in value:
         raise _bad(where, "an object {scale, value} (io.debezium.data.VariableScaleDecimal)", value)
     scale = value.get("scale")
@@ -311,7 +313,7 @@ def _variable_decimal(value: Any, schema: Mapping, where: str) -> Any:
     return decode_decimal(value["value"], scale, f"{where}.value")
 
 
-_SEMANTIC: dict[str, Callable[[Any, Mapping, str], Any]] = {
+_SEMANTIC: dict[str, Callable[[Any, Mapping[str, Any], str], Any]] = {
     "io.debezium.time.MicroTimestamp": _micro_timestamp,
     "io.debezium.time.Timestamp": _milli_timestamp,
     "org.apache.kafka.connect.data.Timestamp": _milli_timestamp,
@@ -331,7 +333,7 @@ _INT_BITS = {"int8": 8, "int16": 16, "int32": 32, "int64": 64}
 _FLOAT_WORDS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
 
-def decode_value(value: Any, schema: Mapping, where: str) -> Any:
+def decode_value(value: Any, schema: Mapping[str, Any], where: str) -> Any:
     """Decode one JSON value by its Connect field schema."""
     if value is None:
         return None
@@ -453,7 +455,8 @@ def conflicts(schema_field: Mapping[str, Any], spec: ColumnSpec | str | None) ->
         if spec.decode == "decimal" and spec.scale is not None and name == _DECIMAL:
             params = schema_field.get("parameters")
             try:
-                scale = int(params.get("scale")) if isinstance(params, Mapping) else None
+                raw_scale = params.get("scale") if isinstance(params, Mapping) else None
+                scale = int(raw_scale) if raw_scale is not None else None
             except (TypeError, ValueError):
                 scale = None
             if scale is not None and scale != spec.scale:
@@ -470,14 +473,14 @@ def conflicts(schema_field: Mapping[str, Any], spec: ColumnSpec | str | None) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _fields_of(schema: Any) -> dict[str, Mapping]:
+def _fields_of(schema: Any) -> dict[str, Mapping[str, Any]]:
     """Struct schema -> {field name: field schema}; {} when it is not a usable Connect struct."""
     if not isinstance(schema, Mapping):
         return {}
     fields = schema.get("fields")
     if not isinstance(fields, list):
         return {}
-    out: dict[str, Mapping] = {}
+    out: dict[str, Mapping[str, Any]] = {}
     for f in fields:
         if isinstance(f, Mapping) and isinstance(f.get("field"), str):
             out[f["field"]] = f
@@ -491,7 +494,7 @@ def _load(data: bytes | str, what: str) -> Any:
         raise PoisonMessage(f"{what} is not valid JSON: {exc}") from None
 
 
-def _unwrap(obj: dict, what: str) -> tuple[Mapping | None, Any, bool]:
+def _unwrap(obj: dict[str, Any], what: str) -> tuple[Mapping[str, Any] | None, Any, bool]:
     """(schema, payload, enveloped) of a JsonConverter value or key."""
     if len(obj) == 2 and "schema" in obj and "payload" in obj and (
         obj["schema"] is None or isinstance(obj["schema"], dict)
@@ -504,8 +507,8 @@ def _unwrap(obj: dict, what: str) -> tuple[Mapping | None, Any, bool]:
     return None, obj, False
 
 
-def _decode_row(row: Any, schema_fields: Mapping[str, Mapping] | None,
-                specs: Mapping[str, ColumnSpec] | None, where: str) -> dict:
+def _decode_row(row: Any, schema_fields: Mapping[str, Mapping[str, Any]] | None,
+                specs: Mapping[str, ColumnSpec] | None, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise _bad(where, "an object (a row)", row)
     out: dict[str, Any] = {}
@@ -523,7 +526,7 @@ def _decode_row(row: Any, schema_fields: Mapping[str, Mapping] | None,
 
 
 def _parse_key(key: bytes | str | None, table: str | None,
-               decoders: Mapping[str, Mapping[str, ColumnSpec]] | None) -> dict:
+               decoders: Mapping[str, Mapping[str, ColumnSpec]] | None) -> dict[str, Any]:
     if key is None or len(key) == 0:
         return {}
     where = f"{table} key" if table else "key"
@@ -544,7 +547,7 @@ def _parse_key(key: bytes | str | None, table: str | None,
     return _decode_row(payload, None, specs, where)
 
 
-def _lenient_key(raw: Any) -> dict | None:
+def _lenient_key(raw: Any) -> dict[str, Any] | None:
     """A key named by a header, read without failing: a bad header never poisons the record."""
     if raw is None:
         return None
@@ -559,7 +562,7 @@ def _lenient_key(raw: Any) -> dict | None:
     return None
 
 
-def _pk_change(headers: list[tuple[str, bytes]] | None) -> tuple[str | None, dict | None]:
+def _pk_change(headers: list[tuple[str, bytes]] | None) -> tuple[str | None, dict[str, Any] | None]:
     if not headers:
         return None, None
     for name, raw in headers:
@@ -595,7 +598,7 @@ def _sequence(value: Any) -> tuple[int | None, int | None] | None:
     return _meta_int(value[0]), _meta_int(value[1])
 
 
-def _order(lsn: Any, sequence: Any, ts_ms: Any) -> tuple:
+def _order(lsn: Any, sequence: Any, ts_ms: Any) -> tuple[Any, ...]:
     n = _meta_int(lsn)
     seq = _sequence(sequence)
     if seq is not None:
@@ -627,7 +630,7 @@ def _topic_table(topic: str, where: str) -> str:
                         f"{topic!r} is not <prefix>.<schema>.<table>")
 
 
-def _is_tx_metadata(obj: Mapping) -> bool:
+def _is_tx_metadata(obj: Mapping[str, Any]) -> bool:
     """A transaction metadata event (BEGIN/END on the ``<prefix>.transaction`` topic)."""
     return obj.get("status") in ("BEGIN", "END") and "id" in obj and "op" not in obj
 
@@ -657,7 +660,7 @@ def parse_record(
     pk_change, other_key = _pk_change(headers)
 
     obj = None if value is None or len(value) == 0 else _load(value, f"topic {topic}: value")
-    schema: Mapping | None = None
+    schema: Mapping[str, Any] | None = None
     payload: Any = None
     if obj is not None:
         if not isinstance(obj, dict):
@@ -679,16 +682,16 @@ def parse_record(
     return _parse_envelope(topic, key, schema, payload, decoders, pk_change, other_key)
 
 
-def _looks_like_envelope(payload: Mapping) -> bool:
+def _looks_like_envelope(payload: Mapping[str, Any]) -> bool:
     """A record ExtractNewRecordState passed through unchanged (truncate, message...)."""
     op = payload.get("op")
     return (isinstance(op, str) and op in _ALL_OPS and isinstance(payload.get("source"), dict)
             and ("before" in payload or "after" in payload or op in ("t", "m")))
 
 
-def _parse_envelope(topic: str, key: bytes | None, schema: Mapping | None, payload: dict,
+def _parse_envelope(topic: str, key: bytes | None, schema: Mapping[str, Any] | None, payload: dict[str, Any],
                     decoders: Mapping[str, Mapping[str, ColumnSpec]] | None,
-                    pk_change: str | None, other_key: dict | None) -> ParsedMessage:
+                    pk_change: str | None, other_key: dict[str, Any] | None) -> ParsedMessage:
     here = f"topic {topic}"
     op = payload.get("op")
     if op is None:
@@ -759,9 +762,9 @@ def _is_meta(name: str) -> bool:
     return name in _FLAT_META or name.startswith("__source_") or name.startswith("__transaction")
 
 
-def _parse_flat(topic: str, key: bytes | None, schema: Mapping | None, row: dict,
+def _parse_flat(topic: str, key: bytes | None, schema: Mapping[str, Any] | None, row: dict[str, Any],
                 decoders: Mapping[str, Mapping[str, ColumnSpec]] | None,
-                pk_change: str | None, other_key: dict | None) -> ParsedMessage:
+                pk_change: str | None, other_key: dict[str, Any] | None) -> ParsedMessage:
     here = f"topic {topic}"
     if (_is_tx_metadata(row) and set(row) <= _TX_FIELDS
             and ("event_count" in row or "data_collections" in row)):
@@ -824,7 +827,7 @@ def _parse_flat(topic: str, key: bytes | None, schema: Mapping | None, row: dict
     return ParsedMessage("change", table, op, values, None, k, order, commit, "", pk_change, other_key)
 
 
-def field_schemas(value: bytes | str | Mapping, fmt: str = "debezium-json") -> dict[str, Mapping]:
+def field_schemas(value: bytes | str | Mapping[str, Any], fmt: str = "debezium-json") -> dict[str, Mapping[str, Any]]:
     """{column: field schema} of a message's row (``{}`` without a schema); for ``check``."""
     obj = value if isinstance(value, Mapping) else _load(value, "value")
     if not isinstance(obj, dict):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -229,3 +231,178 @@ def test_primary_key_change_keeps_the_user_and_moves_the_identity_as_mapped(kafk
     kafka_broker.produce(topic, ev("c", {"id": 3, "email": "grace", "plan": "pro"}, None, 5), key=b'{"id": 3}',
                          headers=[("__debezium.oldkey", b'{"id": 2}')])
     wait_until(lambda: sim.user("grace") and sim.user("ada") is None, timeout=30, what="identity moved to grace")
+
+
+# -- the consumer under an outage and under rebalances ------------------------------------------
+
+ASSIGNED = re.compile(r"\bassigned (?:nothing|\S+\[\d+\])")
+REVOKED = re.compile(r"\brevoked (?:nothing|\S+\[\d+\])")
+DEAD_TASK_SIGNS = ("Task exception was never retrieved", "dictionary changed size", "Traceback",
+                   "consumer thread failed", "MAXPOLL", "maximum poll interval")
+
+
+class Ledger:
+    """Every record produced, by partition and offset, so the committed offsets can be checked
+    against what OneSignal holds: a committed offset C on a partition promises that each user's
+    last record below C was applied (the tag `plan` is `r<round>`; rounds only grow)."""
+
+    def __init__(self, kafka_broker, topic: str) -> None:  # type: ignore[no-untyped-def]
+        self.kb, self.topic = kafka_broker, topic
+        self.records: dict[int, list[tuple[int, str, int]]] = {}
+        self.last: dict[str, int] = {}
+        self.lsn = 0
+
+    def produce_round(self, round_: int, users: range, pad: int = 0) -> None:
+        """One record per user; `pad` bytes in a column no mapping reads make the record bigger."""
+        values = []
+        for uid in users:
+            self.lsn += 1
+            op = "u" if str(uid) in self.last else "c"
+            row = {"id": uid, "plan": f"r{round_}", **({"pad": "x" * pad} if pad else {})}
+            values.append((json.dumps({"id": uid}).encode(), _event(op, row, None, self.lsn)))
+        for uid, (partition, offset) in zip(users, self.kb.produce_many(self.topic, values)):
+            self.records.setdefault(partition, []).append((offset, str(uid), round_))
+            self.last[str(uid)] = round_
+
+    def end_offsets(self) -> dict[int, int]:
+        return {p: max(o for o, _, _ in recs) + 1 for p, recs in self.records.items()}
+
+    def expected(self) -> dict[str, str]:
+        return {uid: f"r{r}" for uid, r in self.last.items()}
+
+    def unapplied_commits(self, committed: dict[int, int], sim) -> list[str]:  # type: ignore[no-untyped-def]
+        """Read `committed` before calling: what OneSignal holds only moves forward."""
+        applied = {uid: int(v[1:]) for uid, v in _plans(sim).items() if v and v.startswith("r")}
+        problems = []
+        for partition, upto in committed.items():
+            need: dict[str, int] = {}
+            for offset, uid, round_ in self.records.get(partition, []):
+                if offset < upto:
+                    need[uid] = max(need.get(uid, -1), round_)
+            problems += [f"partition {partition} committed up to {upto}, but user {uid} is at round "
+                         f"{applied.get(uid)} < {r}" for uid, r in need.items() if applied.get(uid, -1) < r]
+        return problems
+
+
+def _plans(sim) -> dict[str, str | None]:  # type: ignore[no-untyped-def]
+    return {k: u["properties"].get("tags", {}).get("plan") for k, u in sim.by_external_id().items()}
+
+
+def _group_state(kafka_broker, group: str) -> str:  # type: ignore[no-untyped-def]
+    desc = kafka_broker.admin.describe_consumer_groups([group], request_timeout=10)[group].result(10)
+    return desc.state.name
+
+
+def test_an_outage_longer_than_max_poll_interval_pauses_the_partitions_and_keeps_the_member_in_the_group(
+        kafka_broker, sim, bridge):
+    max_poll_s, outage_s = 6, 10
+    topic = kafka_broker.new_topic("dbserver1.public.users", 2)
+    cfg = _config(kafka_broker, sim, [topic], USERS)
+    cfg["source"]["consumer"]["max.poll.interval.ms"] = max_poll_s * 1000
+    cfg["delivery"]["max_pending_users"] = 10  # backpressure after ten users
+    group = cfg["source"]["group_id"]
+    b = bridge(cfg).start()
+    wait_until(lambda: ASSIGNED.search(b.logs()), timeout=30, what="the partitions assigned")
+    users = range(1, 21)
+    ledger = Ledger(kafka_broker, topic)
+    ledger.produce_round(0, users)
+    wait_until(lambda: _plans(sim) == ledger.expected(), timeout=30, what="the first round applied")
+    before = kafka_broker.wait_committed(group, topic, ledger.end_offsets())
+
+    sim.faults(error_rate=1.0, status=503)
+    try:
+        ledger.produce_round(1, users)  # the ten users that fill the pipeline...
+        # ...and 10 MB more than the source buffers (8 MiB) before it pauses the partitions
+        ledger.produce_round(1, range(21, 121), pad=100_000)
+        deadline = time.monotonic() + outage_s
+        while time.monotonic() < deadline:
+            # nothing can be applied during the outage, so nothing more may be committed
+            assert kafka_broker.committed(group, topic) == before
+            assert _group_state(kafka_broker, group) == "STABLE", b.logs()[-3000:]
+            time.sleep(1)
+        assert "paused 2 partition(s)" in b.logs(), b.logs()[-3000:]
+    finally:
+        sim.clear_faults()
+
+    problems: list[str] = []
+
+    def converged() -> bool:
+        problems.extend(ledger.unapplied_commits(kafka_broker.committed(group, topic), sim))
+        return _plans(sim) == ledger.expected()
+
+    wait_until(converged, timeout=60, interval=0.5, what="every user at its last value after the outage")
+    kafka_broker.wait_committed(group, topic, ledger.end_offsets())
+    assert not problems, problems[:10]
+    logs = b.logs()
+    assert len(ASSIGNED.findall(logs)) == 1 and not REVOKED.search(logs) and "lost " not in logs, logs[-3000:]
+    assert not [s for s in DEAD_TASK_SIGNS if s in logs], logs[-3000:]
+    assert "resumed 2 partition(s)" in logs
+    assert b.terminate() == 0
+
+
+def test_members_joining_and_leaving_while_offsets_are_committed_lose_nothing_and_leave_no_dead_task(
+        kafka_broker, sim, bridge):
+    topic = kafka_broker.new_topic("dbserver1.public.users", 6)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    a = bridge(_config(kafka_broker, sim, [topic], USERS, group=group), name="a")
+    b = bridge(_config(kafka_broker, sim, [topic], USERS, group=group), name="b")
+    users = range(1, 61)
+    ledger = Ledger(kafka_broker, topic)
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def produce() -> None:  # a round every 0.2 s, and the commits checked against OneSignal
+        round_ = 0
+        while not stop.is_set():
+            ledger.produce_round(round_, users)
+            round_ += 1
+            problems.extend(ledger.unapplied_commits(kafka_broker.committed(group, topic), sim))
+            time.sleep(0.2)
+
+    def assignments(p) -> int:  # type: ignore[no-untyped-def]
+        return len(ASSIGNED.findall(p.logs()))
+
+    a.start()
+    wait_until(lambda: assignments(a) == 1, timeout=30, what="a assigned")
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        b.start()  # a is revoked while committing, both are assigned
+        wait_until(lambda: assignments(a) == 2 and assignments(b) == 1, timeout=30, what="a and b share")
+        time.sleep(1.5)
+        assert b.terminate() == 0  # b leaves: a is revoked and takes everything
+        wait_until(lambda: assignments(a) == 3, timeout=30, what="a owns everything again")
+        b.start()
+        wait_until(lambda: assignments(a) == 4 and assignments(b) == 2, timeout=30, what="b back")
+        time.sleep(1.5)
+        assert a.terminate() == 0  # a leaves: b takes everything
+        wait_until(lambda: assignments(b) == 3, timeout=30, what="b owns everything")
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        producer.join()
+    revocations = len(REVOKED.findall(b.logs()))
+    wait_until(lambda: _plans(sim) == ledger.expected(), timeout=30, what="every user at its last value")
+    # the timer commits after all those rebalances: no revocation or shutdown needed
+    kafka_broker.wait_committed(group, topic, ledger.end_offsets(), timeout=15)
+    assert len(REVOKED.findall(b.logs())) == revocations
+    problems.extend(ledger.unapplied_commits(kafka_broker.committed(group, topic), sim))
+    assert not problems, problems[:10]
+    assert b.terminate() == 0
+    for p in (a, b):
+        logs = p.logs()
+        assert not [s for s in DEAD_TASK_SIGNS if s in logs], logs[-3000:]
+
+
+def test_a_consumer_thread_failure_ends_the_process_non_zero_and_says_why(
+        kafka_broker, sim, bridge):
+    # Python's re accepts the non-capturing group; librdkafka's regex engine refuses it at subscribe
+    cfg = _config(kafka_broker, sim, None, USERS)
+    del cfg["source"]["topics"]
+    cfg["source"]["topic_pattern"] = r"^dbserver1\.(?:public)\.users$"
+    b = bridge(cfg).start()
+    assert b.proc is not None
+    rc = b.proc.wait(30)
+    logs = b.logs()
+    assert rc != 0, logs[-3000:]
+    assert "consumer thread failed" in logs and "Failed to set subscription" in logs, logs[-3000:]

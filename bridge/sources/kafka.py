@@ -1,13 +1,26 @@
 """`kafka` source: Debezium change events from Kafka topics, in a consumer group.
 
-- librdkafka (confluent-kafka) runs on one dedicated thread; the asyncio side awaits it.
+- One thread owns the consumer: every consumer call (subscribe, poll, pause/resume, commit,
+  watermarks, close) and therefore every rebalance callback runs on it. It shares exactly two
+  things with the event loop, both under one lock: a small buffer of fetched records not yet
+  handed to the pipeline, and the confirmed offsets. The loop hands records over from the buffer
+  (oldest first) and posts confirmations; the consumer thread commits them.
+- The consumer thread never stops polling, so the member stays in the group however long the
+  pipeline has no room (OneSignal down, a rejected API key, `max_pending_users` or the byte budget
+  reached): when the buffer has been full for a second it pauses the assigned partitions and
+  keeps polling (which returns nothing while paused but keeps `max.poll.interval.ms` satisfied);
+  it resumes them once the buffer has drained. Pausing drops librdkafka's own prefetch and resuming
+  fetches from the record after the last one polled, so nothing is lost or reordered.
 - Each record becomes a `ChangeEvent` (via `debezium.parse_record`); every record also gets a
   checkpoint marker `(topic, partition, offset)`. When the pipeline's low watermark passes a
-  marker, that offset is *confirmable*; offsets are committed per partition (offset + 1) from a
-  timer, on revocation, and at shutdown. Auto-commit is off: nothing is committed before it was
+  marker, that offset is *confirmable*; offsets are committed per partition (offset + 1) every
+  second, on revocation, and at shutdown. Auto-commit is off: nothing is committed before it was
   applied or dead-lettered.
-- Rebalance: on revocation the confirmable offsets of the revoked partitions are committed, and
-  nothing of them is committed afterwards, so unfinished work is re-read by the next owner.
+- Rebalance: on revocation the confirmable offsets of the revoked partitions are committed,
+  nothing of them is committed afterwards, and their buffered records are dropped, so unfinished
+  work is re-read by the next owner. Lost partitions (session expired) are not committed.
+- A failure of the consumer thread (or of the hand-over) ends `run` with the error, logged with
+  its traceback, so the process exits non-zero and is restarted.
 - Poison records (invalid JSON, missing `op`, wrong types) go to the dead-letter topic with
   headers naming the reason and the source topic, partition and offset; the consumer moves on.
 - A primary-key update arrives as a delete carrying `__debezium.newkey` and a create carrying
@@ -24,7 +37,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-from collections import OrderedDict
+import threading
+import time
+from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -42,6 +57,14 @@ COMMIT_INTERVAL_S = 1.0
 LAG_INTERVAL_S = 5.0
 BATCH = 500
 PK_CACHE = 10_000
+POLL_S = 0.1  # the consumer thread's longest wait: bounds the latency of commits and pause/resume
+# The buffer between the consumer thread and the pipeline: full at HIGH, room again at LOW.
+BUFFER_HIGH, BUFFER_HIGH_BYTES = 2 * BATCH, 8 << 20
+BUFFER_LOW, BUFFER_LOW_BYTES = BATCH, 4 << 20
+# Full for this long (at most a quarter of max.poll.interval.ms): pause the partitions and poll on.
+# Shorter waits are ordinary flow control and keep librdkafka's prefetch, which a pause drops.
+PAUSE_AFTER_S = 1.0
+PAUSE_LOG_AFTER_S = 5.0  # a pause this long is logged at info
 
 DEFAULT_CONSUMER = {
     "enable.auto.commit": False,
@@ -96,38 +119,290 @@ class KafkaSource:
         self.decoders = decoders_from(config)
         self.connected = False
         self.dead_letter_topic = cfg.dead_letter_topic or "onesignal-bridge.dlq"
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="librdkafka")
         conf = {**DEFAULT_CONSUMER, **cfg.consumer, "bootstrap.servers": cfg.bootstrap_servers,
                 "group.id": cfg.group_id}
         self.consumer = Consumer(conf)
         producer_conf = {k: v for k, v in cfg.consumer.items() if k.startswith(("security.", "sasl.", "ssl."))}
         self.producer = Producer({**producer_conf, "bootstrap.servers": cfg.bootstrap_servers})
         self.dead_letters = KafkaDeadLetters(self.producer, self.dead_letter_topic)
-        self._assigned: set[tuple[str, int]] = set()
-        self._confirmed: dict[tuple[str, int], int] = {}
-        self._committed: dict[tuple[str, int], int] = {}
         self._pk_old_rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Shared by the event loop and the consumer thread: only under _lock.
+        self._lock = threading.Lock()
+        self._assigned: dict[tuple[str, int], int] = {}  # partition -> the assignment it came with
+        self._confirmed: dict[tuple[str, int], int] = {}  # highest offset the watermark passed
+        self._buffer: deque[tuple[int, Message]] = deque()  # fetched, not yet handed over
+        self._buffer_bytes = 0
+        self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
+        self._exited = False
+        # The consumer thread's own.
+        self._committed: dict[tuple[str, int], int] = {}
+        self._assignment = 0
+        self._assignment_changed = False
+        max_poll_s = float(conf.get("max.poll.interval.ms", 300_000)) / 1000
+        self._pause_after = min(PAUSE_AFTER_S, max_poll_s / 4)
+        self._room = threading.Event()  # set by the loop when a full buffer has drained, or a command came
+        self._full = False  # under _lock
+        self._full_since = 0.0
+        self._paused = False
+        self._paused_at = 0.0
+        self._pause_logged = False
+        self._closing = False
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        # The event loop's own.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kw))
-
-    # -- checkpoint --------------------------------------------------------------------
+    # -- the event loop's side -----------------------------------------------------------
 
     def on_confirm(self, position: Any) -> None:
-        """Called by the pipeline for every marker the low watermark passes."""
+        """Called by the pipeline (on the event loop) for every marker the low watermark passes."""
         topic, partition, offset = position
         tp = (topic, partition)
-        if tp in self._assigned and offset >= self._confirmed.get(tp, -1):
-            self._confirmed[tp] = offset
+        with self._lock:
+            if tp in self._assigned and offset > self._confirmed.get(tp, -1):
+                self._confirmed[tp] = offset
+
+    async def _on_consumer_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the consumer thread (between two polls) and await its result."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._exited:
+                raise RuntimeError("the Kafka consumer thread is not running") from self._failure
+            self._commands.append((fn, fut))
+        self._room.set()
+        return await asyncio.wrap_future(fut)
+
+    def _next_record(self) -> Message | None:
+        """The oldest buffered record of a partition still assigned, or None."""
+        with self._lock:
+            while self._buffer:
+                assignment, msg = self._buffer.popleft()
+                self._buffer_bytes -= _size(msg)
+                if self._full and len(self._buffer) <= BUFFER_LOW and self._buffer_bytes <= BUFFER_LOW_BYTES:
+                    self._room.set()
+                if self._assigned.get((msg.topic(), msg.partition())) == assignment:
+                    return msg
+        return None
+
+    async def run(self, sink: Any, stop: asyncio.Event | None = None,
+                  drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        stop = stop or asyncio.Event()
+        sink.on_confirm = self.on_confirm
+        if self.cfg.topic_pattern:
+            topics = ["^" + self.cfg.topic_pattern.lstrip("^")]
+        else:
+            topics = list(self.cfg.topics or [])
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._thread = threading.Thread(target=self._consumer_thread, args=(topics,), name="kafka-consumer",
+                                        daemon=True)
+        self._thread.start()
+        feeder = asyncio.create_task(self._feed(sink))
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({feeder, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if feeder.done():
+                feeder.result()  # the hand-over or the consumer thread failed: raise it
+                raise RuntimeError("the Kafka hand-over ended on its own")
+            # Stopping: what is not handed over yet is re-read on the next start (nothing of it
+            # is committed), even when the pipeline has no room and the hand-over is waiting.
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            if drain is not None:
+                await drain()
+            await self._on_consumer_thread(self._commit_confirmed)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("the Kafka source failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            raise
+        finally:
+            for t in (feeder, stopped):
+                t.cancel()
+            await asyncio.gather(feeder, stopped, return_exceptions=True)
+            self.connected = False
+            await self._stop_consumer_thread()
+            await asyncio.to_thread(self.producer.flush, 10)
+
+    async def _feed(self, sink: Any) -> None:
+        assert self._wake is not None and self._thread is not None
+        while True:
+            msg = self._next_record()
+            if msg is not None:
+                await self._handle(msg, sink)
+                continue
+            if self._failure is not None:
+                raise RuntimeError("the Kafka consumer thread failed") from self._failure
+            if not self._thread.is_alive():
+                raise RuntimeError("the Kafka consumer thread ended unexpectedly")
+            self._wake.clear()
+            with self._lock:
+                if self._buffer:
+                    continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def _stop_consumer_thread(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            exited = self._exited  # the thread failed and closed the consumer itself
+        if not exited:
+            try:
+                await self._on_consumer_thread(self._close_consumer)
+            except Exception as exc:
+                log.warning("closing the Kafka consumer: %s: %s", type(exc).__name__, exc)
+        await asyncio.to_thread(thread.join, 30)
+        if thread.is_alive():
+            log.warning("the Kafka consumer thread did not end within 30s")
+
+    # -- the consumer thread -------------------------------------------------------------
+
+    def _consumer_thread(self, topics: list[str]) -> None:
+        try:
+            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_lost)
+            self.connected = True
+            now = time.monotonic()
+            next_commit, next_lag = now + COMMIT_INTERVAL_S, now + LAG_INTERVAL_S
+            while True:
+                self._run_commands()
+                if self._closing:
+                    break
+                if self._flow_control():
+                    msgs = self._poll()
+                    if msgs:
+                        self._enqueue(msgs)
+                now = time.monotonic()
+                if now >= next_commit:
+                    self._commit_confirmed()
+                    next_commit = now + COMMIT_INTERVAL_S
+                if now >= next_lag:
+                    self._update_lag()
+                    next_lag = now + LAG_INTERVAL_S
+        except BaseException as exc:
+            self._failure = exc
+            log.error("the Kafka consumer thread failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        finally:
+            self.connected = False
+            with self._lock:
+                self._exited = True
+                commands, self._commands = self._commands, []
+            for _, fut in commands:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(RuntimeError("the Kafka consumer thread is not running"))
+            if not self._closed:
+                try:
+                    self._close_consumer()
+                except Exception as exc:
+                    log.warning("closing the Kafka consumer: %s: %s", type(exc).__name__, exc)
+            self._notify_loop()
+
+    def _run_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for fn, fut in commands:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def _close_consumer(self) -> None:
+        self._closing = True
+        if not self._closed:
+            self._closed = True
+            self.consumer.close()  # revokes (and so commits) what this member still owns
+
+    def _poll(self) -> list[Message]:
+        if self._paused:  # nothing comes while paused; polling keeps this member in the group
+            return self.consumer.consume(BATCH, POLL_S)
+        first = self.consumer.poll(POLL_S)  # at once when a record is there: no batching delay
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(BATCH - 1, 0)]
+
+    def _enqueue(self, msgs: list[Message]) -> None:
+        added = 0
+        with self._lock:
+            for msg in msgs:
+                err = msg.error()
+                if err is not None:
+                    if err.fatal():
+                        raise KafkaException(err)
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", err.str())
+                    continue
+                assignment = self._assigned.get((msg.topic(), msg.partition()))
+                if assignment is None:
+                    continue  # revoked in the meantime: the next owner reads it
+                self._buffer.append((assignment, msg))
+                self._buffer_bytes += _size(msg)
+                added += 1
+        if added:
+            self._notify_loop()
+
+    def _notify_loop(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _flow_control(self) -> bool:
+        """Whether to poll now. A full buffer first waits (briefly) for the pipeline; full for longer
+        than `_pause_after`, every assigned partition is paused and polling goes on; once the buffer
+        has drained to LOW they are resumed."""
+        now = time.monotonic()
+        with self._lock:
+            n, nbytes = len(self._buffer), self._buffer_bytes
+            if not self._full and (n >= BUFFER_HIGH or nbytes >= BUFFER_HIGH_BYTES):
+                self._full, self._full_since = True, now
+            elif self._full and n <= BUFFER_LOW and nbytes <= BUFFER_LOW_BYTES:
+                self._full = False
+            self._room.clear()
+            want = self._full
+        if want and not self._paused and now - self._full_since < self._pause_after:
+            self._room.wait(min(POLL_S, self._full_since + self._pause_after - now))
+            return False
+        if want == self._paused and not self._assignment_changed:
+            if want and not self._pause_logged and now - self._paused_at >= PAUSE_LOG_AFTER_S:
+                self._pause_logged = True
+                log.info("paused %d partition(s) for %.0fs: delivery has no room (%d records, %d bytes "
+                         "fetched and waiting); still polling, so this member stays in the group",
+                         len(self.consumer.assignment()), now - self._paused_at, n, nbytes)
+            return True
+        partitions = self.consumer.assignment()
+        if partitions:
+            # also after a rebalance: newly assigned partitions get the current state explicitly
+            (self.consumer.pause if want else self.consumer.resume)(partitions)
+        self._assignment_changed = False
+        if want != self._paused:
+            if want:
+                self._paused_at, self._pause_logged = now, False
+                log.debug("paused %d partition(s): %d records fetched and waiting", len(partitions), n)
+            elif self._pause_logged:
+                log.info("resumed %d partition(s) after %.1fs: delivery has room again",
+                         len(partitions), now - self._paused_at)
+            else:
+                log.debug("resumed %d partition(s) after %.2fs", len(partitions), now - self._paused_at)
+            self._paused = want
+        return True
 
     def _to_commit(self, only: set[tuple[str, int]] | None = None) -> list[TopicPartition]:
-        out = []
-        for tp, off in self._confirmed.items():
-            if (only is None or tp in only) and self._committed.get(tp) != off:
-                out.append(TopicPartition(tp[0], tp[1], off + 1))
-        return out
+        with self._lock:
+            confirmed = [(tp, off) for tp, off in self._confirmed.items() if only is None or tp in only]
+        return [TopicPartition(tp[0], tp[1], off + 1)
+                for tp, off in confirmed if self._committed.get(tp) != off]
 
-    def _commit_sync(self, offsets: list[TopicPartition]) -> None:
+    def _commit_confirmed(self, only: set[tuple[str, int]] | None = None) -> None:
+        offsets = self._to_commit(only)
         if not offsets:
             return
         try:
@@ -138,61 +413,63 @@ class KafkaSource:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("offset commit failed (%s); retried", exc.args[0].str())
 
-    # -- rebalance callbacks (run on the librdkafka thread, inside consume) --------------
+    def _update_lag(self) -> None:
+        with self._lock:
+            partitions = list(self._assigned)
+            confirmed = dict(self._confirmed)
+        for topic, partition in partitions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), 2.0, True)
+            except KafkaException:
+                continue
+            done = confirmed.get((topic, partition))
+            committed = (done + 1) if done is not None else 0
+            if high >= 0:
+                m.KAFKA_CONSUMER_LAG.labels(topic, str(partition)).set(max(0, high - committed))
+
+    # -- rebalance callbacks (on the consumer thread, inside poll/consume/close) -----------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self._assigned.add((p.topic, p.partition))
+        self._assignment += 1
+        with self._lock:
+            for p in partitions:
+                self._assigned[(p.topic, p.partition)] = self._assignment
+        self._assignment_changed = True
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
-        self._commit_sync(self._to_commit(revoked))
-        for tp in revoked:
-            self._assigned.discard(tp)
-            self._confirmed.pop(tp, None)
+        self._commit_confirmed(revoked)
+        dropped = self._forget(revoked)
+        left = f" ({dropped} fetched record(s) not handed over are left to the next owner)" if dropped else ""
+        log.info("revoked %s%s", ", ".join(f"{t}[{p}]" for t, p in sorted(revoked)) or "nothing", left)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._forget(lost)
+        log.warning("lost %s (this member left the group: session timeout or poll interval); nothing of "
+                    "them is committed, the next owner re-reads what was not", ", ".join(
+                        f"{t}[{p}]" for t, p in sorted(lost)) or "nothing")
+
+    def _forget(self, partitions: set[tuple[str, int]]) -> int:
+        with self._lock:
+            for tp in partitions:
+                self._assigned.pop(tp, None)
+                self._confirmed.pop(tp, None)
+            kept = deque(item for item in self._buffer
+                         if (item[1].topic(), item[1].partition()) not in partitions)
+            dropped = len(self._buffer) - len(kept)
+            self._buffer = kept
+            self._buffer_bytes = sum(_size(msg) for _, msg in kept)
+        self._assignment_changed = True
+        labels = _lag_labels()
+        for tp in partitions:
             self._committed.pop(tp, None)
-            m.KAFKA_CONSUMER_LAG.remove(tp[0], str(tp[1])) if (tp[0], str(tp[1])) in _lag_labels() else None
-        log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(revoked)) or "nothing")
-
-    # -- run ---------------------------------------------------------------------------
-
-    async def run(self, sink: Any, stop: asyncio.Event | None = None,
-                  drain: Callable[[], Awaitable[None]] | None = None) -> None:
-        stop = stop or asyncio.Event()
-        sink.on_confirm = self.on_confirm
-        if self.cfg.topic_pattern:
-            topics = ["^" + self.cfg.topic_pattern.lstrip("^")]
-        else:
-            topics = list(self.cfg.topics or [])
-        await self._call(self.consumer.subscribe, topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-        self.connected = True
-        committer = asyncio.create_task(self._commit_timer())
-        lag = asyncio.create_task(self._lag_timer())
-        try:
-            while not stop.is_set():
-                msgs = await self._call(self.consumer.consume, BATCH, 0.5)
-                for msg in msgs:
-                    if stop.is_set():
-                        break
-                    await self._handle(msg, sink)
-            if drain is not None:
-                await drain()
-            await self._call(self._commit_sync, self._to_commit())
-        finally:
-            committer.cancel()
-            lag.cancel()
-            self.connected = False
-            await self._call(self.consumer.close)
-            await asyncio.to_thread(self.producer.flush, 10)
-            self._pool.shutdown(wait=False)
+            if (tp[0], str(tp[1])) in labels:
+                m.KAFKA_CONSUMER_LAG.remove(tp[0], str(tp[1]))
+        return dropped
 
     async def _handle(self, msg: Message, sink: Any) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", err.str())
-            return
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         position = f"{topic}[{partition}]@{offset}"
         try:
@@ -237,27 +514,6 @@ class KafkaSource:
             raise RuntimeError("the dead-letter topic did not acknowledge a poison record; not moving on")
         m.DEAD_LETTERS.labels(topic, "poison").inc()
 
-    async def _commit_timer(self) -> None:
-        while True:
-            await asyncio.sleep(COMMIT_INTERVAL_S)
-            offsets = self._to_commit()
-            if offsets:
-                await self._call(self._commit_sync, offsets)
-
-    async def _lag_timer(self) -> None:
-        while True:
-            await asyncio.sleep(LAG_INTERVAL_S)
-            for topic, partition in list(self._assigned):
-                try:
-                    _, high = await self._call(self.consumer.get_watermark_offsets,
-                                               TopicPartition(topic, partition), 2.0, True)
-                except KafkaException:
-                    continue
-                done = self._confirmed.get((topic, partition))
-                committed = (done + 1) if done is not None else 0
-                if high >= 0:
-                    m.KAFKA_CONSUMER_LAG.labels(topic, str(partition)).set(max(0, high - committed))
-
 
 def _lag_labels() -> set[tuple[str, str]]:
     out = set()
@@ -265,6 +521,10 @@ def _lag_labels() -> set[tuple[str, str]]:
         for sample in metric.samples:
             out.add((sample.labels.get("topic", ""), sample.labels.get("partition", "")))
     return out
+
+
+def _size(msg: Message) -> int:
+    return len(msg.value() or b"") + len(msg.key() or b"")
 
 
 def _key_id(table: str, key: dict[str, Any] | None) -> str:

@@ -9,9 +9,11 @@ from typing import Any
 import psycopg
 
 from bridge.config import Config, OutboxSourceConfig, PostgresSourceConfig, redact_dsn
+from bridge.errors import connection_hint, one_line
+from bridge.observability.logging import dsn_secrets, mask_secrets
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, build_http_client
-from bridge.setup import needs_full_identity
+from bridge.setup import _ident, needs_full_identity
 
 
 @dataclass(frozen=True)
@@ -26,17 +28,28 @@ class Finding:
         return f"[{tag}] {self.what}" + (f"\n       fix: {self.fix}" if self.fix else "")
 
 
+def _connect_failure(dsn: str, exc: Exception) -> Finding:
+    """A failed connection, on one line, with the fix libpq's message points to. The DSN and the
+    message are both scrubbed of every spelling of the password (libpq quotes a password it cannot
+    decode; `password Secret` without `=` is still a password)."""
+    text = str(exc).strip() or type(exc).__name__
+    detail = one_line(text.removeprefix("connection failed: "))
+    detail = redact_dsn(mask_secrets(detail, dsn_secrets(dsn)))
+    return Finding(False, f"cannot connect to Postgres at {redact_dsn(dsn)}: {detail}",
+                   connection_hint(text, dsn))
+
+
 def _pg_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
     out: list[Finding] = []
     dsn = src.dsn.get_secret_value()
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
-        detail = redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        return [Finding(False, f"cannot connect to Postgres at {redact_dsn(dsn)}: {detail}",
-                        "check source.dsn (host, port, database, user, password) and that the server is up")]
+        return [_connect_failure(dsn, exc)]
     with conn:
-        one = lambda q, *a: conn.execute(q, a).fetchone()  # noqa: E731
+        def one(q: Any, *a: Any) -> Any:  # the first row, or None
+            return conn.execute(q, a).fetchone()
+
         out.append(Finding(True, f"connected to Postgres at {redact_dsn(dsn)}"))
         (wal_level,) = one("SHOW wal_level")
         out.append(Finding(wal_level == "logical", f"wal_level is {wal_level}" + ("" if wal_level == "logical" else ", logical decoding needs logical"),
@@ -72,7 +85,8 @@ def _pg_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
             covered = {f"{s}.{t}" for s, t in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (src.publication,))}
             missing = sorted({m.table for m in config.mappings} - covered)
             out.append(Finding(not missing, f"publication {src.publication} " + ("covers every mapped table" if not missing else f"does not cover {', '.join(missing)}"),
-                               "" if not missing else f"ALTER PUBLICATION {src.publication} ADD TABLE {', '.join(missing)}; (or run setup)"))
+                               "" if not missing else f"ALTER PUBLICATION {_ident(src.publication)} ADD TABLE "
+                                                      f"{', '.join(missing)}; (or run setup)"))
         for table in needs_full_identity(config):
             r = one("SELECT relreplident FROM pg_class WHERE oid = to_regclass(%s)", table)
             if r is None:
@@ -108,14 +122,15 @@ def _outbox_checks(config: Config, src: OutboxSourceConfig) -> list[Finding]:
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
-        detail = redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        return [Finding(False, f"cannot connect to Postgres at {redact_dsn(dsn)}: {detail}",
-                        "check source.dsn (host, port, database, user, password) and that the server is up")]
+        return [_connect_failure(dsn, exc)]
     with conn:
-        one = lambda q, *a: conn.execute(q, a).fetchone()  # noqa: E731
+        def one(q: Any, *a: Any) -> Any:  # the first row, or None
+            return conn.execute(q, a).fetchone()
+
 
         def oid(name: str) -> int | None:
-            return one(f"SELECT {REL_OID}", *name.split(".", 1))[0]
+            found: int | None = one(f"SELECT {REL_OID}", *name.split(".", 1))[0]
+            return found
 
         out.append(Finding(True, f"connected to Postgres at {redact_dsn(dsn)}"))
         (wal_level,) = one("SHOW wal_level")

@@ -5,14 +5,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import traceback
+from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, load_config
-from bridge.errors import BridgeError, ConfigError
-from bridge.observability.logging import redact, scrub, setup_logging
+from bridge.errors import describe_failure, one_line
+from bridge.observability.logging import (
+    force_level,
+    redact,
+    redact_dsn_secrets,
+    redact_environment,
+    scrub,
+    setup_logging,
+)
+
+_loaded: Config | None = None  # the configuration of this invocation, for error messages
 
 
 def _load(path: str) -> Config:
+    """Load the configuration and register every secret in it before anything can print one."""
+    global _loaded
     config = load_config(path)
     redact(config.onesignal.api_key.get_secret_value())
     for k, v in (getattr(config.source, "consumer", None) or {}).items():
@@ -20,18 +33,15 @@ def _load(path: str) -> Config:
             redact(v)  # sasl.password, ssl.key.password ... never printed
     dsn = getattr(config.source, "dsn", None)
     if dsn is not None:
-        from urllib.parse import urlsplit
-
-        try:
-            redact(urlsplit(dsn.get_secret_value()).password)
-        except ValueError:
-            pass
+        redact_dsn_secrets(dsn.get_secret_value())  # also malformed ones libpq refuses to parse
+    _loaded = config
     return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level or "info", args.log_format)
     config = _load(args.config)
+    _preflight(config)
     from bridge.runner import run_bridge
 
     return asyncio.run(run_bridge(config))
@@ -140,27 +150,37 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return dlqcli.run(config, args)
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_LEVEL_HELP = "debug also prints the traceback of a failure (secrets scrubbed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onesignal-bridge", description="Keep OneSignal users in step with a database.")
     p.add_argument("--version", action="version", version=f"onesignal-bridge {__version__}")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help=LOG_LEVEL_HELP)
+    # Each command also takes --log-level after its name (default: run info, the others warning).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help=LOG_LEVEL_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="stream changes into OneSignal until SIGTERM/SIGINT")
+    r = sub.add_parser("run", parents=[common], help="stream changes into OneSignal until SIGTERM/SIGINT")
     r.add_argument("--config", required=True, metavar="FILE")
     r.add_argument("--log-format", choices=["text", "json"], default="text")
-    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("check", help="verify configuration, database and OneSignal; print a fix for each problem")
+    c = sub.add_parser("check", parents=[common],
+                       help="verify configuration, database and OneSignal; print a fix for each problem")
     c.add_argument("--config", required=True, metavar="FILE")
     c.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("setup", help="create the publication, slot and dead-letter table (idempotent)")
+    s = sub.add_parser("setup", parents=[common],
+                       help="create the publication, slot and dead-letter table (idempotent)")
     s.add_argument("--config", required=True, metavar="FILE")
     s.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
     s.set_defaults(func=cmd_setup)
 
-    t = sub.add_parser("teardown", help="remove what setup created for the source (triggers, outbox, slot, publication)")
+    t = sub.add_parser("teardown", parents=[common],
+                       help="remove what setup created for the source (triggers, outbox, slot, publication)")
     t.add_argument("--config", required=True, metavar="FILE")
     t.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
     t.set_defaults(func=cmd_teardown)
@@ -171,12 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--api-key", default=None)
     sim.set_defaults(func=cmd_simulator)
 
-    d = sub.add_parser("demo", help="start Postgres, the simulator and the bridge; make changes; show the users")
+    d = sub.add_parser("demo", parents=[common],
+                       help="start Postgres, the simulator and the bridge; make changes; show the users")
     d.add_argument("--dir", default=".demo", help="where the demo keeps its Postgres cluster")
     d.add_argument("--keep", action="store_true", help="leave Postgres running afterwards")
     d.set_defaults(func=cmd_demo)
 
-    bf = sub.add_parser("backfill", help="re-send a table (or a slice) while streaming continues")
+    bf = sub.add_parser("backfill", parents=[common],
+                        help="re-send a table (or a slice) while streaming continues")
     bf.add_argument("--config", required=True, metavar="FILE")
     bf.add_argument("--table", required=True)
     bf.add_argument("--where", help="SQL condition selecting the rows, e.g. \"plan = 'pro'\"")
@@ -186,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--timeout", type=float, default=3600.0)
     bf.set_defaults(func=cmd_backfill)
 
-    q = sub.add_parser("dlq", help="inspect and replay dead letters")
+    q = sub.add_parser("dlq", parents=[common], help="inspect and replay dead letters")
     q.add_argument("action", choices=["list", "show", "replay", "purge"])
     q.add_argument("id", nargs="?", type=int, help="a dead letter's id (show, replay, purge)")
     q.add_argument("--config", required=True, metavar="FILE")
@@ -200,14 +222,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Whatever fails ends in one scrubbed line on stderr naming the command, what
+    failed and what to do, and a non-zero exit (2: the configuration, 1: anything else); with
+    `--log-level debug` the scrubbed traceback comes first."""
+    global _loaded
+    _loaded = None
+    redact_environment()  # PGPASSWORD: libpq reads it, nothing may print it
+    _install_scrubbing_hooks()
     args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", None)
+    force_level(level)
+    command = args.command + (f" {args.action}" if getattr(args, "action", None) else "")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"onesignal-bridge: {scrub(str(exc))}", file=sys.stderr)
-        return 2
-    except BridgeError as exc:
-        print(f"onesignal-bridge: {scrub(str(exc))}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the one place where every failure becomes one line
+        if level == "debug":
+            print(scrub("".join(traceback.format_exception(exc))), file=sys.stderr, end="", flush=True)
+        dsn = getattr(_loaded.source, "dsn", None) if _loaded is not None else None
+        line, code = describe_failure(exc, dsn=dsn.get_secret_value() if dsn is not None else None,
+                                      base_url=_loaded.onesignal.base_url if _loaded is not None else None,
+                                      config_path=getattr(args, "config", None))
+        print(scrub(f"{command}: {line}"), file=sys.stderr, flush=True)
+        return code
+
+
+def _install_scrubbing_hooks() -> None:
+    """Tracebacks that escape `main` (threads, interpreter shutdown) are scrubbed too."""
+    import threading
+
+    def show(exc_type: Any, exc: Any, tb: Any, prefix: str = "") -> None:
+        sys.stderr.write(scrub(prefix + "".join(traceback.format_exception(exc_type, exc, tb))))
+
+    sys.excepthook = show
+    threading.excepthook = lambda a: show(a.exc_type, a.exc_value, a.exc_traceback,
+                                          f"Exception in thread {getattr(a.thread, 'name', '?')}:\n")
+    sys.unraisablehook = lambda u: show(u.exc_type, u.exc_value, u.exc_traceback,
+                                        f"{u.err_msg or 'Exception ignored in'}: {u.object!r}\n")
+
+
+_PERMANENT = ("password authentication failed", "no password supplied", "pg_hba.conf", "does not exist")
+
+
+def _preflight(config: Config) -> None:
+    """Before streaming, fail fast on a database connection that can never work (a DSN libpq cannot
+    parse, a rejected password, a missing database or role): the sources retry every connection
+    error forever. A server that is down or unreachable is not such a case: `run` waits for it."""
+    dsn = getattr(config.source, "dsn", None)
+    if dsn is None:
+        return
+    import logging
+
+    import psycopg
+
+    try:
+        psycopg.connect(dsn.get_secret_value(), autocommit=True, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        if any(p in str(exc) for p in _PERMANENT):
+            raise
+        logging.getLogger("bridge.run").warning("Postgres is not reachable yet (%s); the source retries",
+                                                one_line(str(exc)))

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from bridge.errors import ConfigError
+from bridge.observability.logging import dsn_secrets, mask_secrets
 
 RESERVED_TAG_KEYS = frozenset(
     "message notification subscription user template app org dynamic_content data_feed journey "
@@ -34,8 +35,35 @@ PROPERTY_KEYS = frozenset(
 DECODERS = frozenset(
     "micro_timestamp milli_timestamp nano_timestamp date_days zoned_timestamp decimal micro_time".split()
 )
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 _ALIAS_LABEL = re.compile(r"^[^/?#&=\s\x00-\x1f\x7f]{1,128}$")
+
+
+# Postgres's rules for replication slot names (lower-case letters, digits, underscore; at most
+# NAMEDATALEN - 1 = 63 bytes). The bridge also names the slot, unquoted, in the replication commands
+# (`CREATE_REPLICATION_SLOT name`, where a leading digit is a syntax error) and the publication in
+# `publication_names`, where an unquoted name is folded to lower case: a publication name follows the
+# same rule, so that every statement means the same object.
+_PG_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+PG_NAME_MAX = 63
+
+
+def _pg_name(v: str, what: str) -> str:
+    if _PG_NAME.match(v) and len(v.encode()) <= PG_NAME_MAX:
+        return v
+    problems = []
+    if not re.fullmatch(r"[a-z0-9_]*", v):
+        problems.append("use lower-case letters, digits and underscores")
+    elif v[:1].isdigit():
+        problems.append("start with a letter or an underscore")
+    elif not v:
+        problems.append("the name is empty")
+    if len(v.encode()) > PG_NAME_MAX:
+        problems.append(f"at most {PG_NAME_MAX} characters (this one has {len(v)})")
+    suggestion = re.sub(r"[^a-z0-9_]+", "_", v.lower()).strip("_") or "onesignal_bridge"
+    if suggestion[0].isdigit():
+        suggestion = "s_" + suggestion
+    suggestion = suggestion[:PG_NAME_MAX]
+    raise ValueError(f"{v!r} is not a valid {what} name: {'; '.join(problems)} (e.g. {suggestion!r})")
 
 
 class _Strict(BaseModel):
@@ -67,12 +95,15 @@ class PostgresSourceConfig(_Strict):
     status_interval_s: float = Field(default=1.0, gt=0)
     standby: bool = Field(default=True, description="wait on an advisory lock when another replica streams")
 
-    @field_validator("slot", "publication")
+    @field_validator("slot")
     @classmethod
-    def _ident(cls, v: str) -> str:
-        if not _IDENT.match(v):
-            raise ValueError("expected a plain SQL identifier (letters, digits, underscore)")
-        return v
+    def _slot(cls, v: str) -> str:
+        return _pg_name(v, "replication slot")
+
+    @field_validator("publication")
+    @classmethod
+    def _publication(cls, v: str) -> str:
+        return _pg_name(v, "publication")
 
 
 class OutboxSourceConfig(_Strict):
@@ -317,6 +348,8 @@ def parse_config(data: Any, *, where: str = "<config>", env: dict[str, str] | No
             if line not in seen:
                 seen.add(line)
                 lines.append(line)
+        if len(lines) == 1:
+            raise ConfigError(f"invalid configuration: {lines[0]}") from None
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
@@ -337,6 +370,8 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, for logs and `check` output."""
+    """The DSN with its password replaced, for logs and `check` output (also a malformed one:
+    `password Secret`, a URL password whose percent-encoding libpq refuses)."""
+    dsn = mask_secrets(dsn, dsn_secrets(dsn))
     dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)

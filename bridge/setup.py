@@ -29,8 +29,27 @@ def _qualified(table: str) -> str:
     return f"{_ident(schema)}.{_ident(name)}"
 
 
+# Postgres keywords that cannot stand unquoted as a name (pg_get_keywords() catcode R and T, 15).
+_RESERVED = frozenset(
+    "all analyse analyze and any array as asc asymmetric authorization binary both case cast check collate "
+    "collation column concurrently constraint create cross current_catalog current_date current_role "
+    "current_schema current_time current_timestamp current_user default deferrable desc distinct do else end "
+    "except false fetch for foreign freeze from full grant group having ilike in initially inner intersect "
+    "into is isnull join lateral leading left like limit localtime localtimestamp natural not notnull null "
+    "offset on only or order outer overlaps placing primary references returning right select session_user "
+    "similar some symmetric table tablesample then to trailing true union unique user using variadic verbose "
+    "when where window with".split()
+)
+
+
 def _ident(name: str) -> str:
-    return name if name.isidentifier() and name.islower() else '"' + name.replace('"', '""') + '"'
+    """A name as SQL: unquoted when Postgres reads it back unchanged, else double-quoted."""
+    plain = name.isidentifier() and name.isascii() and name.islower() and name not in _RESERVED
+    return name if plain else '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def needs_full_identity(config: Config) -> list[str]:
@@ -58,7 +77,7 @@ def statements(config: Config) -> list[Statement]:
     out.append(Statement(
         f"publication {src.publication} for the mapped tables",
         "DO $$ BEGIN\n"
-        f"  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{src.publication}') THEN\n"
+        f"  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {_literal(src.publication)}) THEN\n"
         f"    ALTER PUBLICATION {pub} SET TABLE {tables};\n"
         "  ELSE\n"
         f"    CREATE PUBLICATION {pub} FOR TABLE {tables};\n"
@@ -74,8 +93,8 @@ def statements(config: Config) -> list[Statement]:
         return out  # the first `run` creates the slot itself, exporting its snapshot for the initial read
     out.append(Statement(
         f"replication slot {src.slot} (pgoutput)",
-        f"SELECT pg_create_logical_replication_slot('{src.slot}', 'pgoutput')\n"
-        f"WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{src.slot}');",
+        f"SELECT pg_create_logical_replication_slot({_literal(src.slot)}, 'pgoutput')\n"
+        f"WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {_literal(src.slot)});",
     ))
     return out
 
@@ -91,7 +110,8 @@ def teardown(config: Config) -> list[Statement]:
     if isinstance(src, PostgresSourceConfig):
         return [
             Statement(f"replication slot {src.slot}",
-                      f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{src.slot}';"),
+                      "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                      f" WHERE slot_name = {_literal(src.slot)};"),
             Statement(f"publication {src.publication}", f"DROP PUBLICATION IF EXISTS {_ident(src.publication)};"),
         ]
     return []
@@ -107,6 +127,6 @@ def apply(config: Config, dsn: str, stmts: list[Statement] | None = None) -> lis
     done = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         for s in statements(config) if stmts is None else stmts:
-            conn.execute(sql.SQL(s.text))  # type: ignore[arg-type]
+            conn.execute(sql.SQL(s.text))
             done.append(s.why)
     return done

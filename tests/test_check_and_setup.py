@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import yaml
 
-from bridgeproc import API_KEY, bridge_config, run_cli
+from bridgeproc import API_KEY, bridge_config, run_cli, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text, email text);"
@@ -73,8 +75,8 @@ def test_sql_files_match_what_setup_prints_for_the_example_configuration(tmp_pat
 
 
 def test_bad_configuration_names_the_file_the_key_and_the_expectation(tmp_path):
-    cfg = bridge_config("postgresql://x@db/app", "http://127.0.0.1:1", MAPPING)
-    cfg["mappings"][0]["tagz"] = {"plan": "plan"}
+    cfg = bridge_config("postgresql://x@db/app", "http://127.0.0.1:1", copy.deepcopy(MAPPING))
+    cfg["mappings"][0]["tagz"] = {"plan": "plan"}  # on a copy: MAPPING is shared by the other tests
     cfg["delivery"]["flush_interval_ms"] = "soon"
     path = _write(tmp_path, cfg)
     out = run_cli("run", "--config", str(path))
@@ -86,3 +88,59 @@ def test_bad_configuration_names_the_file_the_key_and_the_expectation(tmp_path):
     out = run_cli("check", "--config", str(missing))
     assert out.returncode == 2
     assert "onesignal.api_key: environment variable NOT_SET_ANYWHERE is not set" in out.stderr
+
+
+# -- slot and publication names -----------------------------------------------------------------
+
+RULE = "use lower-case letters, digits and underscores"
+
+
+@pytest.mark.parametrize("command", [["check"], ["setup"], ["setup", "--print-sql"], ["run"], ["teardown"]])
+@pytest.mark.parametrize(
+    ("slot", "message"),
+    [
+        pytest.param("MySlot", f"'MySlot' is not a valid replication slot name: {RULE} (e.g. 'myslot')",
+                     id="capitals"),
+        pytest.param("my-slot", f"'my-slot' is not a valid replication slot name: {RULE} (e.g. 'my_slot')",
+                     id="hyphen"),
+        pytest.param("s" * 64, f"{'s' * 64!r} is not a valid replication slot name: at most 63 characters "
+                               f"(this one has 64) (e.g. {'s' * 63!r})", id="64-characters"),
+    ],
+)
+def test_a_slot_name_postgres_would_fold_or_refuse_stops_every_command_at_load_with_the_name_to_write(
+        tmp_path, command, slot, message):
+    cfg = bridge_config("postgresql://bridge@127.0.0.1:1/app", "http://127.0.0.1:1", MAPPING,
+                        source={"slot": slot})
+    path = _write(tmp_path, cfg)
+    out = run_cli(*command, "--config", str(path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [f"{command[0]}: invalid configuration: {path}: source.slot: {message}"]
+
+
+def test_a_keyword_publication_and_a_slot_name_with_digits_are_created_checked_streamed_and_removed_alike(
+        pg_db, sim, bridge, tmp_path):
+    pg_db.execute(DDL)
+    b = bridge(bridge_config(pg_db.dsn, sim.base_url, MAPPING,
+                             source={"slot": "my_slot1", "publication": "user", "snapshot": "never"}))
+    path = str(b.config_path)
+    printed = run_cli("setup", "--config", path, "--print-sql").stdout
+    assert 'CREATE PUBLICATION "user" FOR TABLE public.users' in printed
+    assert "pg_create_logical_replication_slot('my_slot1', 'pgoutput')" in printed
+    setup = run_cli("setup", "--config", path)
+    assert setup.returncode == 0, setup.stderr
+    assert pg_db.fetch("SELECT slot_name FROM pg_replication_slots") == [("my_slot1",)]
+    assert pg_db.fetch("SELECT pubname FROM pg_publication") == [("user",)]
+    check = run_cli("check", "--config", path)
+    assert check.returncode == 0, check.stdout
+    assert "replication slot my_slot1 uses pgoutput" in check.stdout
+    b.start()
+    pg_db.execute("INSERT INTO users VALUES (7, 'pro', NULL)")
+    wait_until(lambda: (sim.user("7") or {}).get("properties", {}).get("tags", {}).get("plan") == "pro",
+               what="user 7 streamed through slot my_slot1 and publication user")
+    assert pg_db.fetch("SELECT slot_name FROM pg_replication_slots") == [("my_slot1",)]  # no second slot
+    b.stop()
+    removed = run_cli("teardown", "--config", path)
+    assert removed.returncode == 0, removed.stderr
+    assert pg_db.fetch("SELECT count(*) FROM pg_replication_slots")[0][0] == 0
+    assert pg_db.fetch("SELECT count(*) FROM pg_publication")[0][0] == 0

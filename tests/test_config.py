@@ -195,6 +195,33 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "mappings[0].tagz" in message and "delivery.flush_interval_ms" in message
 
 
+# -- slot and publication names, by Postgres's own rules ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "problem", "instead"),
+    [
+        pytest.param("MySlot", "use lower-case letters, digits and underscores", "myslot", id="capitals"),
+        pytest.param("my-slot", "use lower-case letters, digits and underscores", "my_slot", id="hyphen"),
+        pytest.param("my slot", "use lower-case letters, digits and underscores", "my_slot", id="space"),
+        pytest.param("1slot", "start with a letter or an underscore", "s_1slot", id="leading-digit"),
+        pytest.param("s" * 64, "at most 63 characters (this one has 64)", "s" * 63, id="64-characters"),
+    ],
+)
+@pytest.mark.parametrize(("key", "what"), [("slot", "replication slot"), ("publication", "publication")])
+def test_a_slot_or_publication_name_postgres_would_refuse_or_fold_is_a_config_error_saying_what_to_write(
+        key: str, what: str, name: str, problem: str, instead: str) -> None:
+    message = config_error(changed(lambda t: t["source"].update({key: name})))
+    assert message == (f"invalid configuration: bridge.yaml: source.{key}: "
+                       f"{name!r} is not a valid {what} name: {problem} (e.g. {instead!r})")
+
+
+@pytest.mark.parametrize("name", ["my_slot1", "_slot", "onesignal_bridge", "s" * 63, "user"])
+def test_lower_case_names_of_up_to_63_characters_are_valid_slot_and_publication_names(name: str) -> None:
+    config = parse_config(changed(lambda t: t["source"].update(slot=name, publication=name)), env={})
+    assert (config.source.slot, config.source.publication) == (name, name)  # type: ignore[union-attr]
+
+
 def test_reserved_tag_key_is_rejected() -> None:
     message = config_error(changed(lambda t: t["mappings"][0].update(tags={"user": "name"})))
     assert "mappings[0].tags" in message
@@ -338,6 +365,11 @@ def test_api_key_never_appears_in_a_yaml_syntax_error(tmp_path: Path) -> None:
         ("host=db password = 's3 cr3t' dbname=app", "host=db password = *** dbname=app"),
         (r"host=db password='it\'s3cr3t' dbname=app", "host=db password=*** dbname=app"),
         ("postgresql://db/app?user=bridge&password=s3cr3t", "postgresql://db/app?user=bridge&password=***"),
+        ("host=db password s3cr3t dbname=app", "host=db password *** dbname=app"),
+        ("host=db user=bridge password  's3 cr3t'", "host=db user=bridge password  ***"),
+        ("postgresql://bridge:s3cr3t%zz@db:5432/app", "postgresql://bridge:***@db:5432/app"),
+        ("postgresql://bridge:s3%40cr3t@db/app", "postgresql://bridge:***@db/app"),
+        ("host=db password:s3cr3t", "host=db password:***"),
     ],
 )
 def test_redact_dsn_hides_the_password(dsn: str, shown: str) -> None:
@@ -347,6 +379,42 @@ def test_redact_dsn_hides_the_password(dsn: str, shown: str) -> None:
 
 def test_redact_dsn_keeps_a_dsn_without_password_as_is() -> None:
     assert redact_dsn("postgresql://bridge@db:5432/app") == "postgresql://bridge@db:5432/app"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'connection failed: connection to server at "db", port 5432 failed: FATAL:  '
+        'password authentication failed for user "bridge"',
+        'missing "=" after "password" in connection info string',
+        "password authentication failed for user bridge",
+    ],
+)
+def test_redact_dsn_leaves_a_libpq_message_about_passwords_readable(message: str) -> None:
+    assert redact_dsn(message) == message
+
+
+@pytest.mark.parametrize(
+    ("dsn", "spellings"),
+    [
+        pytest.param("postgresql://bu:Pw-S3cr3tZq9xy%zz@127.0.0.1:5999/e5", {"Pw-S3cr3tZq9xy%zz"},
+                     id="invalid-percent-encoding-kept-as-written"),
+        pytest.param("postgresql://bu:a%40b%2Fc@h/db", {"a%40b%2Fc", "a@b/c"}, id="written-and-decoded"),
+        pytest.param("postgres://bu:p@ss@h/db", {"p", "p@ss"}, id="libpq-and-python-readings-of-two-ats"),
+        pytest.param("postgresql://h/db?user=bu&password=q%25w", {"q%25w", "q%w"}, id="query-parameter"),
+        pytest.param("host=h password=s3cr3t", {"s3cr3t"}, id="key-value"),
+        pytest.param("host=h password = 'a b\\'c'", {"'a b\\'c'", "a b'c", "a b\\'c"}, id="quoted-escaped"),
+        pytest.param("host=h password Secret dbname=x", {"Secret"}, id="without-equals"),
+        pytest.param("host=h sslpassword=k3y-pass", {"k3y-pass"}, id="ssl-key-password"),
+        pytest.param("host=h user=bu", set(), id="none"),
+    ],
+)
+def test_every_spelling_of_a_dsn_password_is_found_for_redaction(dsn: str, spellings: set[str]) -> None:
+    from bridge.observability.logging import dsn_secrets
+
+    found = set(dsn_secrets(dsn))
+    assert spellings <= found  # more is harmless: each one is only ever masked
+    assert bool(found) == bool(spellings)
 
 
 def test_config_type_is_frozen() -> None:

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge.localpg import PgCluster  # noqa: E402
-from bridge.sources.outbox import OUTBOX_SQL  # noqa: E402
+from bridge.sources.outbox_kind import OUTBOX_SQL  # noqa: E402
 
 ROWS = 100_000
 BULK_ROWS = 50_000

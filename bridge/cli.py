@@ -20,6 +20,9 @@ from bridge.observability.logging import (
     setup_logging,
 )
 
+# librdkafka keys whose values are secrets (the Helm chart's values schema refuses the same).
+SECRET_CONSUMER_KEY_PARTS = ("password", "passphrase", "secret", "key", "jaas", "oauthbearer.config", ".pem")
+
 _loaded: Config | None = None  # the configuration of this invocation, for error messages
 
 
@@ -29,8 +32,8 @@ def _load(path: str) -> Config:
     config = load_config(path)
     redact(config.onesignal.api_key.get_secret_value())
     for k, v in (getattr(config.source, "consumer", None) or {}).items():
-        if any(w in k for w in ("password", "secret", "key")) and isinstance(v, str):
-            redact(v)  # sasl.password, ssl.key.password ... never printed
+        if isinstance(v, str) and any(w in k for w in SECRET_CONSUMER_KEY_PARTS):
+            redact(v)  # sasl.password, ssl.key.password, sasl.oauthbearer.config ... never printed
     dsn = getattr(config.source, "dsn", None)
     if dsn is not None:
         redact_dsn_secrets(dsn.get_secret_value())  # also malformed ones libpq refuses to parse
@@ -64,18 +67,17 @@ def cmd_setup(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
     config = _load(args.config)
     from bridge import setup
+    from bridge.sources import registry
 
-    if args.print_sql:
-        print(setup.render(config), end="")
-        return 0
-    for k, v in (getattr(config.source, "consumer", None) or {}).items():
-        if any(w in k for w in ("password", "secret", "key")) and isinstance(v, str):
-            redact(v)  # sasl.password, ssl.key.password ... never printed
-    dsn = getattr(config.source, "dsn", None)
+    kind = registry.for_config(config)
+    dsn = kind.database_dsn(config)
     if dsn is None:
-        print("setup: source.kind kafka has nothing to create in a database", file=sys.stderr)
+        print(f"setup: source.kind {kind.name} has nothing to create in a database", file=sys.stderr)
         return 0
-    for line in setup.apply(config, dsn.get_secret_value()):
+    if args.print_sql:
+        print(setup.render(setup.statements(config)), end="")
+        return 0
+    for line in setup.apply(config, dsn):
         print(f"[ok  ] {line}")
     return 0
 
@@ -84,16 +86,18 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
     config = _load(args.config)
     from bridge import setup
+    from bridge.sources import registry
 
+    kind = registry.for_config(config)
     stmts = setup.teardown(config)
     if args.print_sql:
-        print(setup.render(config, stmts), end="")
+        print(setup.render(stmts), end="")
         return 0
-    dsn = getattr(config.source, "dsn", None)
+    dsn = kind.database_dsn(config)
     if dsn is None or not stmts:
-        print(f"teardown: source.kind {config.source.kind} has nothing to remove from a database", file=sys.stderr)
+        print(f"teardown: source.kind {kind.name} has nothing to remove from a database", file=sys.stderr)
         return 0
-    for line in setup.apply(config, dsn.get_secret_value(), stmts):
+    for line in setup.apply_teardown(config, dsn):
         print(f"[ok  ] removed {line}")
     return 0
 
@@ -117,26 +121,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_backfill(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
     config = _load(args.config)
-    from bridge.config import PostgresSourceConfig
-    from bridge.sources import backfill
-
-    from bridge.config import OutboxSourceConfig
+    from bridge.ports import BackfillRequest
+    from bridge.sources import backfill, registry
 
     table = args.table if "." in args.table else f"public.{args.table}"
     if config.mapping_for(table) is None:
         print(f"backfill: table {table} is not mapped in {args.config}", file=sys.stderr)
         return 2
-    if not isinstance(config.source, (OutboxSourceConfig, PostgresSourceConfig)):
-        print("backfill: with source.kind kafka, re-snapshot through Debezium (an incremental snapshot signal)",
-              file=sys.stderr)
-        return 2
+    kind = registry.for_config(config)
     try:
         backfill.check_where(args.where)  # before connecting; Postgres checks it again before it is used
-        if isinstance(config.source, OutboxSourceConfig):
-            return backfill.outbox_backfill(config.source.dsn.get_secret_value(), table, args.where,
-                                            args.chunk_size)
-        return backfill.request(config.source.dsn.get_secret_value(), table, args.where, args.resume,
-                                args.chunk_size, not args.no_wait, timeout=args.timeout)
+        return kind.backfill(config, BackfillRequest(table, args.where, args.resume, args.chunk_size,
+                                                     not args.no_wait, args.timeout))
     except backfill.BackfillError as exc:  # a bad --where (WhereError) or table: one line, nothing recorded
         print(f"backfill: {exc}", file=sys.stderr)
         return 2

@@ -127,15 +127,27 @@ class KafkaSourceConfig(_Strict):
     consumer: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold sasl.password
 
     @model_validator(mode="after")
-    def _topics(self) -> "KafkaSourceConfig":
+    def _topics(self) -> KafkaSourceConfig:
         if not self.topics and not self.topic_pattern:
             raise ValueError("set `topics` (a list) or `topic_pattern` (a regular expression)")
         return self
 
 
 SourceConfig = Annotated[
-    Union[PostgresSourceConfig, OutboxSourceConfig, KafkaSourceConfig], Field(discriminator="kind")
+    PostgresSourceConfig | OutboxSourceConfig | KafkaSourceConfig, Field(discriminator="kind")
 ]
+_SOURCE_KINDS = ["postgres", "outbox", "kafka"]
+
+
+def use_source_models(models: list[type[BaseModel]], names: list[str]) -> None:
+    """Accept exactly these `source:` models (by their `kind`). Called by the source registry
+    (`bridge.sources.registry`) when a kind is registered: the union is the registry's."""
+    from pydantic.fields import FieldInfo
+
+    _SOURCE_KINDS[:] = names
+    union: Any = Annotated[Union[tuple(models)], Field(discriminator="kind")]  # noqa: UP007 - built at run time
+    Config.model_fields["source"] = FieldInfo.from_annotation(union)
+    Config.model_rebuild(force=True)
 
 
 class ColumnSpec(_Strict):
@@ -153,7 +165,7 @@ class ColumnSpec(_Strict):
         return v
 
 
-ColumnRef = Union[str, ColumnSpec]
+ColumnRef = str | ColumnSpec
 
 
 class SubscriptionSpec(_Strict):
@@ -167,7 +179,7 @@ class MappingConfig(_Strict):
     aliases: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, ColumnRef] = Field(default_factory=dict)
     properties: dict[str, ColumnRef] = Field(default_factory=dict)
-    subscriptions: dict[Literal["email", "sms"], Union[str, SubscriptionSpec]] = Field(default_factory=dict)
+    subscriptions: dict[Literal["email", "sms"], str | SubscriptionSpec] = Field(default_factory=dict)
     on_delete: Literal["delete_user", "remove_tags", "ignore"] = "ignore"
     on_truncate: Literal["ignore"] = "ignore"  # a TRUNCATE names no rows: users are left as they are
     on_address_change: Literal["delete", "disable"] = "delete"
@@ -221,11 +233,12 @@ class MappingConfig(_Strict):
             if key == "tags":
                 raise ValueError("map tags under `tags:`, not `properties.tags`")
             if key not in PROPERTY_KEYS:
-                raise ValueError(f"unknown OneSignal property {key!r}; expected one of {', '.join(sorted(PROPERTY_KEYS))}")
+                raise ValueError(f"unknown OneSignal property {key!r}; "
+                                 f"expected one of {', '.join(sorted(PROPERTY_KEYS))}")
         return v
 
     @model_validator(mode="after")
-    def _identity_not_an_alias(self) -> "MappingConfig":
+    def _identity_not_an_alias(self) -> MappingConfig:
         if len(self.identity) == 1 and self.identity_label in self.aliases:
             raise ValueError(
                 f"alias label {self.identity_label!r} is already the identity; remove it from `aliases`"
@@ -265,7 +278,7 @@ class Config(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
-    def _unique_tables(self) -> "Config":
+    def _unique_tables(self) -> Config:
         seen: set[str] = set()
         for m in self.mappings:
             if m.table in seen:
@@ -308,7 +321,7 @@ def _interpolate(node: Any, path: str, env: dict[str, str], where: str) -> Any:
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    skip_tags = {"postgres", "outbox", "kafka", "str", "ColumnSpec", "SubscriptionSpec"}
+    skip_tags = {*_SOURCE_KINDS, "str", "ColumnSpec", "SubscriptionSpec"}
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
@@ -340,7 +353,7 @@ def parse_config(data: Any, *, where: str = "<config>", env: dict[str, str] | No
                 msg = "required key is missing"
             elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 path = f"{path}.kind" if path == "source" else path
-                msg = "expected one of postgres, outbox, kafka" + (
+                msg = f"expected one of {', '.join(_SOURCE_KINDS)}" + (
                     "" if err["type"] == "union_tag_invalid" else " (the key is missing)"
                 )
             msg = msg.removeprefix("Value error, ")

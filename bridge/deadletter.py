@@ -140,35 +140,6 @@ class DeadLetterStore(Protocol):
     async def put(self, letters: list[DeadLetter]) -> None: ...
 
 
-SCHEMA_SQL = """
-CREATE SCHEMA IF NOT EXISTS onesignal_bridge;
-CREATE TABLE IF NOT EXISTS onesignal_bridge.dead_letters (
-    id          bigserial PRIMARY KEY,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    source_table text NOT NULL,
-    row_key     text NOT NULL,
-    field       text,
-    reason      text NOT NULL,
-    message     text NOT NULL,
-    position    text NOT NULL,
-    onesignal_user text,
-    payload     jsonb,
-    request     jsonb,
-    replayed_at timestamptz
-);
-CREATE INDEX IF NOT EXISTS dead_letters_table_idx ON onesignal_bridge.dead_letters (source_table, created_at);
--- row keys as JSON, [{"table": ..., "key": {column: value}}], read by `dlq replay` (row_key: for people)
-ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb;
-""".strip()
-
-ADD_ROW_KEYS_SQL = "ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb"
-HAS_ROW_KEYS_SQL = (
-    "SELECT to_regclass('onesignal_bridge.dead_letters') IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute"
-    " WHERE attrelid = to_regclass('onesignal_bridge.dead_letters') AND attname = 'row_keys'"
-    " AND NOT attisdropped)"
-)
-
-
 def _json(v: Any) -> str | None:
     return None if v is None else orjson.dumps(v, default=str).decode()
 
@@ -179,34 +150,11 @@ class PostgresDeadLetters:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._row_keys = True  # whether the table has the `row_keys` column (checked per connection)
-        self._warned = False
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-            self._row_keys = await self._ensure_row_keys(self._conn)
         return self._conn
-
-    async def _ensure_row_keys(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """A table created by an older `setup` lacks `row_keys`: add it, or write without it."""
-        row = await (await conn.execute(HAS_ROW_KEYS_SQL)).fetchone()
-        exists, has = row if row is not None else (False, False)
-        if has or not exists:
-            return True  # a missing table fails on insert, as it always did
-        try:
-            await conn.execute(ADD_ROW_KEYS_SQL)
-            log.info("added column row_keys to onesignal_bridge.dead_letters")
-            return True
-        except psycopg.Error as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning("onesignal_bridge.dead_letters has no row_keys column and it cannot be added "
-                            "(%s): run `onesignal-bridge setup` as the table's owner; until then "
-                            "`dlq replay` reads row keys from their text, and refuses keys it cannot read "
-                            "unambiguously",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            return False
 
     async def put(self, letters: list[DeadLetter]) -> None:
         if not letters:
@@ -214,22 +162,13 @@ class PostgresDeadLetters:
         try:
             conn = await self._connection()
             async with conn.cursor() as cur:
-                if self._row_keys:
-                    await cur.executemany(
-                        "INSERT INTO onesignal_bridge.dead_letters (source_table, row_key, field, reason,"
-                        " message, position, onesignal_user, payload, request, row_keys)"
-                        " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                        [(d.table, d.row_key, d.field, d.reason, d.message, d.position, d.user,
-                          _json(d.payload), _json(d.request), _json(d.row_keys)) for d in letters],
-                    )
-                else:
-                    await cur.executemany(
-                        "INSERT INTO onesignal_bridge.dead_letters (source_table, row_key, field, reason,"
-                        " message, position, onesignal_user, payload, request)"
-                        " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                        [(d.table, d.row_key, d.field, d.reason, d.message, d.position, d.user,
-                          _json(d.payload), _json(d.request)) for d in letters],
-                    )
+                await cur.executemany(
+                    "INSERT INTO onesignal_bridge.dead_letters (source_table, row_key, field, reason,"
+                    " message, position, onesignal_user, payload, request, row_keys)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    [(d.table, d.row_key, d.field, d.reason, d.message, d.position, d.user,
+                      _json(d.payload), _json(d.request), _json(d.row_keys)) for d in letters],
+                )
         except psycopg.Error:
             if self._conn is not None:
                 await self._conn.close()

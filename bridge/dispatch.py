@@ -71,7 +71,6 @@ class Dispatcher:
         self.bucket = TokenBucket(delivery.app_requests_per_second)
         self.slots = asyncio.Semaphore(delivery.max_in_flight)
         self.auth_error: errors.AuthError | None = None
-        self.ok_since_start = False
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -112,12 +111,13 @@ class Dispatcher:
             self._room.set()
 
     @property
-    def ready(self) -> bool:
-        return self.auth_error is None
-
-    @property
     def idle(self) -> bool:
         return not self._tasks and self.coalescer.pending_users == 0
+
+    @property
+    def pending(self) -> int:
+        """Users held (waiting or in flight): what a shutdown now would leave unsent."""
+        return self.coalescer.pending_users + self.coalescer.in_flight_users
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -234,12 +234,11 @@ class Dispatcher:
             self._requeue(batch, backoff(batch.attempt, self.rng), last_at)
             return
         if letters:
-            await self._store_letters(letters)
+            await self.dead_letter(letters)
         if self.auth_error is not None:
             log.warning("OneSignal accepts the API key again; resuming")
             self.auth_error = None
             self._room.set()
-        self.ok_since_start = True
         m.READY.set(1)
         if batch.first_commit_time is not None:
             m.END_TO_END.observe(max(0.0, time.time() - batch.first_commit_time))
@@ -363,7 +362,8 @@ class Dispatcher:
             request={"method": req.method, "path": req.path, "body": req.body},
         )
 
-    async def _store_letters(self, letters: list[DeadLetter]) -> None:
+    async def dead_letter(self, letters: list[DeadLetter]) -> None:
+        """Store `letters` durably (retrying while the store is down) and count them."""
         attempt = 0
         while True:
             try:

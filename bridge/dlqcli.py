@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,16 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from bridge import schema
 from bridge.coalesce import Coalescer
-from bridge.config import Config, KafkaSourceConfig
-from bridge.deadletter import HAS_ROW_KEYS_SQL, ROW_KEY_TEXT_MAX, age_filter, render_row_keys
+from bridge.config import Config
+from bridge.deadletter import ROW_KEY_TEXT_MAX, age_filter, render_row_keys
 from bridge.events import ChangeEvent, Op
 from bridge.mapping import Mapper
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, build_http_client
 from bridge.plan import plan
+from bridge.sources import registry
 
 
 def _where(args: argparse.Namespace) -> tuple[sql.Composable, list[Any]]:
@@ -127,11 +130,17 @@ def _legacy_keys(conn: psycopg.Connection[Any], table: str, text: str) -> tuple[
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    if isinstance(config.source, KafkaSourceConfig):
-        print("dlq: in kafka mode dead letters are in the dead-letter topic; read it with your Kafka tools")
+    kind = registry.for_config(config)
+    dsn = kind.database_dsn(config)
+    if dsn is None:
+        print(f"dlq: with source.kind {kind.name} dead letters are not kept in a database"
+              " (kafka: the dead-letter topic; read it with your Kafka tools)")
         return 2
-    dsn = config.source.dsn.get_secret_value()
     with psycopg.connect(dsn, autocommit=True) as conn:
+        problem = schema.problem(schema.current_version(conn))
+        if problem is not None:
+            print(f"dlq: {problem}", file=sys.stderr)
+            return 2
         where, params = _where(args)
         if args.action == "list":
             q = sql.SQL("SELECT id, created_at, source_table, row_key, field, reason, message, replayed_at "
@@ -159,16 +168,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
             n = conn.execute(q, params).rowcount
             print(f"purged {n} dead letter(s)")
             return 0
-        row_keys = sql.SQL("row_keys" if _has_row_keys(conn) else "NULL::jsonb")
-        q = sql.SQL("SELECT id, source_table, row_key, {} FROM onesignal_bridge.dead_letters "
-                    "WHERE replayed_at IS NULL AND {} ORDER BY id LIMIT %s").format(row_keys, where)
+        q = sql.SQL("SELECT id, source_table, row_key, row_keys FROM onesignal_bridge.dead_letters "
+                    "WHERE replayed_at IS NULL AND {} ORDER BY id LIMIT %s").format(where)
         letters = conn.execute(q, [*params, args.limit]).fetchall()
         return asyncio.run(_replay(config, conn, letters))
-
-
-def _has_row_keys(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute(HAS_ROW_KEYS_SQL).fetchone()
-    return bool(row and row[1])
 
 
 async def _replay(config: Config, conn: psycopg.Connection[Any],
@@ -256,7 +259,7 @@ async def _replay_one(conn: psycopg.Connection[Any], mapper: Mapper, client: One
             gone += 1
             continue
         cols = [d.name for d in cur.description or []]
-        event = ChangeEvent(key_table, Op.SNAPSHOT, dict(zip(cols, row, strict=True)), None, key, 0, "dlq-replay",
+        event = ChangeEvent(key_table, Op.SNAPSHOT, dict(zip(cols, row, strict=True)), None, key, "dlq-replay",
                             dt.datetime.now(dt.UTC).timestamp())
         result = mapper.map(event)
         if result.rejections:

@@ -9,6 +9,7 @@ Everything here is a frozen dataclass: stages never share mutable state.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,8 +52,9 @@ class ChangeEvent:
     """One row change, as the source saw it.
 
     `new` and `old` map column names to Python values (`UNCHANGED` where the source did not
-    send the column). `seq` is the checkpoint token the source registered for this event;
-    `position` is the human-readable source position, for logs and dead letters.
+    send the column). `position` is the human-readable source position, for logs and dead
+    letters. The checkpoint token is not part of the event: the pipeline assigns it when the
+    source hands the event over (`Sink.put`), and mapping copies it into each change's origin.
     """
 
     table: str  # "schema.table"
@@ -60,7 +62,6 @@ class ChangeEvent:
     new: Mapping[str, Any] | None
     old: Mapping[str, Any] | None
     key: Mapping[str, Any]
-    seq: int
     position: str
     commit_time: float | None = None  # unix seconds of the source commit
 
@@ -117,6 +118,10 @@ class UserChange:
     properties: Mapping[str, Any] = field(default_factory=dict)
     aliases: Mapping[str, str | None] = field(default_factory=dict)
     subscriptions: tuple[SubscriptionChange, ...] = ()
+
+    def with_seq(self, seq: int) -> UserChange:
+        """The same change under another checkpoint token (one event, several changes)."""
+        return dataclasses.replace(self, origin=dataclasses.replace(self.origin, seq=seq))
 
 
 @dataclass(frozen=True, slots=True)

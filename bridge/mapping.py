@@ -279,14 +279,15 @@ class TableMapping:
 
     # -- the mapping itself -------------------------------------------------------------
 
-    def map(self, event: ChangeEvent) -> MappingResult:
+    def map(self, event: ChangeEvent, seq: int = 0) -> MappingResult:
+        """What `event` means for OneSignal users; `seq` is the event's checkpoint token."""
         if event.op is Op.TRUNCATE:
             return EMPTY
         key = render_key(event.key)
-        origin = Origin(event.table, key, event.position, event.seq, event.commit_time)
+        origin = Origin(event.table, key, event.position, seq, event.commit_time)
 
         def reject(fld: str | None, reason: str, payload: Mapping[str, Any] | None = None) -> Rejection:
-            return Rejection(event.table, key, fld, reason, event.position, event.seq, payload)
+            return Rejection(event.table, key, fld, reason, event.position, seq, payload)
 
         if event.op is Op.DELETE:
             return self._map_delete(event, origin, reject)
@@ -449,6 +450,6 @@ class Mapper:
         region = config.delivery.default_region
         self.tables = {m.table: TableMapping.compile(m, region) for m in config.mappings}
 
-    def map(self, event: ChangeEvent) -> MappingResult:
+    def map(self, event: ChangeEvent, seq: int = 0) -> MappingResult:
         tm = self.tables.get(event.table)
-        return tm.map(event) if tm is not None else EMPTY
+        return tm.map(event, seq) if tm is not None else EMPTY

@@ -1,51 +1,61 @@
-"""The pipeline: source -> mapping -> coalescer/dispatcher, with the checkpoint watermark.
+"""The pipeline between a source and an output: mapping, stale-value filtering, the checkpoint.
 
-Sources call `issue()` for every event they read (in source order), `put(event)` to hand it
-over (this awaits while the pending budget is full: backpressure), and `mark(position)` where
-confirming would be safe (a commit). They read `confirmable` to know what they may confirm.
+```
+ Source ──put(event)──▶ Pipeline: token, map, filter ──submit(change)──▶ Output
+   ▲                         │ Watermark ◀──────── done(tokens) ─────────────┘
+   └── confirmable, on_confirm listeners
+```
+
+It is the `Sink` a source writes to (`bridge.ports.Sink`): it assigns every event its checkpoint
+token, maps it, and hands the changes to the `Output` (OneSignal user updates today). It knows
+nothing of Postgres or Kafka, and nothing of OneSignal's API: the output is built by the runner
+and given the pipeline's `done` callback.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from bridge.checkpoint import Watermark
 from bridge.config import Config
-from bridge.deadletter import DeadLetter, DeadLetterStore
-from bridge.dispatch import Dispatcher
+from bridge.deadletter import DeadLetter
 from bridge.events import ChangeEvent
-from bridge.mapping import Mapper, MappingResult
-from bridge.staleness import StaleFilter
+from bridge.mapping import Mapper
 from bridge.observability import metrics as m
-from bridge.onesignal.client import OneSignalClient
-from bridge.subscriptions import SubscriptionState
+from bridge.ports import DoneCallback, Output
+from bridge.staleness import StaleFilter
 
 log = logging.getLogger("bridge.pipeline")
 
 
 class Pipeline:
-    def __init__(self, config: Config, client: OneSignalClient, dead_letters: DeadLetterStore,
-                 subscriptions: SubscriptionState | None = None) -> None:
+    """`Pipeline(config, make_output)`: `make_output(done)` builds the output, which reports the
+    tokens it finished through `done`."""
+
+    def __init__(self, config: Config, make_output: Callable[[DoneCallback], Output]) -> None:
         self.config = config
         self.watermark = Watermark(on_pass=self._passed)
-        self.on_confirm: Callable[[Any], None] | None = None  # a source that wants every passed marker
+        self._listeners: list[Callable[[Any], None]] = []
         self.stale = StaleFilter()
         self._counters: dict[Any, Any] = {}
         self.mapper = Mapper(config)
-        self.dead_letters = dead_letters
-        self.dispatcher = Dispatcher(client, config.delivery, dead_letters, self.watermark.complete_many,
-                                     subscriptions=subscriptions)
+        self.output = make_output(self.done)
 
-    # -- the source's side ---------------------------------------------------------------
+    # -- the output's side ---------------------------------------------------------------
+
+    def done(self, tokens: Iterable[int]) -> None:
+        self.watermark.complete_many(tokens)
+
+    # -- the source's side (bridge.ports.Sink) -------------------------------------------
+
+    def on_confirm(self, listener: Callable[[Any], None]) -> None:
+        self._listeners.append(listener)
 
     def _passed(self, position: Any) -> None:
-        if self.on_confirm is not None:
-            self.on_confirm(position)
-
-    def issue(self) -> int:
-        return self.watermark.issue()
+        for listener in self._listeners:
+            listener(position)
 
     def mark(self, position: Any) -> None:
         self.watermark.mark(position)
@@ -62,34 +72,35 @@ class Pipeline:
     async def put(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> None:
         """Map and hand over one event. `order`: the source position for stale-value filtering
         (sources whose events for one user can arrive out of order, i.e. Kafka partitions)."""
+        seq = self.watermark.issue()
         counter = self._counters.get((event.table, event.op))
         if counter is None:
             counter = self._counters[(event.table, event.op)] = m.CHANGES.labels(event.table, event.op.value)
         counter.inc()
-        result = self.mapper.map(event)
-        if order and result.changes:
-            kept = [c for c in (self.stale.filter(ch, order) for ch in result.changes) if c is not None]
-            result = MappingResult(tuple(kept), result.rejections)
-        n = len(result.changes) + len(result.rejections)
+        result = self.mapper.map(event, seq)
+        changes = result.changes
+        if order and changes:
+            changes = tuple(c for c in (self.stale.filter(ch, order) for ch in changes) if c is not None)
+        rejections = result.rejections
+        n = len(changes) + len(rejections)
         if n == 0:
-            self.watermark.complete(event.seq)
+            self.watermark.complete(seq)
             return
-        # One seq per outcome, so the event is done only when all its outcomes are.
-        seqs = [event.seq] + [self.watermark.issue() for _ in range(n - 1)]
-        if n == 1:
-            changes = list(result.changes)  # the mapping already carries the event's seq
+        # One token per outcome, so the event is done only when all its outcomes are.
+        if n > 1:
+            extra = [self.watermark.issue() for _ in range(n - 1)]
+            tokens = [seq, *extra]
+            changes = tuple(ch.with_seq(t) for ch, t in zip(changes, tokens, strict=False))
+            rejected = tokens[len(changes):]
         else:
-            changes = [
-                dataclasses.replace(ch, origin=dataclasses.replace(ch.origin, seq=s))
-                for ch, s in zip(result.changes, seqs)
-            ]
-        rejected_seqs = seqs[len(changes):]
+            rejected = [seq] if rejections else []
+        output = self.output
         for ch in changes:
-            await self.dispatcher.wait_for_room()
-            self.dispatcher.submit(ch)
-        if result.rejections:
-            letters = [DeadLetter.from_rejection(r) for r in result.rejections]
+            await output.wait_for_room()
+            output.submit(ch)
+        if rejections:
+            letters = [DeadLetter.from_rejection(r) for r in rejections]
             for d in letters:
                 log.warning("dead-lettered: %s", d.message)
-            await self.dispatcher._store_letters(letters)
-            self.watermark.complete_many(rejected_seqs)
+            await output.dead_letter(letters)
+            self.done(rejected)

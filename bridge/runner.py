@@ -5,35 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
-from bridge import __version__
-from bridge.config import Config, KafkaSourceConfig, OutboxSourceConfig, PostgresSourceConfig
-from bridge.deadletter import DeadLetterStore, PostgresDeadLetters
-from bridge.errors import ConfigError
+from bridge import __version__, schema
+from bridge.config import Config
+from bridge.dispatch import Dispatcher
 from bridge.observability import metrics as m
 from bridge.observability.http import HealthServer
 from bridge.onesignal.client import OneSignalClient, build_http_client
 from bridge.pipeline import Pipeline
-from bridge.subscriptions import MemorySubscriptionState, PostgresSubscriptionState, SubscriptionState
+from bridge.ports import DoneCallback
+from bridge.sources import registry
 
 log = logging.getLogger("bridge.run")
-
-
-def _source(config: Config):  # type: ignore[no-untyped-def]
-    src = config.source
-    if isinstance(src, PostgresSourceConfig):
-        from bridge.sources.postgres import PostgresSource
-
-        return PostgresSource.from_config(config)
-    if isinstance(src, KafkaSourceConfig):
-        from bridge.sources.kafka import KafkaSource
-
-        return KafkaSource(src, config)
-    if isinstance(src, OutboxSourceConfig):
-        from bridge.sources.outbox import OutboxSource
-
-        return OutboxSource(src, config)
-    raise ConfigError(f"source.kind {src.kind!r} is accepted by the configuration but not active in this version")
 
 
 async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
@@ -44,24 +28,28 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    kind = registry.for_config(config)
+    dsn = kind.database_dsn(config)
+    if dsn is not None:  # the bridge's own tables must be there, at this version: say which command fixes it
+        await asyncio.to_thread(schema.require_current, dsn)
     m.UP.set(1)
     m.READY.set(0)
     m.BUILD.info({"version": __version__})
     http = build_http_client(config.onesignal.base_url, config.onesignal.request_timeout_s,
                              max_connections=config.delivery.max_in_flight)
     client = OneSignalClient(http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value())
-    source = _source(config)
-    if isinstance(config.source, KafkaSourceConfig):
-        dead_letters: DeadLetterStore = source.dead_letters
-        subscriptions: SubscriptionState = MemorySubscriptionState()
-    else:
-        dead_letters = PostgresDeadLetters(config.source.dsn.get_secret_value())
-        subscriptions = PostgresSubscriptionState(config.source.dsn.get_secret_value())
-    pipeline = Pipeline(config, client, dead_letters, subscriptions)
-    dispatcher = pipeline.dispatcher
+    source = kind.create(config)
+    dead_letters = kind.dead_letters(config, source)
+    subscriptions = kind.subscription_state(config)
+
+    def user_updates(done: DoneCallback) -> Dispatcher:
+        return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions)
+
+    pipeline = Pipeline(config, user_updates)
+    dispatcher = pipeline.output
 
     def ready() -> tuple[bool, str]:
-        if getattr(source, "standby", False):
+        if source.standby:
             return True, "hot standby: waiting for the leader's lock"
         if not source.connected:
             return False, "source not connected"
@@ -78,7 +66,7 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
         await dispatcher.drain(0 if ok else 1.0)
         if not ok:
             log.warning("shutdown deadline reached: %d user(s) not sent; they are re-read on the next start",
-                        dispatcher.coalescer.pending_users + dispatcher.coalescer.in_flight_users)
+                        dispatcher.pending)
 
     dispatch_task = asyncio.create_task(dispatcher.run())
     source_task = asyncio.create_task(source.run(pipeline, stop, drain))
@@ -86,8 +74,9 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     try:
         done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+            exc = t.exception()
+            if exc is not None:
+                raise exc
         return 0
     finally:
         for t in (dispatch_task, source_task, readiness):
@@ -102,7 +91,7 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
         m.UP.set(0)
 
 
-async def _readiness(ready) -> None:  # type: ignore[no-untyped-def]
+async def _readiness(ready: Callable[[], tuple[bool, str]]) -> None:
     while True:
         m.READY.set(1 if ready()[0] else 0)
         await asyncio.sleep(1.0)

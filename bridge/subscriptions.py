@@ -31,22 +31,6 @@ class SubscriptionState(Protocol):
     async def record(self, sub: KnownSubscription) -> None: ...
     async def forget(self, channel: str, token: str) -> None: ...
     async def forget_owner(self, owner: str) -> None: ...
-
-
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS onesignal_bridge.subscriptions (
-    channel         text NOT NULL,
-    token           text NOT NULL,
-    owner           text NOT NULL,
-    subscription_id text NOT NULL,
-    enabled         boolean,
-    updated_at      timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (channel, token)
-);
-CREATE INDEX IF NOT EXISTS subscriptions_owner_idx ON onesignal_bridge.subscriptions (owner);
-""".strip()
-
-
 class MemorySubscriptionState:
     def __init__(self) -> None:
         self._by_token: dict[tuple[str, str], KnownSubscription] = {}

@@ -1,5 +1,17 @@
--- dead-letter store
+-- schema version table
 CREATE SCHEMA IF NOT EXISTS onesignal_bridge;
+CREATE TABLE IF NOT EXISTS onesignal_bridge.schema_version (
+    version    int PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- schema version 1: base
+-- onesignal-bridge schema, version 1: the bridge's own tables, beside the application's.
+-- Written with IF NOT EXISTS so that a database set up before schema versions existed adopts it.
+CREATE SCHEMA IF NOT EXISTS onesignal_bridge;
+
+-- Dead letters: changes that can never be applied, with the reason; `dlq list|show|replay|purge`.
 CREATE TABLE IF NOT EXISTS onesignal_bridge.dead_letters (
     id          bigserial PRIMARY KEY,
     created_at  timestamptz NOT NULL DEFAULT now(),
@@ -15,10 +27,8 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.dead_letters (
     replayed_at timestamptz
 );
 CREATE INDEX IF NOT EXISTS dead_letters_table_idx ON onesignal_bridge.dead_letters (source_table, created_at);
--- row keys as JSON, [{"table": ..., "key": {column: value}}], read by `dlq replay` (row_key: for people)
-ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb;
 
--- subscription ids the bridge learned (email/SMS)
+-- Email/SMS subscription ids the bridge learned from OneSignal's answers, by (channel, address).
 CREATE TABLE IF NOT EXISTS onesignal_bridge.subscriptions (
     channel         text NOT NULL,
     token           text NOT NULL,
@@ -30,7 +40,18 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.subscriptions (
 );
 CREATE INDEX IF NOT EXISTS subscriptions_owner_idx ON onesignal_bridge.subscriptions (owner);
 
--- backfill requests (read back through the stream)
+-- Initial snapshot progress, per slot and table (resumable by chunk).
+CREATE TABLE IF NOT EXISTS onesignal_bridge.snapshot_progress (
+    slot        text NOT NULL,
+    table_name  text NOT NULL,
+    last_key    jsonb,
+    rows_done   bigint NOT NULL DEFAULT 0,
+    done        boolean NOT NULL DEFAULT false,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot, table_name)
+);
+
+-- Backfill requests: written by `onesignal-bridge backfill`, read back through the stream.
 CREATE TABLE IF NOT EXISTS onesignal_bridge.backfill_requests (
     id          bigserial PRIMARY KEY,
     table_name  text NOT NULL,
@@ -43,6 +64,14 @@ CREATE TABLE IF NOT EXISTS onesignal_bridge.backfill_requests (
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
+INSERT INTO onesignal_bridge.schema_version (version, name) VALUES (1, 'base') ON CONFLICT (version) DO NOTHING;
+
+-- schema version 2: dead letter row keys
+-- onesignal-bridge schema, version 2: dead letters keep their row keys as JSON,
+-- [{"table": ..., "key": {column: value}}], which `dlq replay` looks rows up by (row_key stays,
+-- for people).
+ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb;
+INSERT INTO onesignal_bridge.schema_version (version, name) VALUES (2, 'dead_letter_row_keys') ON CONFLICT (version) DO NOTHING;
 
 -- publication onesignal_bridge for the mapped tables
 DO $$ BEGIN
@@ -55,17 +84,6 @@ END $$;
 
 -- public.users: deletes and address changes need the old row
 ALTER TABLE public.users REPLICA IDENTITY FULL;
-
--- initial snapshot progress
-CREATE TABLE IF NOT EXISTS onesignal_bridge.snapshot_progress (
-    slot        text NOT NULL,
-    table_name  text NOT NULL,
-    last_key    jsonb,
-    rows_done   bigint NOT NULL DEFAULT 0,
-    done        boolean NOT NULL DEFAULT false,
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (slot, table_name)
-);
 
 -- replication slot onesignal_bridge (pgoutput)
 SELECT pg_create_logical_replication_slot('onesignal_bridge', 'pgoutput')

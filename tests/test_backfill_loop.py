@@ -13,7 +13,7 @@ import pytest
 import yaml
 from bridgeproc import bridge_config, run_cli, wait_until
 
-from bridge.sources.backfill import SCHEMA_SQL
+from bridge import schema
 
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text);"
 MAPPING = [{"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"}}]
@@ -150,8 +150,7 @@ def test_a_where_that_is_not_one_boolean_expression_is_refused_with_a_one_line_r
                                                                                     problem):
     pg_db.execute(DDL)
     with pg_db.connect() as conn:
-        conn.execute("CREATE SCHEMA IF NOT EXISTS onesignal_bridge")
-        conn.execute(SCHEMA_SQL)
+        schema.migrate(conn)
     path = tmp_path / "bridge.yaml"
     path.write_text(yaml.safe_dump(bridge_config(pg_db.dsn, "http://127.0.0.1:9", MAPPING)))
     out = run_cli("backfill", "--config", str(path), "--table", "public.users", "--where", where, "--no-wait")

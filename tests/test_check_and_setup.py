@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from bridgeproc import API_KEY, bridge_config, run_cli, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,15 +62,18 @@ def test_setup_is_idempotent_and_print_sql_shows_the_same_statements(pg_db, sim,
 
 
 def test_sql_files_match_what_setup_prints_for_the_example_configuration(tmp_path):
-    cfg = bridge_config("postgresql://bridge@db/app", "http://127.0.0.1:1", [
-        {"table": "public.users", "identity": {"external_id": "id"}, "aliases": {"crm_id": "crm_id"},
-         "tags": {"plan": "plan"}, "on_delete": "delete_user"},
-        {"table": "public.orders", "identity": {"external_id": "user_id"}, "tags": {"last_order_total": "total"}},
-    ], source={"snapshot": "never"})
-    path = _write(tmp_path, cfg)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regen_sql", ROOT / "scripts" / "regen_sql.py")
+    assert spec is not None and spec.loader is not None
+    regen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regen)
+    path = _write(tmp_path, regen.EXAMPLE)
     printed = run_cli("setup", "--config", str(path), "--print-sql").stdout
     assert printed == (ROOT / "sql" / "postgres-source.sql").read_text(), \
-        "sql/postgres-source.sql is out of date: regenerate it with `setup --print-sql` (see sql/README.md)"
+        "sql/postgres-source.sql is out of date: run `python scripts/regen_sql.py`"
+    for file, text in regen.generated().items():
+        assert file.read_text() == text, f"{file.name} is out of date: run `python scripts/regen_sql.py`"
 
 
 def test_bad_configuration_names_the_file_the_key_and_the_expectation(tmp_path):

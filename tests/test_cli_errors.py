@@ -218,7 +218,14 @@ def test_a_statement_postgres_refuses_is_one_line_with_the_sqlstate_and_a_fix(
         pg_db, tmp_path):  # type: ignore[no-untyped-def]
     pg_db.execute("CREATE TABLE users (id bigint PRIMARY KEY, plan text)")
     path = _config_file(tmp_path, pg_db.dsn, "http://127.0.0.1:1")
-    out = run_cli("dlq", "list", "--config", str(path))  # setup never ran: no dead-letter table
+    never = run_cli("dlq", "list", "--config", str(path))  # setup never ran: the schema check says so
+    assert never.returncode == 2 and "Traceback" not in never.stderr
+    assert never.stderr.strip().splitlines() == [
+        "dlq: the database has no onesignal_bridge schema (or one from before schema versions): run "
+        "`onesignal-bridge setup --config FILE` (or have the tables' owner run `setup --print-sql`)"]
+    assert run_cli("setup", "--config", str(path)).returncode == 0
+    pg_db.execute("ALTER TABLE onesignal_bridge.dead_letters RENAME TO dead_letters_moved")  # by hand, later
+    out = run_cli("dlq", "list", "--config", str(path))
     assert out.returncode == 1
     assert "Traceback" not in out.stdout + out.stderr
     (line,) = [x for x in (out.stdout + out.stderr).splitlines() if x.strip()]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import pydantic
 import pytest
 import yaml
 
@@ -420,5 +422,5 @@ def test_every_spelling_of_a_dsn_password_is_found_for_redaction(dsn: str, spell
 def test_config_type_is_frozen() -> None:
     config = parse_config(minimal(), env={})
     assert isinstance(config, Config)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.onesignal.app_id = "other"  # type: ignore[misc]

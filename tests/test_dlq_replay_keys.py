@@ -170,14 +170,15 @@ def test_a_change_onesignal_refused_keeps_the_key_of_every_row_it_merged_and_rep
     assert left == [(0,)]
 
 
-def test_an_older_installation_gains_row_keys_and_its_text_keys_replay_only_if_unambiguous(
+def test_an_older_installation_is_migrated_by_setup_and_its_text_keys_replay_only_if_unambiguous(
         pg_db, sim, bridge):  # type: ignore[no-untyped-def]
     notes = {"table": "public.notes", "identity": {"external_id": "uid"}, "properties": {"timezone_id": "tz"}}
     # notes: no primary key, REPLICA IDENTITY FULL: its rows were keyed by every column, NULL as `None`
     b = _setup(pg_db, sim, bridge, mappings=MAPPING + [notes],
                ddl=DDL + "CREATE TABLE notes (uid text, tz text); ALTER TABLE notes REPLICA IDENTITY FULL;")
-    # The dead-letter table as an older setup created it (no row_keys), with letters it wrote.
+    # The schema as version 1 left it (dead letters without row_keys), with letters it wrote.
     pg_db.execute("ALTER TABLE onesignal_bridge.dead_letters DROP COLUMN row_keys")
+    pg_db.execute("DELETE FROM onesignal_bridge.schema_version WHERE version > 1")
     old = ["code=a,b", "code=x;y", "code=k=v", "code=%", "code=long-deleted"]
     for text in old:
         _store_letter(pg_db, text)
@@ -185,7 +186,20 @@ def test_an_older_installation_gains_row_keys_and_its_text_keys_replay_only_if_u
         _store_letter(pg_db, text, table="public.notes")
     old += ["uid=u-note,tz=UTC", "uid=None,tz=UTC"]
 
-    b.start()  # no new `setup`: the bridge adds the column itself when it first stores a letter
+    # `run` and `dlq` refuse an old schema with the command that fixes it; `check` reports it.
+    b.start()
+    assert b.proc is not None and b.proc.wait(30) != 0
+    assert "schema is at version 1, this bridge needs 2: run `onesignal-bridge setup" in b.logs(), b.logs()
+    dlq = run_cli("dlq", "list", "--config", str(b.config_path))
+    assert dlq.returncode == 2 and "run `onesignal-bridge setup" in dlq.stderr, dlq.stdout + dlq.stderr
+    check = run_cli("check", "--config", str(b.config_path))
+    assert "[FAIL] the database's onesignal_bridge schema is at version 1" in check.stdout, check.stdout
+    setup = run_cli("setup", "--config", str(b.config_path))
+    assert setup.returncode == 0 and "schema version 2: dead letter row keys" in setup.stdout, setup.stderr
+    assert "schema is at version 2 (current)" in run_cli("check", "--config", str(b.config_path)).stdout
+    assert _count(pg_db) == len(old), "migrating keeps every dead letter"
+
+    b.start()
     pg_db.execute("INSERT INTO accounts VALUES ('new,one', 'u-new', 'p', %s)", BAD_TZ)
     wait_until(lambda: _count(pg_db) == len(old) + 1, what="the new row's dead letter")
     new_letter = _letters(pg_db)[-1]

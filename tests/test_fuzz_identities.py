@@ -29,7 +29,7 @@ from bridge.mapping import MAX_TAG_VALUE_BYTES, Mapper
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, Request, UnroutableRequest, build_http_client, requests
 from bridge.sources.debezium import decode_value
-from bridge.sources.outbox import decoder_for
+from bridge.sources.outbox_values import decoder_for
 from bridge.sources.pgtypes import PgType, Unrepresentable, converter_for
 
 TABLE = "public.accounts"
@@ -172,7 +172,7 @@ def test_fuzzed_identities_and_values_map_to_routable_requests_or_dead_letters(s
         nonlocal seen
         seen += 1
         row = {"id": ident, "crm_id": alias, "plan": value, "seen": value}
-        result = mapper.map(ChangeEvent(TABLE, Op.INSERT, row, None, {"id": ident}, seen, f"0/{seen:X}"))
+        result = mapper.map(ChangeEvent(TABLE, Op.INSERT, row, None, {"id": ident}, f"0/{seen:X}"), seen)
         rejections = list(result.rejections)
         by_field = Counter(r.field for r in rejections)
         assert all(n == 1 for n in by_field.values()), rejections

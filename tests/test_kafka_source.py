@@ -3,7 +3,6 @@ processes in one consumer group, the OneSignal simulator over HTTP."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import threading
@@ -13,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bridgeproc import APP_ID, API_KEY, free_port, wait_until
+from bridgeproc import API_KEY, APP_ID, free_port, wait_until
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "debezium"
 
@@ -50,9 +48,18 @@ EXPECTED: dict[str, tuple[str, dict[str, dict[str, str]] | str | None]] = {
     "pg_create_outbox_legacy_docs": ("dbserver1.inventory.outboxevent", {"1": {"type": "OrderCreated"}}),
     "pg_unwrap_add_fields_docs": ("flat", None),
     "pg_unwrap_delete_rewrite_docs": ("flat", None),
-    "real/pg_create_decimal_noschema": ("dbserver1.inventory.orderline", {"1": {"totalprice": "39.98", "status": "ENTERED"}}),
-    "real/pg_update_nofull_noschema": ("dbserver1.inventory.orderline", {"1": {"totalprice": "29.99", "status": "CANCELLED"}}),
-    "real/pg_create_microtimestamp_noschema": ("dbserver1.inventory.purchaseorder", {"123": {"orderdate": "1548936781"}}),
+    "real/pg_create_decimal_noschema": (
+        "dbserver1.inventory.orderline",
+        {"1": {"totalprice": "39.98", "status": "ENTERED"}},
+    ),
+    "real/pg_update_nofull_noschema": (
+        "dbserver1.inventory.orderline",
+        {"1": {"totalprice": "29.99", "status": "CANCELLED"}},
+    ),
+    "real/pg_create_microtimestamp_noschema": (
+        "dbserver1.inventory.purchaseorder",
+        {"123": {"orderdate": "1548936781"}},
+    ),
     "real/pg_create_streaming": ("dbserver1.inventory.customers", {"1005": {"first_name": "Bob"}}),
     "real/pg_snapshot_read": ("dbserver1.inventory.customers", {"1001": {"first_name": "Sally"}}),
     "real/pg_update_full": ("dbserver1.inventory.products", {"107": {"name": "1111111111"}}),
@@ -70,10 +77,15 @@ EXPECTED: dict[str, tuple[str, dict[str, dict[str, str]] | str | None]] = {
 def _config(kafka_broker, sim, topics, mappings, *, group=None, fmt="debezium-json", dlq=None):  # type: ignore[no-untyped-def]
     return {
         "onesignal": {"app_id": APP_ID, "api_key": API_KEY, "base_url": sim.base_url},
-        "source": {"kind": "kafka", "bootstrap_servers": kafka_broker.bootstrap,
-                   "group_id": group or f"g-{uuid.uuid4().hex[:8]}", "topics": topics, "format": fmt,
-                   "dead_letter_topic": dlq or f"dlq-{uuid.uuid4().hex[:8]}",
-                   "consumer": {"topic.metadata.refresh.interval.ms": 2000}},
+        "source": {
+            "kind": "kafka",
+            "bootstrap_servers": kafka_broker.bootstrap,
+            "group_id": group or f"g-{uuid.uuid4().hex[:8]}",
+            "topics": topics,
+            "format": fmt,
+            "dead_letter_topic": dlq or f"dlq-{uuid.uuid4().hex[:8]}",
+            "consumer": {"topic.metadata.refresh.interval.ms": 2000},
+        },
         "mappings": mappings,
         "delivery": {"flush_interval_ms": 50},
         "metrics": {"host": "127.0.0.1", "port": free_port()},
@@ -120,9 +132,13 @@ def test_each_debezium_fixture_produces_the_expected_onesignal_calls(kafka_broke
     group = cfg["source"]["group_id"]
     flat_topic = "dbserver2.public.flat"
     kafka_broker.create_topic(flat_topic, 1, exist_ok=True)
-    flat_cfg = _config(kafka_broker, sim, [flat_topic],
-                       [{"table": "public.flat", "identity": {"external_id": "pk"}, "tags": {"cola": "cola"}}],
-                       fmt="debezium-flat")
+    flat_cfg = _config(
+        kafka_broker,
+        sim,
+        [flat_topic],
+        [{"table": "public.flat", "identity": {"external_id": "pk"}, "tags": {"cola": "cola"}}],
+        fmt="debezium-flat",
+    )
     flat = bridge(flat_cfg, name="flat").start()
     problems = []
     for name, (topic, want) in EXPECTED.items():
@@ -142,17 +158,28 @@ def test_each_debezium_fixture_produces_the_expected_onesignal_calls(kafka_broke
                 got = (sim.user(uid) or {}).get("properties", {}).get("tags", {})
                 if {k: got.get(k) for k in tags} != tags:
                     problems.append(f"{name}: user {uid} tags {got}, expected {tags}")
-            if name.endswith("toast_noschema") and "biography" in (sim.user("1004") or {}).get("properties", {}).get("tags", {}):
+            if name.endswith("toast_noschema") and "biography" in (sim.user("1004") or {}).get("properties", {}).get(
+                "tags", {}
+            ):
                 problems.append(f"{name}: the unavailable TOAST placeholder became a tag")
     assert not problems, "\n".join(problems) + "\n" + b.logs()[-3000:] + flat.logs()[-2000:]
 
 
 def _event(op: str, row: dict[str, Any] | None, before: dict[str, Any] | None, lsn: int) -> bytes:
-    return json.dumps({"before": before, "after": row, "op": op, "ts_ms": 1700000000000 + lsn,
-                       "source": {"schema": "public", "table": "users", "lsn": lsn, "ts_ms": 1700000000000 + lsn}}).encode()
+    return json.dumps(
+        {
+            "before": before,
+            "after": row,
+            "op": op,
+            "ts_ms": 1700000000000 + lsn,
+            "source": {"schema": "public", "table": "users", "lsn": lsn, "ts_ms": 1700000000000 + lsn},
+        }
+    ).encode()
 
 
-USERS = [{"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"}, "on_delete": "delete_user"}]
+USERS = [
+    {"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"}, "on_delete": "delete_user"}
+]
 
 
 def test_two_replicas_split_partitions_and_survive_a_sigkill(kafka_broker, sim, bridge):
@@ -167,16 +194,23 @@ def test_two_replicas_split_partitions_and_survive_a_sigkill(kafka_broker, sim, 
         for uid in range(1, 41):
             lsn += 1
             value = f"r{round_}"
-            kafka_broker.produce(topic, _event("c" if round_ == 0 else "u", {"id": uid, "plan": value}, None, lsn),
-                                 key=json.dumps({"id": uid}).encode(), sync=False)
+            kafka_broker.produce(
+                topic,
+                _event("c" if round_ == 0 else "u", {"id": uid, "plan": value}, None, lsn),
+                key=json.dumps({"id": uid}).encode(),
+                sync=False,
+            )
             expected[uid] = value
         kafka_broker.flush()
         if round_ == 10:
             a.kill()
         time.sleep(0.1)
     want = {str(k): v for k, v in expected.items()}
-    wait_until(lambda: {k: u["properties"].get("tags", {}).get("plan") for k, u in sim.by_external_id().items()} == want,
-               timeout=60, what="every user at its last value after one replica was killed")
+    wait_until(
+        lambda: {k: u["properties"].get("tags", {}).get("plan") for k, u in sim.by_external_id().items()} == want,
+        timeout=60,
+        what="every user at its last value after one replica was killed",
+    )
     assert b.alive()
 
 
@@ -184,14 +218,34 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_consumption_continues(k
     topic = kafka_broker.new_topic("dbserver1.public.users", 1)
     cfg = _config(kafka_broker, sim, [topic], USERS)
     dlq = cfg["source"]["dead_letter_topic"]
-    b = bridge(cfg).start()
+    bridge(cfg).start()
     kafka_broker.produce(topic, b"{not json", key=b'{"id": 1}')
-    kafka_broker.produce(topic, json.dumps({"after": {"id": 2, "plan": "x"}, "source": {"schema": "public", "table": "users"}}).encode())
-    kafka_broker.produce(topic, json.dumps({
-        "schema": {"type": "struct", "fields": [{"field": "after", "type": "struct", "optional": True, "fields": [
-            {"field": "id", "type": "int32"}, {"field": "plan", "type": "string"}]}]},
-        "payload": {"op": "c", "after": {"id": "three", "plan": "x"}, "source": {"schema": "public", "table": "users"}},
-    }).encode())
+    kafka_broker.produce(
+        topic, json.dumps({"after": {"id": 2, "plan": "x"}, "source": {"schema": "public", "table": "users"}}).encode()
+    )
+    kafka_broker.produce(
+        topic,
+        json.dumps(
+            {
+                "schema": {
+                    "type": "struct",
+                    "fields": [
+                        {
+                            "field": "after",
+                            "type": "struct",
+                            "optional": True,
+                            "fields": [{"field": "id", "type": "int32"}, {"field": "plan", "type": "string"}],
+                        }
+                    ],
+                },
+                "payload": {
+                    "op": "c",
+                    "after": {"id": "three", "plan": "x"},
+                    "source": {"schema": "public", "table": "users"},
+                },
+            }
+        ).encode(),
+    )
     kafka_broker.produce(topic, _event("c", {"id": 4, "plan": "ok"}, None, 10))
     wait_until(lambda: sim.user("4"), timeout=30, what="the good record after three poison ones")
     records = kafka_broker.consume_all(dlq, timeout=10, at_least=3)
@@ -207,29 +261,60 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_consumption_continues(k
 
 def test_primary_key_change_keeps_the_user_and_moves_the_identity_as_mapped(kafka_broker, sim, bridge):
     topic = kafka_broker.new_topic("dbserver1.public.accounts", 1)
-    mappings = [{"table": "public.accounts", "identity": {"external_id": "email"}, "tags": {"plan": "plan"},
-                 "on_delete": "delete_user"}]
-    b = bridge(_config(kafka_broker, sim, [topic], mappings)).start()
+    mappings = [
+        {
+            "table": "public.accounts",
+            "identity": {"external_id": "email"},
+            "tags": {"plan": "plan"},
+            "on_delete": "delete_user",
+        }
+    ]
+    bridge(_config(kafka_broker, sim, [topic], mappings)).start()
 
     def ev(op: str, after: Any, before: Any, lsn: int) -> bytes:
-        return json.dumps({"before": before, "after": after, "op": op,
-                           "source": {"schema": "public", "table": "accounts", "lsn": lsn}}).encode()
+        return json.dumps(
+            {
+                "before": before,
+                "after": after,
+                "op": op,
+                "source": {"schema": "public", "table": "accounts", "lsn": lsn},
+            }
+        ).encode()
 
     kafka_broker.produce(topic, ev("c", {"id": 1, "email": "ada", "plan": "free"}, None, 1), key=b'{"id": 1}')
     wait_until(lambda: sim.user("ada"), timeout=30, what="user ada")
     # id 1 -> 2, same email: a delete (newkey header) then a create (oldkey header)
-    kafka_broker.produce(topic, ev("d", None, {"id": 1, "email": "ada", "plan": "free"}, 2), key=b'{"id": 1}',
-                         headers=[("__debezium.newkey", b'{"id": 2}')])
-    kafka_broker.produce(topic, ev("c", {"id": 2, "email": "ada", "plan": "pro"}, None, 3), key=b'{"id": 2}',
-                         headers=[("__debezium.oldkey", b'{"id": 1}')])
-    wait_until(lambda: (sim.user("ada") or {}).get("properties", {}).get("tags", {}).get("plan") == "pro",
-               timeout=30, what="the same user updated")
+    kafka_broker.produce(
+        topic,
+        ev("d", None, {"id": 1, "email": "ada", "plan": "free"}, 2),
+        key=b'{"id": 1}',
+        headers=[("__debezium.newkey", b'{"id": 2}')],
+    )
+    kafka_broker.produce(
+        topic,
+        ev("c", {"id": 2, "email": "ada", "plan": "pro"}, None, 3),
+        key=b'{"id": 2}',
+        headers=[("__debezium.oldkey", b'{"id": 1}')],
+    )
+    wait_until(
+        lambda: (sim.user("ada") or {}).get("properties", {}).get("tags", {}).get("plan") == "pro",
+        timeout=30,
+        what="the same user updated",
+    )
     assert not any(r["method"] == "DELETE" for r in sim.requests()), "a primary-key change must not delete the user"
     # id 2 -> 3 and the identity column changes too: the user moves per on_delete
-    kafka_broker.produce(topic, ev("d", None, {"id": 2, "email": "ada", "plan": "pro"}, 4), key=b'{"id": 2}',
-                         headers=[("__debezium.newkey", b'{"id": 3}')])
-    kafka_broker.produce(topic, ev("c", {"id": 3, "email": "grace", "plan": "pro"}, None, 5), key=b'{"id": 3}',
-                         headers=[("__debezium.oldkey", b'{"id": 2}')])
+    kafka_broker.produce(
+        topic,
+        ev("d", None, {"id": 2, "email": "ada", "plan": "pro"}, 4),
+        key=b'{"id": 2}',
+        headers=[("__debezium.newkey", b'{"id": 3}')],
+    )
+    kafka_broker.produce(
+        topic,
+        ev("c", {"id": 3, "email": "grace", "plan": "pro"}, None, 5),
+        key=b'{"id": 3}',
+        headers=[("__debezium.oldkey", b'{"id": 2}')],
+    )
     wait_until(lambda: sim.user("grace") and sim.user("ada") is None, timeout=30, what="identity moved to grace")
 
 
@@ -237,8 +322,14 @@ def test_primary_key_change_keeps_the_user_and_moves_the_identity_as_mapped(kafk
 
 ASSIGNED = re.compile(r"\bassigned (?:nothing|\S+\[\d+\])")
 REVOKED = re.compile(r"\brevoked (?:nothing|\S+\[\d+\])")
-DEAD_TASK_SIGNS = ("Task exception was never retrieved", "dictionary changed size", "Traceback",
-                   "consumer thread failed", "MAXPOLL", "maximum poll interval")
+DEAD_TASK_SIGNS = (
+    "Task exception was never retrieved",
+    "dictionary changed size",
+    "Traceback",
+    "consumer thread failed",
+    "MAXPOLL",
+    "maximum poll interval",
+)
 
 
 class Ledger:
@@ -260,7 +351,7 @@ class Ledger:
             op = "u" if str(uid) in self.last else "c"
             row = {"id": uid, "plan": f"r{round_}", **({"pad": "x" * pad} if pad else {})}
             values.append((json.dumps({"id": uid}).encode(), _event(op, row, None, self.lsn)))
-        for uid, (partition, offset) in zip(users, self.kb.produce_many(self.topic, values)):
+        for uid, (partition, offset) in zip(users, self.kb.produce_many(self.topic, values), strict=True):
             self.records.setdefault(partition, []).append((offset, str(uid), round_))
             self.last[str(uid)] = round_
 
@@ -279,8 +370,11 @@ class Ledger:
             for offset, uid, round_ in self.records.get(partition, []):
                 if offset < upto:
                     need[uid] = max(need.get(uid, -1), round_)
-            problems += [f"partition {partition} committed up to {upto}, but user {uid} is at round "
-                         f"{applied.get(uid)} < {r}" for uid, r in need.items() if applied.get(uid, -1) < r]
+            problems += [
+                f"partition {partition} committed up to {upto}, but user {uid} is at round {applied.get(uid)} < {r}"
+                for uid, r in need.items()
+                if applied.get(uid, -1) < r
+            ]
         return problems
 
 
@@ -294,7 +388,8 @@ def _group_state(kafka_broker, group: str) -> str:  # type: ignore[no-untyped-de
 
 
 def test_an_outage_longer_than_max_poll_interval_pauses_the_partitions_and_keeps_the_member_in_the_group(
-        kafka_broker, sim, bridge):
+    kafka_broker, sim, bridge
+):
     max_poll_s, outage_s = 6, 10
     topic = kafka_broker.new_topic("dbserver1.public.users", 2)
     cfg = _config(kafka_broker, sim, [topic], USERS)
@@ -341,7 +436,8 @@ def test_an_outage_longer_than_max_poll_interval_pauses_the_partitions_and_keeps
 
 
 def test_members_joining_and_leaving_while_offsets_are_committed_lose_nothing_and_leave_no_dead_task(
-        kafka_broker, sim, bridge):
+    kafka_broker, sim, bridge
+):
     topic = kafka_broker.new_topic("dbserver1.public.users", 6)
     group = f"g-{uuid.uuid4().hex[:8]}"
     a = bridge(_config(kafka_broker, sim, [topic], USERS, group=group), name="a")
@@ -394,8 +490,7 @@ def test_members_joining_and_leaving_while_offsets_are_committed_lose_nothing_an
         assert not [s for s in DEAD_TASK_SIGNS if s in logs], logs[-3000:]
 
 
-def test_a_consumer_thread_failure_ends_the_process_non_zero_and_says_why(
-        kafka_broker, sim, bridge):
+def test_a_consumer_thread_failure_ends_the_process_non_zero_and_says_why(kafka_broker, sim, bridge):
     # Python's re accepts the non-capturing group; librdkafka's regex engine refuses it at subscribe
     cfg = _config(kafka_broker, sim, None, USERS)
     del cfg["source"]["topics"]

@@ -40,7 +40,7 @@ def event(op: Op, new: dict[str, Any] | None = None, old: dict[str, Any] | None 
           table: str = "public.users", seq: int = 7) -> ChangeEvent:
     row = new if new is not None else old or {}
     key = {"id": row.get("id")} if "id" in row else {}
-    return ChangeEvent(table, op, new, old, key, seq, f"0/{seq:X}")
+    return ChangeEvent(table, op, new, old, key, f"0/{seq:X}")
 
 
 def insert(**new: Any) -> ChangeEvent:
@@ -146,7 +146,7 @@ def test_tables_without_a_mapping_produce_nothing() -> None:
 
 
 def test_change_carries_its_origin_for_dead_letters_and_checkpoints() -> None:
-    change = only_change(mapper().map(insert(plan="gold")))
+    change = only_change(mapper().map(insert(plan="gold"), 7))
     assert (change.origin.table, change.origin.key, change.origin.seq, change.origin.position) == (
         "public.users", "id=42", 7, "0/7")
 
@@ -164,7 +164,7 @@ def test_valid_timezone_is_kept() -> None:
 
 
 def test_bad_timezone_is_rejected_naming_table_key_and_field_and_the_rest_still_maps() -> None:
-    result = mapper().map(insert(tz="Mars/Olympus_Mons", locale="en", plan="gold"))
+    result = mapper().map(insert(tz="Mars/Olympus_Mons", locale="en", plan="gold"), 7)
     (rejection,) = result.rejections
     assert isinstance(rejection, Rejection)
     assert (rejection.table, rejection.key, rejection.field) == ("public.users", "id=42", "tz")

@@ -17,7 +17,9 @@ import pytest
 from bridgeproc import ROOT, bridge_config, run_cli, wait_until
 from pgcluster import PgDb
 
-from bridge.sources.outbox import COLUMNS_SQL, OUTBOX_SQL, TableDecoder, parse_row
+from bridge.sources.outbox import COLUMNS_SQL
+from bridge.sources.outbox_kind import OUTBOX_SQL
+from bridge.sources.outbox_values import TableDecoder, parse_row
 from bridge.sources.pgtypes import converter_for
 
 ROLE = "onesignal_bridge_outbox"

@@ -17,6 +17,7 @@ CREATE TABLE users (
 );
 CREATE TABLE profiles (id bigint PRIMARY KEY, user_id bigint NOT NULL, nickname text, bio text);
 ALTER TABLE profiles ALTER COLUMN bio SET STORAGE EXTERNAL;
+ALTER TABLE profiles SET (toast_tuple_target = 128);
 """
 
 MAPPINGS = [
@@ -88,7 +89,8 @@ def test_insert_update_delete_become_tags_properties_aliases_and_user_deletion(p
 def test_unchanged_toast_column_keeps_its_tag(pg_db, sim, bridge):
     _prepare(pg_db, sim, bridge).start()
     rng = random.Random(7)
-    bio = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(4000))  # stored out of line
+    # Out of line (toast_tuple_target 128) yet within OneSignal's tag size (1024 bytes).
+    bio = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1000))
     pg_db.execute("INSERT INTO profiles VALUES (1, 10, 'neo', %s)", bio)
     wait_until(lambda: (sim.user("10") or {}).get("properties", {}).get("tags", {}).get("bio") == bio, what="bio tag")
     pg_db.execute("UPDATE profiles SET nickname = 'trinity' WHERE id = 1")  # bio is unchanged TOAST

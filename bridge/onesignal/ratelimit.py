@@ -38,8 +38,3 @@ class TokenBucket:
         async with self._lock:  # FIFO among waiters
             while not self.try_acquire():  # noqa: ASYNC110 - waits for tokens to refill over time; no task signals it
                 await asyncio.sleep((1 - self._tokens) / self.rate)
-
-    def pause(self, seconds: float) -> None:
-        """After a 429: spend the next `seconds` worth of tokens (all requests wait)."""
-        self._refill()
-        self._tokens = min(self._tokens, 0) - seconds * self.rate

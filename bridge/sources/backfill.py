@@ -82,23 +82,6 @@ REQUESTS_TABLE = "onesignal_bridge.backfill_requests"
 # leader lock uses the one-key (bigint) form, a different lock space.
 LOCK_CLASS = 0x6F626266
 EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
-
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS onesignal_bridge.backfill_requests (
-    id          bigserial PRIMARY KEY,
-    table_name  text NOT NULL,
-    where_sql   text,
-    chunk_size  int NOT NULL DEFAULT 1000,
-    status      text NOT NULL DEFAULT 'requested',   -- requested | running | done | failed
-    last_key    jsonb,
-    rows_sent   bigint NOT NULL DEFAULT 0,
-    message     text,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);
-""".strip()
-
-
 # -- `--where`: one boolean expression, checked lexically and by Postgres --------------------------
 
 class BackfillError(Exception):
@@ -356,7 +339,7 @@ class Backfills:
                 if pk in chunk.changed:
                     continue  # the stream has a newer value
                 key = dict(zip(chunk.key_columns, pk, strict=True))
-                await self.sink.put(ChangeEvent(chunk.table, Op.SNAPSHOT, row, None, key, self.sink.issue(),
+                await self.sink.put(ChangeEvent(chunk.table, Op.SNAPSHOT, row, None, key,
                                                 f"backfill:{chunk_id}", None))
             chunk.emitted.set()
 

@@ -35,21 +35,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from bridge.config import ColumnSpec, Config, KafkaSourceConfig
-from bridge.deadletter import DeadLetter
+from bridge.deadletter import DeadLetter, DeadLetterStore
 from bridge.events import ChangeEvent, Op
 from bridge.observability import metrics as m
+from bridge.ports import BackfillRequest, Finding, Sink, Source, Statement
 from bridge.sources import debezium
+from bridge.subscriptions import MemorySubscriptionState, SubscriptionState
 
 log = logging.getLogger("bridge.source.kafka")
 
@@ -77,7 +80,17 @@ DEFAULT_CONSUMER = {
 
 
 def _headers(msg: Message) -> list[tuple[str, bytes]]:
-    return [(k, v if isinstance(v, bytes) else (v or b"")) for k, v in (msg.headers() or [])]
+    out: list[tuple[str, bytes]] = []
+    raw = msg.headers() or []
+    for k, v in raw.items() if isinstance(raw, dict) else raw:
+        out.append((k, v if isinstance(v, bytes) else (v.encode() if isinstance(v, str) else b"")))
+    return out
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """A consumed record's topic, partition and offset (librdkafka types them optional: they are
+    absent only on error events, which never reach here)."""
+    return msg.topic() or "", msg.partition() or 0, msg.offset() or 0
 
 
 def decoders_from(config: Config) -> dict[str, dict[str, ColumnSpec]]:
@@ -118,6 +131,7 @@ class KafkaSource:
         self.tables = {mp.table for mp in config.mappings}
         self.decoders = decoders_from(config)
         self.connected = False
+        self.standby = False  # every member of the group reads its own partitions
         self.dead_letter_topic = cfg.dead_letter_topic or "onesignal-bridge.dlq"
         conf = {**DEFAULT_CONSUMER, **cfg.consumer, "bootstrap.servers": cfg.bootstrap_servers,
                 "group.id": cfg.group_id}
@@ -182,14 +196,15 @@ class KafkaSource:
                 self._buffer_bytes -= _size(msg)
                 if self._full and len(self._buffer) <= BUFFER_LOW and self._buffer_bytes <= BUFFER_LOW_BYTES:
                     self._room.set()
-                if self._assigned.get((msg.topic(), msg.partition())) == assignment:
+                topic, partition, _ = _where(msg)
+                if self._assigned.get((topic, partition)) == assignment:
                     return msg
         return None
 
-    async def run(self, sink: Any, stop: asyncio.Event | None = None,
+    async def run(self, sink: Sink, stop: asyncio.Event | None = None,
                   drain: Callable[[], Awaitable[None]] | None = None) -> None:
         stop = stop or asyncio.Event()
-        sink.on_confirm = self.on_confirm
+        sink.on_confirm(self.on_confirm)
         if self.cfg.topic_pattern:
             topics = ["^" + self.cfg.topic_pattern.lstrip("^")]
         else:
@@ -225,7 +240,7 @@ class KafkaSource:
             await self._stop_consumer_thread()
             await asyncio.to_thread(self.producer.flush, 10)
 
-    async def _feed(self, sink: Any) -> None:
+    async def _feed(self, sink: Sink) -> None:
         assert self._wake is not None and self._thread is not None
         while True:
             msg = self._next_record()
@@ -338,7 +353,8 @@ class KafkaSource:
                     if err.code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", err.str())
                     continue
-                assignment = self._assigned.get((msg.topic(), msg.partition()))
+                topic, partition, _ = _where(msg)
+                assignment = self._assigned.get((topic, partition))
                 if assignment is None:
                     continue  # revoked in the meantime: the next owner reads it
                 self._buffer.append((assignment, msg))
@@ -469,8 +485,8 @@ class KafkaSource:
                 m.KAFKA_CONSUMER_LAG.remove(tp[0], str(tp[1]))
         return dropped
 
-    async def _handle(self, msg: Message, sink: Any) -> None:
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    async def _handle(self, msg: Message, sink: Sink) -> None:
+        topic, partition, offset = _where(msg)
         position = f"{topic}[{partition}]@{offset}"
         try:
             parsed = debezium.parse_record(topic, msg.key(), msg.value(), _headers(msg),
@@ -482,7 +498,7 @@ class KafkaSource:
         if parsed.kind == "change" and parsed.table in self.tables:
             event = self._event(parsed, position)
             if event is not None:
-                await sink.put(dataclasses.replace(event, seq=sink.issue()), order=parsed.source_order)
+                await sink.put(event, order=parsed.source_order)
         elif parsed.kind == "truncate" and parsed.table in self.tables:
             log.warning("TRUNCATE of %s at %s: OneSignal users are left as they are (on_truncate: ignore)",
                         parsed.table, position)
@@ -499,12 +515,12 @@ class KafkaSource:
         if p.pk_change == "new":
             old = self._pk_old_rows.pop(_key_id(p.table, p.key), None)
             op = Op.UPDATE  # from the old row: the identity moves only if its column changed
-        return ChangeEvent(p.table, op, p.new, old, p.key, -1, position, p.commit_time)
+        return ChangeEvent(p.table, op, p.new, old, p.key, position, p.commit_time)
 
     async def _poison(self, msg: Message, reason: str) -> None:
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        topic, partition, offset = _where(msg)
         log.warning("poison record %s[%d]@%d sent to %s: %s", topic, partition, offset, self.dead_letter_topic, reason)
-        headers = [
+        headers: list[tuple[str, str | bytes | None]] = [
             ("dlq.reason", reason.encode()[:1000]), ("dlq.topic", topic.encode()),
             ("dlq.partition", str(partition).encode()), ("dlq.offset", str(offset).encode()),
         ]
@@ -530,3 +546,56 @@ def _size(msg: Message) -> int:
 def _key_id(table: str, key: dict[str, Any] | None) -> str:
     return table + ":" + orjson.dumps(key or {}, option=orjson.OPT_SORT_KEYS, default=str).decode()
 
+
+class KafkaKind:
+    """The `kafka` source kind: Debezium change events from a consumer group. Nothing to create in a
+    database; dead letters go to the dead-letter topic and subscription ids are kept in memory."""
+
+    name = "kafka"
+    config_model = KafkaSourceConfig
+
+    def create(self, config: Config) -> Source:
+        assert isinstance(config.source, KafkaSourceConfig)
+        return KafkaSource(config.source, config)
+
+    def database_dsn(self, config: Config) -> str | None:
+        return None
+
+    def dead_letters(self, config: Config, source: Source) -> DeadLetterStore:
+        assert isinstance(source, KafkaSource)
+        return source.dead_letters
+
+    def subscription_state(self, config: Config) -> SubscriptionState:
+        return MemorySubscriptionState()
+
+    def setup(self, config: Config) -> list[Statement]:
+        return []
+
+    def teardown(self, config: Config) -> list[Statement]:
+        return []
+
+    def checks(self, config: Config) -> list[Finding]:
+        """The brokers answer, and the configured topics exist."""
+        src = config.source
+        assert isinstance(src, KafkaSourceConfig)
+        conf = {k: v for k, v in src.consumer.items() if k.startswith(("security.", "sasl.", "ssl."))}
+        probe = Producer({**conf, "bootstrap.servers": src.bootstrap_servers})
+        try:
+            meta = probe.list_topics(timeout=5)
+        except KafkaException as exc:
+            return [Finding(False, f"Kafka at {src.bootstrap_servers} does not answer: {exc.args[0]}",
+                            "check source.bootstrap_servers, the network path and the security settings")]
+        out = [Finding(True, f"Kafka at {src.bootstrap_servers} answers ({len(meta.brokers)} broker(s))")]
+        for topic in src.topics or []:
+            found = topic in meta.topics and meta.topics[topic].error is None
+            out.append(Finding(found, f"topic {topic} " + ("exists" if found else "does not exist"),
+                               "" if found else "create it, or check Debezium's topic.prefix and source.topics"))
+        return out
+
+    def backfill(self, config: Config, request: BackfillRequest) -> int:
+        print("backfill: with source.kind kafka, re-snapshot through Debezium (an incremental snapshot signal)",
+              file=sys.stderr)
+        return 2
+
+
+KIND = KafkaKind()

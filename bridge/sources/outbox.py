@@ -69,22 +69,12 @@ because (a) the trigger would have to know each table's identity column and the 
 rebalance partitions as replicas come and go, (b) a row whose identity changes belongs to two
 users and two partitions at once, and (c) one process already saturates OneSignal's per-app rate
 limit, which is the throughput ceiling, so parallel draining would buy nothing.
-
-Values
-------
-Rows arrive as jsonb written in the application's session. Numbers are parsed keeping their exact
-text (`12.50` stays `Decimal('12.50')`), then every value is converted with
-`pgtypes.converter_for` of its column's type (read once per table from `pg_attribute`), so tags
-come out as with the `postgres` source (timestamps as unix seconds; jsonb renders timestamptz in
-ISO 8601 with an offset, which the converter turns into UTC). A key absent from the jsonb was not
-captured (`UNCHANGED`: mapping leaves the field alone); a key present with null is SQL NULL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import time
 from collections import deque
@@ -94,16 +84,16 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerr
 
-from bridge.config import Config, OutboxSourceConfig, redact_dsn
+from bridge.config import Config, OutboxSourceConfig
 from bridge.errors import SourceError, SourceSetupError
 from bridge.events import ChangeEvent, Op
 from bridge.observability import metrics as m
-from bridge.sources.pgtypes import PgType, converter_for
-from bridge.sources.postgres import Sink
+from bridge.ports import Sink
+from bridge.sources.database import Leadership, clean, reconnecting
+from bridge.sources.outbox_values import TableDecoder, parse_row
 
 log = logging.getLogger("bridge.source.outbox")
 
-RECONNECT_MAX_S = 30.0
 LINGER_S = 0.25  # after catching up, poll this long before asking writers to notify
 LINGER_STEP_S = 0.025  # poll interval while lingering (the latency of a busy outbox)
 HELD_WAIT_S = 0.1  # while rows wait for confirmation: how often to try to delete them
@@ -133,122 +123,6 @@ PRIMARY_KEY_SQL = (
 )
 
 _OPS = {"I": Op.INSERT, "U": Op.UPDATE, "D": Op.DELETE, "T": Op.TRUNCATE}
-_JSON_TYPES = (PgType.JSON, PgType.JSONB)
-
-
-# --------------------------------------------------------------------------------------------
-# Values: jsonb text -> Python values equal to what the pgoutput source produces
-# --------------------------------------------------------------------------------------------
-
-
-class _Num(str):
-    """A JSON number, kept as the text Postgres wrote (exact numerics, big integers)."""
-
-    __slots__ = ()
-
-
-_decoder = json.JSONDecoder(parse_int=_Num, parse_float=_Num)
-
-
-def parse_row(text: str | None) -> dict[str, Any] | None:
-    """The jsonb text of a row image -> {column: raw JSON value}, numbers as `_Num`."""
-    return None if text is None else _decoder.decode(text)
-
-
-def _plain_json(v: Any) -> Any:
-    """A json/jsonb column's value as the pgoutput source gives it (orjson semantics)."""
-    if isinstance(v, _Num):
-        s = str(v)
-        return float(s) if ("." in s or "e" in s or "E" in s) else int(s)
-    if isinstance(v, list):
-        return [_plain_json(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain_json(x) for k, x in v.items()}
-    return v
-
-
-def _json_text(v: Any) -> str:
-    """Compact JSON text of a raw value (for composite types and other objects)."""
-    return json.dumps(_plain_json(v), separators=(",", ":"), ensure_ascii=False)
-
-
-Decode = Callable[[Any], Any]
-
-
-def decoder_for(type_oid: int, elem_oid: int = 0) -> Decode:
-    """The function turning one raw JSON value of a column of this type into its Python value.
-
-    `elem_oid` is the element type of an array type (0 for other types).
-    """
-    if elem_oid:
-        element = decoder_for(elem_oid)
-
-        def array(v: Any) -> Any:
-            if isinstance(v, list):
-                return [None if x is None else (array(x) if isinstance(x, list) else element(x)) for x in v]
-            return element(v)
-
-        return array
-    if type_oid in _JSON_TYPES:
-        return _plain_json
-    conv = converter_for(type_oid)
-
-    def scalar(v: Any) -> Any:
-        if v is None:
-            return None
-        if isinstance(v, bool):
-            v = "true" if v else "false"
-        elif isinstance(v, (dict, list)):
-            return _json_text(v)
-        try:
-            return conv(str(v))
-        except ValueError:
-            return str(v)  # a value the converter does not know how to read: its text, unchanged
-
-    return scalar
-
-
-class TableDecoder:
-    """A mapped table: how to decode its captured columns and which columns name a row."""
-
-    __slots__ = ("name", "decode", "key_columns")
-
-    def __init__(self, name: str, columns: Iterable[tuple[str, int, int]], key_columns: list[str]) -> None:
-        self.name = name
-        self.decode: dict[str, Decode] = {col: decoder_for(oid, elem) for col, oid, elem in columns}
-        self.key_columns = key_columns
-
-    def row(self, raw: dict[str, Any] | None) -> dict[str, Any] | None:
-        if raw is None:
-            return None
-        out: dict[str, Any] = {}
-        dec = self.decode
-        for k, v in raw.items():
-            if v is None:
-                out[k] = None
-                continue
-            f = dec.get(k)
-            out[k] = f(v) if f is not None else _unknown(v)
-        return out
-
-    def key(self, row: dict[str, Any] | None) -> dict[str, Any]:
-        if not row:
-            return {}
-        return {k: row.get(k) for k in self.key_columns}
-
-
-def _unknown(v: Any) -> Any:
-    """A column the bridge has no type for (added after start): text as text, numbers exact."""
-    if isinstance(v, _Num):
-        return _plain_json(v)
-    if isinstance(v, (dict, list)):
-        return _plain_json(v)
-    return v
-
-
-# --------------------------------------------------------------------------------------------
-# The source
-# --------------------------------------------------------------------------------------------
 
 
 class OutboxSource:
@@ -258,8 +132,8 @@ class OutboxSource:
         self.tables_wanted = {mp.table: mp for mp in config.mappings}
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
-        self.standby = False  # waiting behind another replica's lock (ready, not draining)
         self.leader = False
+        self._leadership = Leadership(LOCK_SQL, (), "the outbox", cfg.poll_interval_ms / 1000.0, log)
         self._tables: dict[str, TableDecoder] = {}
         self._batch_no = 0
         self._claimed: deque[tuple[int, list[int]]] = deque()  # (batch number, ids) not yet deleted
@@ -277,30 +151,20 @@ class OutboxSource:
         """Drain until `stop` is set; then stop claiming, await `drain()`, delete what was applied."""
         self._stop = stop or asyncio.Event()
         self._drain = drain
-        attempt = 0
-        while not self._stop.is_set():
+
+        async def session() -> None:
             self._established = False
-            try:
-                await self._session(sink)
-            except SourceSetupError:
-                raise
-            except (psycopg.Error, SourceError, OSError) as exc:
-                fatal = setup_error(exc) if isinstance(exc, psycopg.Error) else None
-                if fatal is not None:
-                    raise fatal from None
-                self.connected = False
-                self.leader = False
-                if self._established:
-                    attempt = 0  # it worked until now: retry quickly
-                delay = min(RECONNECT_MAX_S, 0.5 * 2 ** min(attempt, 6))
-                attempt += 1
-                log.warning("outbox connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                except TimeoutError:
-                    pass
-            else:
-                return
+            await self._session(sink)
+
+        def lost(exc: BaseException) -> bool:
+            self.connected = False
+            self.leader = False
+            return self._established  # it worked until now: retry quickly
+
+        def fatal(exc: BaseException) -> SourceSetupError | None:
+            return setup_error(exc) if isinstance(exc, psycopg.Error) else None
+
+        await reconnecting(session, self._stop, "outbox connection", log, on_lost=lost, fatal=fatal)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=10)
@@ -343,7 +207,7 @@ class OutboxSource:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self.connected = False
             self.leader = False
-            self.standby = False
+            self._leadership.standby = False
             if listener is not None:
                 await listener.close()
             await conn.close()
@@ -358,27 +222,13 @@ class OutboxSource:
             )
 
     async def _elect(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Take the leader lock; wait as a hot standby while another replica holds it."""
-        waiting = False
-        while not self._stop.is_set():
-            cur = await conn.execute(LOCK_SQL)
-            row = await cur.fetchone()
-            if row and row[0]:
-                self.standby = False
-                m.STANDBY.set(0)
-                if waiting:
-                    log.warning("this replica now holds the outbox lock: taking over")
-                return True
-            if not waiting:
-                log.info("another replica drains the outbox; waiting as a hot standby")
-                waiting = True
-            self.standby = True
-            m.STANDBY.set(1)
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.cfg.poll_interval_ms / 1000.0)
-            except TimeoutError:
-                pass
-        return False
+        """Take the leader lock on the claiming connection; wait as a hot standby meanwhile."""
+        return await self._leadership.elect(conn, self._stop)
+
+    @property
+    def standby(self) -> bool:
+        """Waiting behind another replica's lock (ready, not draining)."""
+        return self._leadership.standby
 
     async def _load_tables(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Column types and primary keys of the mapped tables, read once per session."""
@@ -484,11 +334,11 @@ class OutboxSource:
             return None
         if kind is Op.TRUNCATE:
             log.warning("TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)", table_name)
-            return ChangeEvent(table_name, Op.TRUNCATE, None, None, {}, sink.issue(), position, commit_time)
+            return ChangeEvent(table_name, Op.TRUNCATE, None, None, {}, position, commit_time)
         new = table.row(parse_row(new_text))
         old = table.row(parse_row(old_text))
         key = table.key(new if new is not None else old)
-        return ChangeEvent(table_name, kind, new, old, key, sink.issue(), position, commit_time)
+        return ChangeEvent(table_name, kind, new, old, key, position, commit_time)
 
     async def _confirm(self, conn: psycopg.AsyncConnection[Any], sink: Sink) -> None:
         """Delete the rows of every batch at or below the low watermark."""
@@ -553,253 +403,11 @@ def id_ranges(ids: Iterable[int]) -> str:
     return "{" + ",".join(out) + "}"
 
 
-def _clean(exc: BaseException) -> str:
-    """An exception as text without connection strings (which may carry passwords)."""
-    text = str(exc).strip()
-    return redact_dsn(text.splitlines()[0] if text else type(exc).__name__)
-
-
 def setup_error(exc: psycopg.Error) -> SourceSetupError | None:
     """A database error that retrying cannot fix, as the message an operator needs."""
     if isinstance(exc, pgerr.InsufficientPrivilege):
-        return SourceSetupError(f"{_clean(exc)}: the bridge's role lacks a privilege; "
+        return SourceSetupError(f"{clean(exc)}: the bridge's role lacks a privilege; "
                                 "`onesignal-bridge check --config FILE` prints the GRANT to run")
     if isinstance(exc, pgerr.UndefinedTable):
-        return SourceSetupError(f"{_clean(exc)}: run `onesignal-bridge setup --config FILE`")
+        return SourceSetupError(f"{clean(exc)}: run `onesignal-bridge setup --config FILE`")
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# SQL: the database side (sql/outbox.sql holds the same text; a test keeps them equal)
-# --------------------------------------------------------------------------------------------
-
-OUTBOX_SQL = """-- onesignal-bridge: trigger-fed outbox for `source.kind: outbox`.
---
--- For databases where the bridge may not use logical replication (wal_level = replica, or no
--- REPLICATION privilege). Ordinary triggers append each change of a mapped table to
--- onesignal_bridge.outbox in the same transaction as the change; the bridge drains the table,
--- applies the changes to OneSignal and deletes each row only after it was applied or
--- dead-lettered. See docs/outbox.md.
---
--- `onesignal-bridge setup --config FILE` runs this file, then installs the triggers on each mapped
--- table with onesignal_bridge.install_trigger (see the end of this file); `--print-sql` prints
--- exactly that. `onesignal-bridge teardown --config FILE` removes triggers, functions and outbox.
--- Run it as the owner of the mapped tables (or a superuser). Idempotent.
-
-CREATE SCHEMA IF NOT EXISTS onesignal_bridge;
-
--- One row per captured change.
---   id          write order. Drawn from the sequence inside the trigger, i.e. while the writing
---               transaction holds the lock on the changed row: a transaction that changes a row
---               after another one committed a change to it always gets a higher id. The bridge
---               applies committed rows in id order. The sequence must keep CACHE 1: with a cache,
---               each session would draw ids from its own range and id order would no longer be
---               the order of writes.
---   txid        the writing transaction (xid8), for diagnosis.
---   created_at  start of the writing transaction (now()): the age metric is measured from it.
---   table_name  "schema.table" of the changed table.
---   op          I(nsert) U(pdate) D(elete) T(runcate).
---   new_row     the row after the change (INSERT, UPDATE) as jsonb; old_row the row before it
---               (UPDATE, DELETE). Only the captured columns (the trigger's arguments) when the
---               trigger names any. A key that is absent was not captured; a key with null is
---               SQL NULL.
-CREATE TABLE IF NOT EXISTS onesignal_bridge.outbox (
-    id         bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
-    txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    created_at timestamptz NOT NULL DEFAULT now(),
-    table_name text NOT NULL,
-    op         "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
-    new_row    jsonb,
-    old_row    jsonb
-);
-
--- The bridge's wake-up flag: `waiting` is true while the draining bridge has caught up and sleeps
--- until notified. The trigger sends pg_notify only then, and at most once per transaction: a
--- notifying transaction takes a cluster-wide lock at commit that serialises it with every other
--- notifying commit, which a busy outbox (the bridge is draining anyway) must not pay for.
-CREATE TABLE IF NOT EXISTS onesignal_bridge.wakeup (
-    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
-    waiting boolean NOT NULL DEFAULT false
-);
-INSERT INTO onesignal_bridge.wakeup DEFAULT VALUES ON CONFLICT DO NOTHING;
-
--- The generic trigger function: one for every mapped table. Its arguments name the columns NOT to
--- capture (install_trigger computes them from the columns to capture: removing keys from the
--- row's jsonb is several times cheaper per row than picking keys). An UPDATE that changes none of
--- the captured columns adds no row.
--- SECURITY DEFINER: the application's roles need no privilege on the outbox (they could otherwise
--- forge changes); search_path is pinned so that a caller cannot redirect what the body resolves.
--- The first captured row of a transaction reads the wake-up flag (a transaction-local setting
--- remembers that it did) and, if the bridge waits, sends one pg_notify; a bulk write of N rows
--- sends at most one notification, not N.
-CREATE OR REPLACE FUNCTION onesignal_bridge.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    n jsonb;
-    o jsonb;
-BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO onesignal_bridge.outbox (table_name, op)
-        VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
-    ELSE
-        IF TG_OP <> 'DELETE' THEN
-            n := to_jsonb(NEW);
-            IF TG_NARGS > 0 THEN
-                n := n - TG_ARGV;
-            END IF;
-        END IF;
-        IF TG_OP <> 'INSERT' THEN
-            o := to_jsonb(OLD);
-            IF TG_NARGS > 0 THEN
-                o := o - TG_ARGV;
-            END IF;
-            IF n = o THEN
-                RETURN NULL;  -- an UPDATE that changed nothing the bridge captures
-            END IF;
-        END IF;
-        INSERT INTO onesignal_bridge.outbox (table_name, op, new_row, old_row)
-        VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, substr(TG_OP, 1, 1), n, o);
-    END IF;
-    IF current_setting('onesignal_bridge.wake_checked', true) IS DISTINCT FROM 'on' THEN
-        PERFORM set_config('onesignal_bridge.wake_checked', 'on', true);  -- until the transaction ends
-        IF EXISTS (SELECT 1 FROM onesignal_bridge.wakeup WHERE waiting) THEN
-            PERFORM pg_notify('onesignal_bridge_outbox', '');
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$fn$;
-
-REVOKE ALL ON FUNCTION onesignal_bridge.capture() FROM PUBLIC;
-
--- Install (or replace) the two triggers on one table. `columns`: the columns to capture (the
--- primary key is always added: it names rows in logs and dead letters); NULL captures whole rows.
--- Columns added to the table later are captured too until this runs again (setup does).
-CREATE OR REPLACE FUNCTION onesignal_bridge.install_trigger(tbl regclass, columns text[] DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    skip text := '';
-BEGIN
-    IF columns IS NOT NULL THEN
-        SELECT coalesce(string_agg(quote_literal(a.attname), ', ' ORDER BY a.attnum), '') INTO skip
-        FROM pg_attribute a
-        WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
-          AND a.attname <> ALL (columns)
-          AND NOT EXISTS (SELECT 1 FROM pg_index i
-                          WHERE i.indrelid = tbl AND i.indisprimary AND a.attnum = ANY (i.indkey));
-    END IF;
-    EXECUTE format('CREATE OR REPLACE TRIGGER onesignal_bridge_capture'
-                   ' AFTER INSERT OR UPDATE OR DELETE ON %s'
-                   ' FOR EACH ROW EXECUTE FUNCTION onesignal_bridge.capture(%s)', tbl, skip);
-    EXECUTE format('CREATE OR REPLACE TRIGGER onesignal_bridge_truncate'
-                   ' AFTER TRUNCATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION onesignal_bridge.capture()', tbl);
-END
-$fn$;
-
--- Remove the triggers from one table.
-CREATE OR REPLACE FUNCTION onesignal_bridge.remove_trigger(tbl regclass)
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    EXECUTE format('DROP TRIGGER IF EXISTS onesignal_bridge_capture ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS onesignal_bridge_truncate ON %s', tbl);
-END
-$fn$;
-
-REVOKE ALL ON FUNCTION onesignal_bridge.install_trigger(regclass, text[]) FROM PUBLIC;
-REVOKE ALL ON FUNCTION onesignal_bridge.remove_trigger(regclass) FROM PUBLIC;
-
--- Then, per mapped table (setup generates these from the configuration), e.g.:
---   SELECT onesignal_bridge.install_trigger('public.users', ARRAY['id', 'crm_id', 'plan', 'country']);
---   SELECT onesignal_bridge.install_trigger('public.orders', ARRAY['user_id', 'total', 'created_at']);
-"""
-
-BRIDGE_GRANTS = (
-    "GRANT USAGE ON SCHEMA onesignal_bridge TO {role};\n"
-    "GRANT SELECT, DELETE ON onesignal_bridge.outbox TO {role};\n"
-    "GRANT SELECT, UPDATE ON onesignal_bridge.wakeup TO {role};\n"
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.dead_letters TO {role};\n"
-    "GRANT USAGE ON SEQUENCE onesignal_bridge.dead_letters_id_seq TO {role};\n"
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO {role};"
-)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _quote_ident(name: str) -> str:
-    return name if name.isidentifier() and name.islower() else '"' + name.replace('"', '""') + '"'
-
-
-def qualified(table: str) -> str:
-    """`schema.table` as a quoted SQL name (mixed-case names keep their case)."""
-    schema, name = table.split(".", 1)
-    return f"{_quote_ident(schema)}.{_quote_ident(name)}"
-
-
-def captured_columns(mp: Any) -> list[str]:
-    """The columns a mapping reads: what the trigger captures (plus the primary key)."""
-    from bridge.mapping import TableMapping
-
-    return sorted(TableMapping.compile(mp).columns)
-
-
-def dsn_user(dsn: str) -> str | None:
-    try:
-        return psycopg.conninfo.conninfo_to_dict(dsn).get("user") or None  # type: ignore[return-value]
-    except psycopg.ProgrammingError:
-        return None
-
-
-def setup_statements(config: Config) -> list[tuple[str, str]]:
-    """(why, SQL) to prepare a database for the outbox source: sql/outbox.sql, one trigger pair per
-    mapped table, no triggers left on tables no longer mapped, privileges of the bridge's role."""
-    out = [("outbox table and capture trigger function (sql/outbox.sql)", OUTBOX_SQL.strip())]
-    for mp in config.mappings:
-        cols = ", ".join(_literal(c) for c in captured_columns(mp))
-        out.append((
-            f"{mp.table}: capture triggers (INSERT, UPDATE, DELETE, TRUNCATE)",
-            f"SELECT onesignal_bridge.install_trigger({_literal(qualified(mp.table))}, ARRAY[{cols}]::text[]);",
-        ))
-    mapped = ", ".join(_literal(qualified(mp.table)) for mp in config.mappings)
-    out.append((
-        "no capture triggers on tables that are no longer mapped",
-        "DO $$\nDECLARE r record;\nBEGIN\n"
-        f"  FOR r IN SELECT tgrelid::regclass AS tbl FROM pg_trigger WHERE tgname = '{TRIGGER}'\n"
-        f"      AND tgrelid NOT IN (SELECT to_regclass(t) FROM unnest(ARRAY[{mapped}]::text[]) AS t\n"
-        "                          WHERE to_regclass(t) IS NOT NULL) LOOP\n"
-        "    PERFORM onesignal_bridge.remove_trigger(r.tbl);\n"
-        "  END LOOP;\nEND $$;",
-    ))
-    role = dsn_user(config.source.dsn.get_secret_value()) if isinstance(config.source, OutboxSourceConfig) else None
-    if role:
-        grants = BRIDGE_GRANTS.format(role=_quote_ident(role)).replace("\n", "\n    ")
-        out.append((
-            f"privileges of the bridge's role {role} (the user in source.dsn); see sql/role-outbox.sql",
-            "DO $$ BEGIN\n"
-            f"  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {_literal(role)}) THEN\n"
-            f"    {grants}\n"
-            "  END IF;\nEND $$;",
-        ))
-    return out
-
-
-def teardown_statements(config: Config) -> list[tuple[str, str]]:
-    """(why, SQL) that undo `setup_statements`: every capture trigger, the functions, the outbox.
-    The dead-letter and subscription tables stay (they hold history `dlq` can still read)."""
-    return [
-        ("capture triggers on every table",
-         "DO $$\nDECLARE r record;\nBEGIN\n"
-         "  IF to_regprocedure('onesignal_bridge.capture()') IS NULL THEN RETURN; END IF;\n"
-         "  FOR r IN SELECT tgrelid::regclass AS tbl, tgname FROM pg_trigger\n"
-         "      WHERE tgfoid = 'onesignal_bridge.capture()'::regprocedure LOOP\n"
-         "    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tbl);\n"
-         "  END LOOP;\nEND $$;"),
-        ("capture and trigger-management functions",
-         "DROP FUNCTION IF EXISTS onesignal_bridge.capture();\n"
-         "DROP FUNCTION IF EXISTS onesignal_bridge.install_trigger(regclass, text[]);\n"
-         "DROP FUNCTION IF EXISTS onesignal_bridge.remove_trigger(regclass);"),
-        ("the outbox table (rows not yet applied are dropped with it) and the wake-up flag",
-         "DROP TABLE IF EXISTS onesignal_bridge.outbox;\nDROP TABLE IF EXISTS onesignal_bridge.wakeup;"),
-    ]

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 from psycopg import pq
@@ -23,29 +23,20 @@ from bridge.config import PostgresSourceConfig
 from bridge.errors import SourceError, SourceSetupError
 from bridge.events import UNCHANGED, ChangeEvent, Op
 from bridge.observability import metrics as m
+from bridge.ports import Sink
 from bridge.sources import pgoutput as po
 from bridge.sources.backfill import PREFIX as BACKFILL_PREFIX
 from bridge.sources.backfill import REQUESTS_TABLE as BACKFILL_REQUESTS
 from bridge.sources.backfill import Backfills
+from bridge.sources.database import Leadership, clean, reconnecting
 from bridge.sources.pgtypes import converter_for
 
 log = logging.getLogger("bridge.source.postgres")
 
-RECONNECT_MAX_S = 30.0
-STANDBY_POLL_S = 1.0
 MONITOR_S = 5.0
+STANDBY_POLL_S = 1.0
 LOCK_PREFIX = "onesignal_bridge:"
 HEARTBEAT_PREFIX = "onesignal_bridge_heartbeat"
-
-
-class Sink(Protocol):
-    def issue(self) -> int: ...
-    def mark(self, position: Any) -> None: ...
-    async def put(self, event: ChangeEvent) -> None: ...
-    @property
-    def confirmable(self) -> Any: ...
-    @property
-    def idle(self) -> bool: ...
 
 
 class _Table:
@@ -97,7 +88,8 @@ class PostgresSource:
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
         self._tx_pos = "0/0"
-        self.standby = False
+        self._leadership = Leadership("SELECT pg_try_advisory_lock(hashtext(%s))", (LOCK_PREFIX + cfg.slot,),
+                                      f"slot {cfg.slot}", STANDBY_POLL_S, log)
         self.received_lsn = 0
         self.flushed_lsn = 0
         self._pg: pq.abc.PGconn | None = None
@@ -122,25 +114,12 @@ class PostgresSource:
         """Stream until `stop` is set; then stop reading, await `drain()`, confirm, and return."""
         self._stop = stop or asyncio.Event()
         self._drain = drain
-        attempt = 0
-        while not self._stop.is_set():
-            try:
-                await self._stream(sink)
-            except SourceSetupError:
-                raise
-            except (psycopg.Error, SourceError, OSError) as exc:
-                self.connected = False
-                delay = min(RECONNECT_MAX_S, 0.5 * 2 ** min(attempt, 6))
-                attempt += 1
-                if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-                    log.error("%s: the bridge's role lacks a privilege; grant it (sql/role-postgres-source.sql,"
-                              " `onesignal-bridge check` names what is missing); retrying in %.0fs",
-                              _clean(exc), delay)
-                else:
-                    log.warning("replication connection lost (%s); reconnecting in %.1fs", _clean(exc), delay)
-                await asyncio.sleep(delay)
-            else:
-                return
+
+        def lost(exc: BaseException) -> bool:
+            self.connected = False
+            return False
+
+        await reconnecting(lambda: self._stream(sink), self._stop, "replication connection", log, on_lost=lost)
 
     async def _primary_keys(self) -> dict[str, list[str]]:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
@@ -161,31 +140,18 @@ class PostgresSource:
         """Hold the slot's advisory lock on a session of our own; wait as a hot standby while
         another replica holds it. Returns None when asked to stop while waiting."""
         conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        waited = False
         try:
-            while not self._stop.is_set():
-                cur = await conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (LOCK_PREFIX + self.cfg.slot,))
-                row = await cur.fetchone()
-                if row and row[0]:
-                    self.standby = False
-                    m.STANDBY.set(0)
-                    if waited:
-                        log.warning("this replica now holds the lock for slot %s: taking over", self.cfg.slot)
-                    return conn
-                if not waited:
-                    log.info("another replica streams slot %s; waiting as a hot standby", self.cfg.slot)
-                    waited = True
-                self.standby = True
-                m.STANDBY.set(1)
-                try:
-                    await asyncio.wait_for(self._stop.wait(), STANDBY_POLL_S)
-                except TimeoutError:
-                    pass
+            if await self._leadership.elect(conn, self._stop):
+                return conn
         except BaseException:
             await conn.close()
             raise
         await conn.close()
         return None
+
+    @property
+    def standby(self) -> bool:
+        return self._leadership.standby
 
     async def _monitor(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Keep the leader lock's session alive (it fails loudly if the session dies), export the
@@ -299,7 +265,7 @@ class PostgresSource:
             if not await snap.load(conn, fresh):
                 return
         self.snapshot = snap
-        sink.on_confirm = snap.on_confirm  # type: ignore[attr-defined]
+        sink.on_confirm(snap.on_confirm)
         self._saver = asyncio.create_task(self._snapshot_saver())
         await snap.read(sink, snapshot_name, self._stop)
 
@@ -382,7 +348,7 @@ class PostgresSource:
                         if not isinstance(msg, po.Delete):
                             self.backfills.on_request(table.row(msg.new))
                         continue
-                    event = self._event(msg, table, sink, tx_lsn, tx_commit_time)
+                    event = self._event(msg, table, tx_lsn, tx_commit_time)
                     self.backfills.on_change(table.name, event.key)
                     await sink.put(event)
                 elif isinstance(msg, po.Begin):
@@ -411,18 +377,8 @@ class PostgresSource:
                             log.warning(
                                 "TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)", table.name
                             )
-                            await sink.put(
-                                ChangeEvent(
-                                    table.name,
-                                    Op.TRUNCATE,
-                                    None,
-                                    None,
-                                    {},
-                                    sink.issue(),
-                                    po.lsn_to_str(tx_lsn),
-                                    tx_commit_time,
-                                )
-                            )
+                            await sink.put(ChangeEvent(table.name, Op.TRUNCATE, None, None, {},
+                                                       po.lsn_to_str(tx_lsn), tx_commit_time))
                 elif isinstance(msg, po.LogicalMessage):
                     if msg.prefix == BACKFILL_PREFIX:
                         await self.backfills.on_message(bytes(msg.content))
@@ -432,13 +388,11 @@ class PostgresSource:
         finally:
             loop.remove_reader(pg.socket)
 
-    def _event(self, msg: Any, table: _Table, sink: Sink, lsn: int, commit_time: float | None) -> ChangeEvent:
+    def _event(self, msg: Any, table: _Table, lsn: int, commit_time: float | None) -> ChangeEvent:
         t = type(msg)
         if t is po.Insert:
             new = table.row(msg.new)
-            return ChangeEvent(
-                table.name, Op.INSERT, new, None, table.key(new), sink.issue(), self._tx_pos, commit_time
-            )
+            return ChangeEvent(table.name, Op.INSERT, new, None, table.key(new), self._tx_pos, commit_time)
         if t is po.Update:
             new = table.row(msg.new)
             old = table.row(msg.old) if msg.old is not None else None
@@ -449,11 +403,11 @@ class PostgresSource:
                     k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None and msg.old_kind == "O" else v)
                     for k, v in new.items()
                 }
-            return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), sink.issue(), self._tx_pos, commit_time)
+            return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), self._tx_pos, commit_time)
         old = table.row(msg.old)
         if msg.old_kind == "K":
             old = {k: v for k, v in old.items() if v is not None}
-        return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), sink.issue(), self._tx_pos, commit_time)
+        return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), self._tx_pos, commit_time)
 
     # -- confirming ----------------------------------------------------------------------
 
@@ -497,7 +451,7 @@ class PostgresSource:
             try:
                 self._send_status(sink, force=True)
             except psycopg.Error as exc:
-                log.debug("status update failed: %s", _clean(exc))
+                log.debug("status update failed: %s", clean(exc))
                 return
 
 
@@ -532,10 +486,3 @@ async def _simple_query(pg: Any, query: str) -> Any:
         msg = res.error_message.decode(errors="replace").strip() if res is not None else "no result"
         raise SourceError(f"query on the replication connection failed: {msg}")
     return res
-
-
-def _clean(exc: BaseException) -> str:
-    """An exception as text without connection strings (which may carry passwords)."""
-    from bridge.config import redact_dsn
-
-    return redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)

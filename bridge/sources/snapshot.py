@@ -30,20 +30,6 @@ from bridge.events import ChangeEvent, Op
 from bridge.observability import metrics as m
 
 log = logging.getLogger("bridge.snapshot")
-
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS onesignal_bridge.snapshot_progress (
-    slot        text NOT NULL,
-    table_name  text NOT NULL,
-    last_key    jsonb,
-    rows_done   bigint NOT NULL DEFAULT 0,
-    done        boolean NOT NULL DEFAULT false,
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (slot, table_name)
-);
-""".strip()
-
-
 @dataclass
 class TableProgress:
     table: str
@@ -164,7 +150,7 @@ class Snapshot:
             for row in rows:
                 new = dict(zip(names, row, strict=True))
                 key = {k: new[k] for k in tp.key_columns}
-                await sink.put(ChangeEvent(tp.table, Op.SNAPSHOT, new, None, key, sink.issue(),
+                await sink.put(ChangeEvent(tp.table, Op.SNAPSHOT, new, None, key,
                                            f"snapshot:{tp.table}", None))
             tp.read_rows += len(rows)
             m.SNAPSHOT_ROWS_READ.labels(tp.table).inc(len(rows))

@@ -146,3 +146,15 @@ def test_a_keyword_publication_and_a_slot_name_with_digits_are_created_checked_s
     assert removed.returncode == 0, removed.stderr
     assert pg_db.fetch("SELECT count(*) FROM pg_replication_slots")[0][0] == 0
     assert pg_db.fetch("SELECT count(*) FROM pg_publication")[0][0] == 0
+
+
+def test_run_on_a_database_where_setup_never_ran_says_which_command_fixes_it_and_exits(pg_db, sim, bridge):
+    pg_db.execute("CREATE TABLE users (id bigint PRIMARY KEY, plan text)")
+    b = bridge(bridge_config(pg_db.dsn, sim.base_url, copy.deepcopy(MAPPING)))
+    b.start()
+    assert b.proc is not None
+    assert b.proc.wait(30) != 0, "no endless reconnect loop on a missing schema"
+    logs = b.logs()
+    assert "the database has no onesignal_bridge schema" in logs and "run `onesignal-bridge setup" in logs, logs
+    assert "Traceback" not in logs and "reconnecting" not in logs
+    assert sim.stats()["total_requests"] == 0

@@ -17,6 +17,8 @@ import httpx
 import psycopg
 import yaml
 
+from bridge.errors import BridgeError
+
 DEMO_KEY = "os_v2_app_demo_key_not_a_secret"
 DEMO_APP = "00000000-0000-4000-8000-00000000demo"
 
@@ -61,7 +63,7 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
         if value:
             return value
         time.sleep(0.1)
-    raise RuntimeError(f"demo: timed out waiting for {what}")
+    raise BridgeError(f"demo: timed out waiting for {what}")
 
 
 def _show(users: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bridge.errors import SourceSetupError
+from bridge.errors import BridgeError, SourceSetupError
 from bridge.ports import Statement
 
 VERSION_TABLE = "onesignal_bridge.schema_version"
@@ -65,7 +65,8 @@ def migrations() -> tuple[Migration, ...]:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8").strip()))
     found.sort(key=lambda mg: mg.version)
     if [mg.version for mg in found] != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"bridge/sql: migrations must be numbered 1..n without gaps: {[m.version for m in found]}")
+        raise BridgeError(f"bridge/sql: migrations must be numbered 1..n without gaps: {[m.version for m in found]}"
+                          " (a packaging error: reinstall onesignal-bridge)")
     return tuple(found)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from bridge.config import redact_dsn
-from bridge.errors import SourceError, SourceSetupError, connection_hint, one_line
+from bridge.errors import BridgeError, SourceSetupError, connection_hint, one_line
 from bridge.observability import metrics as m
 from bridge.observability.logging import dsn_secrets, mask_secrets
 from bridge.ports import Finding
@@ -80,9 +80,9 @@ async def reconnecting(session: Callable[[], Awaitable[None]], stop: asyncio.Eve
     while not stop.is_set():
         try:
             await session()
-        except SourceSetupError:
-            raise
-        except (psycopg.Error, SourceError, OSError) as exc:
+        except (psycopg.Error, BridgeError, OSError) as exc:
+            if isinstance(exc, BridgeError) and not exc.retriable:
+                raise  # SourceSetupError, ConfigError: for the operator, not for a retry
             setup_problem = fatal(exc) if fatal is not None else None
             if setup_problem is not None:
                 raise setup_problem from None

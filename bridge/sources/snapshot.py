@@ -26,6 +26,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
+from bridge.errors import SourceSetupError
 from bridge.events import ChangeEvent, Op
 from bridge.observability import metrics as m
 
@@ -197,6 +198,6 @@ async def _primary_key(conn: psycopg.AsyncConnection[Any], table: str) -> list[s
         " WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY k.ord", (table,))
     keys = [r[0] for r in await cur.fetchall()]
     if not keys:
-        raise RuntimeError(f"table {table} has no primary key: the snapshot reads tables in primary-key order;"
+        raise SourceSetupError(f"table {table} has no primary key: the snapshot reads tables in primary-key order;"
                            f" add a primary key or set source.snapshot: never")
     return keys

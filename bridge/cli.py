@@ -146,6 +146,27 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return dlqcli.run(config, args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    setup_logging("warning", "text")
+    from bridge.onboarding import commands
+
+    return commands.plan(_load(args.config), args)
+
+
+def cmd_export_csv(args: argparse.Namespace) -> int:
+    setup_logging("warning", "text")
+    from bridge.onboarding import commands
+
+    return commands.export_csv(_load(args.config), args)
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    setup_logging("warning", "text")
+    from bridge.onboarding import commands
+
+    return commands.reconcile(_load(args.config), args)
+
+
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 LOG_LEVEL_HELP = "debug also prints the traceback of a failure (secrets scrubbed)"
 
@@ -214,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--newer-than", metavar="AGE")
     q.add_argument("--limit", type=int, default=100)
     q.set_defaults(func=cmd_dlq)
+
+    from bridge.onboarding.commands import add_arguments as add_onboarding_arguments
+
+    pl = sub.add_parser("plan", parents=[common],
+                        help="before the first run: users, requests, duration, tags and rejected rows (read-only)")
+    ex = sub.add_parser("export-csv", parents=[common],
+                        help="write OneSignal CSV import files from a consistent snapshot; run streams what follows")
+    rc = sub.add_parser("reconcile", parents=[common],
+                        help="compare OneSignal with what the database implies; --repair sends the difference")
+    add_onboarding_arguments(pl, ex, rc)  # bridge/onboarding/commands.py
+    pl.set_defaults(func=cmd_plan)
+    ex.set_defaults(func=cmd_export_csv)
+    rc.set_defaults(func=cmd_reconcile)
     return p
 
 

@@ -270,12 +270,25 @@ class MetricsConfig(_Strict):
     host: str = "0.0.0.0"
 
 
+class ReconcileConfig(_Strict):
+    """Continuous reconcile in `run` (docs/onboarding.md): every `interval_s`, compare `sample`
+    random users with what OneSignal holds (View user, `view_requests_per_second`) and repair
+    drift through the normal delivery path. Off while `interval_s` is unset."""
+
+    interval_s: float | None = Field(default=None, gt=0)
+    sample: int = Field(default=100, gt=0)
+    repair: bool = True
+    settle_s: float = Field(default=60.0, ge=0)
+    view_requests_per_second: float = Field(default=1.0, gt=0)
+
+
 class Config(_Strict):
     onesignal: OneSignalConfig
     source: SourceConfig
     mappings: list[MappingConfig] = Field(min_length=1)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
 
     @model_validator(mode="after")
     def _unique_tables(self) -> Config:

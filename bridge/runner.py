@@ -12,6 +12,7 @@ from bridge.config import Config
 from bridge.dispatch import Dispatcher
 from bridge.observability import metrics as m
 from bridge.observability.http import HealthServer
+from bridge.onboarding import reconcile
 from bridge.onesignal.client import OneSignalClient, build_http_client
 from bridge.pipeline import Pipeline
 from bridge.ports import DoneCallback
@@ -46,6 +47,8 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
         return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions)
 
     pipeline = Pipeline(config, user_updates)
+    # Continuous reconcile (reconcile.interval_s): watches the pipeline's output; None when off.
+    drift = reconcile.attach(config, client, dsn, pipeline, lambda: source.connected and not source.standby)
     dispatcher = pipeline.output
 
     def ready() -> tuple[bool, str]:
@@ -71,6 +74,7 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     dispatch_task = asyncio.create_task(dispatcher.run())
     source_task = asyncio.create_task(source.run(pipeline, stop, drain))
     readiness = asyncio.create_task(_readiness(ready))
+    drift_task = asyncio.create_task(drift.run()) if drift is not None else readiness
     try:
         done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -79,9 +83,9 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
                 raise exc
         return 0
     finally:
-        for t in (dispatch_task, source_task, readiness):
+        for t in (dispatch_task, source_task, readiness, drift_task):
             t.cancel()
-        await asyncio.gather(dispatch_task, source_task, readiness, return_exceptions=True)
+        await asyncio.gather(dispatch_task, source_task, readiness, drift_task, return_exceptions=True)
         await health.stop()
         await http.aclose()
         for store in (dead_letters, subscriptions):

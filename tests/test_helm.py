@@ -71,6 +71,7 @@ REQUIRED_ALERTS = {  # the issue's list: slot lag, source lag, error rate, dead 
     "OneSignalBridgeDown",
     "OneSignalBridgeApiKeyRejected",
     "OneSignalBridgeOneSignalUnavailable",
+    "OneSignalBridgeDriftPersists",  # issue 18: continuous reconcile
 }
 
 
@@ -803,7 +804,9 @@ async def test_alerts_and_dashboard_use_only_exported_metrics(
                   "onesignal_bridge_changes_total", "onesignal_bridge_api_requests_total",
                   "onesignal_bridge_api_request_duration_seconds_bucket",
                   "onesignal_bridge_dead_letters_total",
-                  "onesignal_bridge_end_to_end_latency_seconds_bucket"):
+                  "onesignal_bridge_end_to_end_latency_seconds_bucket",
+                  "onesignal_bridge_drift_users", "onesignal_bridge_drift_checked_total",
+                  "onesignal_bridge_drift_repaired_total"):
         assert topic in dashboard_metrics, f"dashboard lacks {topic}"
     assert any("by (status)" in e and "api_requests_total" in e for e in exprs), "no API status code panel"
 

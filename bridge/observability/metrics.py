@@ -80,3 +80,12 @@ SNAPSHOT_ROWS_DONE = Gauge(f"{PREFIX}_snapshot_rows_done", "Snapshot rows applie
                            ["table"], registry=REGISTRY)
 SNAPSHOT_ROWS_READ = Counter(f"{PREFIX}_snapshot_rows_read_total", "Snapshot rows read by this process per table",
                              ["table"], registry=REGISTRY)
+
+DRIFT_USERS = Gauge(f"{PREFIX}_drift_users",
+                    "Users whose OneSignal state differed from what the database implies in the last "
+                    "reconcile sample (continuous reconcile in run)", registry=REGISTRY)
+DRIFT_CHECKED = Counter(f"{PREFIX}_drift_checked_total", "Users compared with OneSignal by continuous reconcile",
+                        registry=REGISTRY)
+DRIFT_REPAIRED = Counter(f"{PREFIX}_drift_repaired_total",
+                         "Drifted users whose database state was sent again (applied or dead-lettered)",
+                         registry=REGISTRY)

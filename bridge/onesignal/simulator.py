@@ -517,6 +517,9 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
         web.delete("/_simulator/faults", sim.control_clear_faults),
         web.post("/_simulator/reset", sim.control_reset),
     ])
+    from bridge.onesignal import simexport
+
+    simexport.register(app, sim)  # POST /players/csv_export and the file's download (simexport.py)
     return app
 
 

@@ -44,7 +44,8 @@ RATE_LIMIT_BODY = {"errors": [{"code": "Rate Limit Exceeded", "title": "API rate
 _BAD_GATEWAY_HTML = (b"<html><head><title>502 Bad Gateway</title></head>"
                      b"<body><center><h1>502 Bad Gateway</h1></center></body></html>")
 _USERS = "/apps/{app_id}/users"
-_BY_ALIAS = _USERS + "/by/{alias_label}/{alias_id}"
+# `[^/]+`: aiohttp's default `[^{}/]+` would not route an alias id holding `{` or `}`, which OneSignal does.
+_BY_ALIAS = _USERS + "/by/{alias_label:[^/]+}/{alias_id:[^/]+}"
 _SUBSCRIPTION = "/apps/{app_id}/subscriptions/{subscription_id}"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -504,7 +505,7 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
         web.delete(_BY_ALIAS, sim.delete_user),
         web.get(_BY_ALIAS + "/identity", sim.get_identity, allow_head=False),
         web.patch(_BY_ALIAS + "/identity", sim.upsert_identity),
-        web.delete(_BY_ALIAS + "/identity/{label_to_delete}", sim.delete_alias),
+        web.delete(_BY_ALIAS + "/identity/{label_to_delete:[^/]+}", sim.delete_alias),
         web.post(_BY_ALIAS + "/subscriptions", sim.create_subscription),
         web.patch(_SUBSCRIPTION, sim.update_subscription),
         web.delete(_SUBSCRIPTION, sim.delete_subscription),

@@ -6,7 +6,6 @@ the harness pieces (`bridgeproc.BridgeProcess`, `kafkabroker.KafkaBroker`).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import os
@@ -16,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +187,9 @@ class Simulator:
     def requests(self) -> list[dict[str, Any]]:
         return self.http.get("/_simulator/requests").json()["requests"]
 
+    def users(self) -> list[dict[str, Any]]:
+        return self.http.get("/_simulator/users").json()["users"]
+
     def faults(self, **kw: Any) -> None:
         self.http.post("/_simulator/faults", json=kw).raise_for_status()
 
@@ -262,56 +264,90 @@ def rss_peak_kib(pid: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-process pipeline with OneSignal stubbed out at the dispatcher boundary (figures 1 and 2)
+# The bridge as a process, run from a given checkout (figures 1 and 2 compare two trees side by side)
 
 
-class StubDispatcher:
-    """Stands where `bridge.dispatch.Dispatcher` stands: accepts every user change at once and
-    reports it done (as if OneSignal had answered 2xx), so the source may confirm."""
+class BridgeRun:
+    """`python -m bridge run` from the checkout at `root` (its own `bridge` package first on
+    sys.path, so a `git worktree` of an older commit runs its own code), stderr read on a thread:
+    `seen(text)` is the perf_counter() time the first log line containing `text` arrived."""
 
-    def __init__(self, on_done: Callable[[Iterable[int]], None]) -> None:
-        self.on_done = on_done
-        self.submitted = 0
+    def __init__(self, root: Path, config: dict[str, Any], workdir: Path, name: str,
+                 log_level: str = "info") -> None:
+        import yaml
 
-    async def wait_for_room(self) -> None:
-        return None
+        self.root = Path(root)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._seen: dict[str, float] = {}
+        self._watch: list[str] = []
+        self._lines: list[str] = []
 
-    def submit(self, change: Any) -> None:
-        self.submitted += 1
-        self.on_done((change.origin.seq,))
+    def cli(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
+        return subprocess.run([PY, "-m", "bridge", *argv], capture_output=True, text=True, cwd=self.root,
+                              env=env, timeout=timeout)
 
-    async def _store_letters(self, letters: list[Any]) -> None:
-        return None
+    def start(self, watch: Sequence[str] = ()) -> BridgeRun:
+        import threading
+
+        self._watch = list(watch)
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
+        self.proc = subprocess.Popen(
+            [PY, "-m", "bridge", "run", "--config", str(self.config_path), "--log-level", self.log_level],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root, env=env,
+        )
+        threading.Thread(target=self._reader, daemon=True).start()
+        return self
+
+    def _reader(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with open(self.log_path, "ab") as log:
+            for raw in self.proc.stderr:
+                now = time.perf_counter()
+                log.write(raw)
+                line = raw.decode(errors="replace")
+                for text in self._watch:
+                    if text not in self._seen and text in line:
+                        self._seen[text] = now
+                if len(self._lines) < 2000:
+                    self._lines.append(line)
+
+    def seen(self, text: str) -> float | None:
+        return self._seen.get(text)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> str:
+        return "".join(self._lines)
+
+    def stop(self, timeout: float = 30) -> None:
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
-class _NoDeadLetters:
-    async def put(self, letters: list[Any]) -> None:
-        return None
-
-
-def counting_pipeline(config: Any, expected: int, done: asyncio.Event) -> Any:
-    """The real `Pipeline` (metrics, mapping, seq bookkeeping, stale filter) with the stub
-    dispatcher; `done` is set when `expected` events were handed over. `first`/`last` are the
-    perf_counter() times of the first and the last event."""
-    from bridge.pipeline import Pipeline
-
-    class CountingPipeline(Pipeline):
-        seen = 0
-        first: float | None = None
-        last: float | None = None
-
-        async def put(self, event: Any, order: tuple[Any, ...] = ()) -> None:
-            if self.first is None:
-                self.first = time.perf_counter()
-            await Pipeline.put(self, event, order)
-            self.seen += 1
-            if self.seen >= expected:
-                self.last = time.perf_counter()
-                done.set()
-
-    p = CountingPipeline(config, None, _NoDeadLetters())  # type: ignore[arg-type]
-    p.dispatcher = StubDispatcher(p.watermark.complete_many)  # type: ignore[assignment]
-    return p
+def git_describe(root: Path) -> str:
+    """`<short commit>` of a checkout, with `+uncommitted` when bridge/ has local changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "bridge"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 @dataclasses.dataclass

@@ -38,6 +38,8 @@ from bridge.events import (
     SubscriptionChange,
     UserChange,
     UserRef,
+    origin,
+    user_change,
 )
 from bridge.onesignal.client import alias_problem
 from bridge.sources.pgtypes import Unrepresentable
@@ -61,6 +63,35 @@ class MappingResult:
 
 
 EMPTY = MappingResult()
+_set_changes = MappingResult.__dict__["changes"].__set__
+_set_rejections = MappingResult.__dict__["rejections"].__set__
+
+
+def _result(changes: tuple[UserChange, ...], rejections: tuple[Rejection, ...] = ()) -> MappingResult:
+    """`MappingResult(changes, rejections)` built through its slots (the hot path: one per row)."""
+    r = object.__new__(MappingResult)
+    _set_changes(r, changes)
+    _set_rejections(r, rejections)
+    return r
+
+
+class _Memo(dict[Any, Any]):
+    """A bounded memo of a pure function of one value, for the few exact types whose equal values
+    always format alike (str, int): per-row values repeat (a plan, a country, a user's id), so most
+    rows format nothing. Emptied when full (no LRU bookkeeping on the hot path)."""
+
+    __slots__ = ("fn", "limit")
+
+    def __init__(self, fn: Callable[[Any], Any], limit: int = 8192) -> None:
+        super().__init__()
+        self.fn, self.limit = fn, limit
+
+    def __missing__(self, value: Any) -> Any:
+        out = self.fn(value)  # raises InvalidValue for a bad value: nothing is stored
+        if len(self) >= self.limit:
+            self.clear()
+        self[value] = out
+        return out
 
 
 def unix_seconds(value: dt.datetime | dt.date) -> int:
@@ -228,7 +259,20 @@ def _column(ref: str | ColumnSpec) -> str:
 
 def render_key(key: Mapping[str, Any]) -> str:
     # A RowKey reads as this text and keeps the values for dead letters (`dlq replay`).
+    if len(key) == 1:
+        for k, v in key.items():
+            kind = type(v)
+            if kind is int or kind is str:  # equal values render alike: memoised
+                rendered = _ONE_KEY.get((k, v))
+                if rendered is None or type(rendered.columns[k]) is not kind:
+                    if len(_ONE_KEY) >= 65536:
+                        _ONE_KEY.clear()
+                    rendered = _ONE_KEY[(k, v)] = RowKey({k: v}, f"{k}={v}")
+                return rendered
     return RowKey(key, ",".join(f"{k}={v}" for k, v in key.items()) or "(no key)")
+
+
+_ONE_KEY: dict[tuple[str, Any], RowKey] = {}
 
 
 @dataclass(frozen=True)
@@ -277,75 +321,122 @@ class TableMapping:
         object.__setattr__(tm, "columns", frozenset(cols))
         return tm
 
+    def __post_init__(self) -> None:
+        # Memos of the pure per-value steps (see _Memo), kept per table mapping.
+        label = self.label
+        object.__setattr__(self, "_users", _Memo(lambda v: UserRef(label, alias_id(v)), 65536))
+        object.__setattr__(self, "_alias_ids", _Memo(alias_id, 65536))
+        object.__setattr__(self, "_formats", {p: _Memo(PROPERTY_FORMATS[p]) for p, _ in self.properties})
+
     # -- the mapping itself -------------------------------------------------------------
 
     def map(self, event: ChangeEvent, seq: int = 0) -> MappingResult:
-        """What `event` means for OneSignal users; `seq` is the event's checkpoint token."""
-        if event.op is Op.TRUNCATE:
+        """What `event` means for OneSignal users; `seq` is the event's checkpoint token.
+
+        The hot path (one call per row): str and int values go through the memos (a user's id,
+        a plan, a language repeat from row to row); everything else formats as `tag_value`,
+        `alias_id` and `PROPERTY_FORMATS` say. A rejected value is never memoised."""
+        op = event.op
+        if op is Op.TRUNCATE:
             return EMPTY
         key = render_key(event.key)
-        origin = Origin(event.table, key, event.position, seq, event.commit_time)
-
-        def reject(fld: str | None, reason: str, payload: Mapping[str, Any] | None = None) -> Rejection:
-            return Rejection(event.table, key, fld, reason, event.position, seq, payload)
-
-        if event.op is Op.DELETE:
-            return self._map_delete(event, origin, reject)
+        org = origin(event.table, key, event.position, seq, event.commit_time)
+        if op is Op.DELETE:
+            return self._map_delete(event, org, seq)
 
         row = event.new or {}
+        old_row = event.old
         ident = row.get(self.identity_column, UNCHANGED)
-        if ident is UNCHANGED and event.old is not None:
-            ident = event.old.get(self.identity_column, UNCHANGED)
+        if ident is UNCHANGED and old_row is not None:
+            ident = old_row.get(self.identity_column, UNCHANGED)
         if ident is UNCHANGED or ident is None:
             why = "is NULL" if ident is None else "is missing from the change"
-            return MappingResult(rejections=(reject(
-                self.identity_column,
+            return _result((), (self._reject(event, seq, self.identity_column,
                 f"identity column {self.identity_column} {why}: the row cannot be matched to a OneSignal "
                 f"user; fill it in (or filter such rows out of the publication)",
-                _jsonable(row),
-            ),))
+                _jsonable(row)),))
+        kind = type(ident)
         try:
-            user = UserRef(self.label, alias_id(ident))
+            user = self._users[ident] if kind is str or kind is int else UserRef(self.label, alias_id(ident))  # type: ignore[attr-defined]
         except InvalidValue as exc:
-            return MappingResult(rejections=(reject(self.identity_column, f"identity: {exc}", _jsonable(row)),))
+            return _result((), (self._reject(event, seq, self.identity_column, f"identity: {exc}", _jsonable(row)),))
 
-        rejections: list[Rejection] = []
+        rejections: list[Rejection] | None = None
         tags: dict[str, str | None] = {}
         for tag, col in self.tags:
             v = row.get(col, UNCHANGED)
             if v is UNCHANGED:
                 continue
-            if v is None:
+            kind = type(v)
+            if kind is str and len(v) <= _SHORT_TAG:  # what tag_value returns for it
+                tags[tag] = v
+            elif v is None:
                 tags[tag] = None
-                continue
-            try:
-                tags[tag] = tag_value(v)
-            except InvalidValue as exc:
-                rejections.append(reject(col, f"tag {tag}: {_shown(v)} {exc}", {col: _jsonable_value(v)}))
+            else:
+                try:
+                    tags[tag] = tag_value(v)
+                except InvalidValue as exc:
+                    rejections = rejections or []
+                    rejections.append(self._reject(event, seq, col, f"tag {tag}: {_shown(v)} {exc}",
+                                                   {col: _jsonable_value(v)}))
         props: dict[str, Any] = {}
-        for prop, col in self.properties:
-            v = row.get(col, UNCHANGED)
-            if v is UNCHANGED or v is None:
-                continue
-            try:
-                props[prop] = PROPERTY_FORMATS[prop](v)
-            except InvalidValue as exc:
-                rejections.append(reject(col, f"property {prop}: {exc}", {col: _jsonable_value(v)}))
+        if self.properties:
+            formats = self._formats  # type: ignore[attr-defined]
+            for prop, col in self.properties:
+                v = row.get(col, UNCHANGED)
+                if v is UNCHANGED or v is None:
+                    continue
+                try:
+                    props[prop] = formats[prop][v] if type(v) is str else PROPERTY_FORMATS[prop](v)
+                except InvalidValue as exc:
+                    rejections = rejections or []
+                    rejections.append(self._reject(event, seq, col, f"property {prop}: {exc}",
+                                                   {col: _jsonable_value(v)}))
         aliases: dict[str, str | None] = {}
         for label, col in self.aliases:
             v = row.get(col, UNCHANGED)
             if v is UNCHANGED:
                 continue
             if v is None:
-                if event.op is not Op.UPDATE:
+                if op is not Op.UPDATE:
                     continue  # a new row never had the alias: deleting it would cost a call for nothing
                 aliases[label] = None
                 continue
+            kind = type(v)
             try:
-                aliases[label] = alias_id(v)
+                aliases[label] = self._alias_ids[v] if kind is str or kind is int else alias_id(v)  # type: ignore[attr-defined]
             except InvalidValue as exc:
-                rejections.append(reject(col, f"alias {label}: {exc}", {col: _jsonable_value(v)}))
+                rejections = rejections or []
+                rejections.append(self._reject(event, seq, col, f"alias {label}: {exc}", {col: _jsonable_value(v)}))
+        subs: tuple[SubscriptionChange, ...] = ()
+        if self.subscriptions:
+            subs, rejected = self._subscriptions(event, row, seq)
+            if rejected:
+                rejections = (rejections or []) + rejected
+        change = user_change(user, org, tags, props, aliases, subs)
+        # The identity itself changed: the old user is treated like a deleted row.
+        if op is Op.UPDATE and old_row is not None:
+            old_ident = old_row.get(self.identity_column, UNCHANGED)
+            if old_ident is not ident and old_ident is not UNCHANGED and old_ident is not None and not (
+                    type(old_ident) is kind and (kind is str or kind is int) and old_ident == ident):
+                try:
+                    old_id = alias_id(old_ident)
+                except InvalidValue:  # the old identity was never usable: no OneSignal user has it
+                    old_id = user.id
+                if old_id != user.id:
+                    gone = self._on_delete(UserRef(self.label, old_id), org)
+                    if gone is not None:
+                        return _result((gone, change), tuple(rejections) if rejections else ())
+        return _result((change,), tuple(rejections) if rejections else ())
+
+    def _reject(self, event: ChangeEvent, seq: int, fld: str | None, reason: str,
+                payload: Mapping[str, Any] | None = None) -> Rejection:
+        return Rejection(event.table, render_key(event.key), fld, reason, event.position, seq, payload)
+
+    def _subscriptions(self, event: ChangeEvent, row: Mapping[str, Any], seq: int
+                       ) -> tuple[tuple[SubscriptionChange, ...], list[Rejection]]:
         subs: list[SubscriptionChange] = []
+        rejections: list[Rejection] = []
         old = event.old or {}
         for channel, col, consent_col in self.subscriptions:
             v = row.get(col, UNCHANGED)
@@ -358,7 +449,8 @@ class TableMapping:
                 try:
                     token = addresses.normalize(channel, v, self.default_region)
                 except addresses.InvalidAddress as exc:
-                    rejections.append(reject(col, f"{channel} subscription: {exc}", {col: _jsonable_value(v)}))
+                    rejections.append(self._reject(event, seq, col, f"{channel} subscription: {exc}",
+                                                   {col: _jsonable_value(v)}))
                     continue
             prev = old.get(col, UNCHANGED)
             previous = None
@@ -368,48 +460,38 @@ class TableMapping:
                 except addresses.InvalidAddress:
                     previous = None
             subs.append(SubscriptionChange(channel, token, enabled, previous, self.on_address_change))
-        changes = [UserChange(user, origin, tags=tags, properties=props, aliases=aliases,
-                              subscriptions=tuple(subs))]
-        # The identity itself changed: the old user is treated like a deleted row.
-        if event.op is Op.UPDATE and event.old is not None:
-            old_ident = event.old.get(self.identity_column, UNCHANGED)
-            if old_ident not in (UNCHANGED, None):
-                try:
-                    old_id = alias_id(old_ident)
-                except InvalidValue:  # the old identity was never usable: no OneSignal user has it
-                    old_id = user.id
-                if old_id != user.id:
-                    gone = self._on_delete(UserRef(self.label, old_id), origin)
-                    if gone is not None:
-                        changes.insert(0, gone)
-        return MappingResult(tuple(changes), tuple(rejections))
+        return tuple(subs), rejections
 
     def _on_delete(self, user: UserRef, origin: Origin) -> UserChange | None:
         if self.on_delete == "delete_user":
-            return UserChange(user, origin, delete_user=True)
+            return user_change(user, origin, {}, {}, {}, (), True)
         if self.on_delete == "remove_tags" and self.tags:
-            return UserChange(user, origin, tags={t: None for t, _ in self.tags})
+            return user_change(user, origin, {t: None for t, _ in self.tags}, {}, {})
         return None
 
-    def _map_delete(self, event: ChangeEvent, origin: Origin, reject: Callable[..., Rejection]) -> MappingResult:
+    def _map_delete(self, event: ChangeEvent, origin: Origin, seq: int) -> MappingResult:
         if self.on_delete == "ignore":
             return EMPTY
         old = event.old or {}
         ident = old.get(self.identity_column, UNCHANGED)
         if ident is UNCHANGED or ident is None:
-            return MappingResult(rejections=(reject(
-                self.identity_column,
+            return _result((), (self._reject(
+                event, seq, self.identity_column,
                 f"the deleted row's identity column {self.identity_column} was not sent by the source, so "
                 f"on_delete={self.on_delete} cannot find the user; run "
                 f"`ALTER TABLE {event.table} REPLICA IDENTITY FULL` (onesignal-bridge setup does it)",
                 _jsonable(old),
             ),))
+        kind = type(ident)
         try:
-            user = UserRef(self.label, alias_id(ident))
+            user = self._users[ident] if kind is str or kind is int else UserRef(self.label, alias_id(ident))  # type: ignore[attr-defined]
         except InvalidValue as exc:
-            return MappingResult(rejections=(reject(self.identity_column, f"identity: {exc}"),))
+            return _result((), (self._reject(event, seq, self.identity_column, f"identity: {exc}"),))
         change = self._on_delete(user, origin)
-        return MappingResult((change,) if change else ())
+        return _result((change,) if change else ())
+
+
+_SHORT_TAG = MAX_TAG_VALUE_BYTES // 4  # a str this long or shorter is within the limit in any encoding
 
 
 _PAYLOAD_TEXT = 2048  # a dead letter keeps at most this much of a long text value

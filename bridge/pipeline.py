@@ -15,13 +15,13 @@ and given the pipeline's `done` callback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from bridge.checkpoint import Watermark
 from bridge.config import Config
 from bridge.deadletter import DeadLetter
-from bridge.events import ChangeEvent
+from bridge.events import ChangeEvent, Op, Rejection, UserChange
 from bridge.mapping import Mapper
 from bridge.observability import metrics as m
 from bridge.ports import DoneCallback, Output
@@ -39,8 +39,10 @@ class Pipeline:
         self.watermark = Watermark(on_pass=self._passed)
         self._listeners: list[Callable[[Any], None]] = []
         self.stale = StaleFilter()
-        self._counters: dict[Any, Any] = {}
+        self._counters: dict[tuple[str, Op], Any] = {}  # changes_total children
+        self._tally: dict[tuple[str, Op], int] = {}  # events not yet added to them
         self.mapper = Mapper(config)
+        self._tables = self.mapper.tables
         self.output = make_output(self.done)
 
     # -- the output's side ---------------------------------------------------------------
@@ -58,6 +60,7 @@ class Pipeline:
             listener(position)
 
     def mark(self, position: Any) -> None:
+        self._flush_counts()
         self.watermark.mark(position)
 
     @property
@@ -72,28 +75,59 @@ class Pipeline:
     async def put(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> None:
         """Map and hand over one event. `order`: the source position for stale-value filtering
         (sources whose events for one user can arrive out of order, i.e. Kafka partitions)."""
-        seq = self.watermark.issue()
-        counter = self._counters.get((event.table, event.op))
-        if counter is None:
-            counter = self._counters[(event.table, event.op)] = m.CHANGES.labels(event.table, event.op.value)
-        counter.inc()
-        result = self.mapper.map(event, seq)
+        pending = self.offer(event, order)
+        if pending is not None:
+            await pending
+
+    def offer(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> Awaitable[None] | None:
+        """`put` without a coroutine per event (`bridge.ports.Sink.offer`): the event is mapped and
+        its changes submitted at once while the output has room; returns None then, else an
+        awaitable that finishes the hand-over (waiting for room, storing dead letters), which the
+        source awaits before it offers anything else."""
+        watermark = self.watermark
+        seq = watermark.issue()
+        tally = self._tally
+        counted = (event.table, event.op)
+        tally[counted] = tally.get(counted, 0) + 1
+        tm = self._tables.get(event.table)
+        if tm is None:
+            watermark.complete(seq)
+            return None
+        result = tm.map(event, seq)
         changes = result.changes
+        rejections = result.rejections
         if order and changes:
             changes = tuple(c for c in (self.stale.filter(ch, order) for ch in changes) if c is not None)
-        rejections = result.rejections
-        n = len(changes) + len(rejections)
-        if n == 0:
-            self.watermark.complete(seq)
-            return
+        if not rejections:
+            if len(changes) == 1:
+                output = self.output
+                if output.has_room():
+                    output.submit(changes[0])
+                    return None
+                return self._finish(changes, (), [])
+            if not changes:
+                watermark.complete(seq)
+                return None
+        elif not changes and len(rejections) == 1:
+            return self._finish((), rejections, [seq])
         # One token per outcome, so the event is done only when all its outcomes are.
-        if n > 1:
-            extra = [self.watermark.issue() for _ in range(n - 1)]
-            tokens = [seq, *extra]
-            changes = tuple(ch.with_seq(t) for ch, t in zip(changes, tokens, strict=False))
-            rejected = tokens[len(changes):]
-        else:
-            rejected = [seq] if rejections else []
+        tokens = [seq, *[watermark.issue() for _ in range(len(changes) + len(rejections) - 1)]]
+        changes = tuple(ch.with_seq(t) for ch, t in zip(changes, tokens, strict=False))
+        rejected = tokens[len(changes):]
+        if not rejections:
+            output = self.output
+            for i, ch in enumerate(changes):
+                if not output.has_room():
+                    return self._finish(changes[i:], (), [])
+                output.submit(ch)
+            return None
+        return self._finish(changes, rejections, rejected)
+
+    async def _finish(self, changes: tuple[UserChange, ...], rejections: tuple[Rejection, ...],
+                      rejected: list[int]) -> None:
+        """The rest of a hand-over that cannot complete at once: submit as room comes, then store
+        the dead letters (durably) and report their tokens done."""
+        self._flush_counts()
         output = self.output
         for ch in changes:
             await output.wait_for_room()
@@ -104,3 +138,17 @@ class Pipeline:
                 log.warning("dead-lettered: %s", d.message)
             await output.dead_letter(letters)
             self.done(rejected)
+
+    def _flush_counts(self) -> None:
+        """Add the events counted since the last flush to the `changes_total` counter (one
+        `inc` per table and op, not one per event)."""
+        tally = self._tally
+        if not tally:
+            return
+        counters = self._counters
+        for (table, op), n in tally.items():
+            counter = counters.get((table, op))
+            if counter is None:
+                counter = counters[(table, op)] = m.CHANGES.labels(table, op.value)
+            counter.inc(n)
+        tally.clear()

@@ -54,9 +54,17 @@ class Sink(Protocol):
       low watermark passes, in order. Several listeners may register (the source, its snapshot
       reader); none is replaced.
     - `idle` is true when everything put so far is done.
+    - `offer(event, order)` is `put` without a coroutine per event, for sources that hand over
+      many events at a time: it does what `put` does and returns None when the event was
+      accepted at once, or an awaitable (the pipeline has no room yet, or dead letters must be
+      stored first) that the source must await before it offers or puts anything else.
+      `w = sink.offer(e)` then `if w is not None: await w` is exactly `await sink.put(e)`: the
+      backpressure is the same, only the common case costs no await.
     """
 
     async def put(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> None: ...
+
+    def offer(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> Awaitable[None] | None: ...
 
     def mark(self, position: Any) -> None: ...
 

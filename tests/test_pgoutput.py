@@ -36,6 +36,7 @@ from bridge.sources.pgoutput import (
     parse_keepalive,
     parse_xlogdata,
     pg_us_to_unix,
+    row_message,
     standby_status_update,
     str_to_lsn,
     unix_to_pg_us,
@@ -201,6 +202,35 @@ def test_decode_accepts_a_memoryview_of_the_xlogdata_payload(msg: Message) -> No
     data_start, wal_end, send_time, payload = parse_xlogdata(memoryview(frame))
     assert (data_start, wal_end, send_time) == (1, 2, 3)
     assert decode(payload) == msg
+
+
+@FAST
+@given(st.one_of(inserts, updates, deletes))
+def test_row_message_reads_the_whole_copydata_like_decode(msg: Message) -> None:
+    """The reader's hot path: Insert, Update and Delete straight from the `w` CopyData (as psycopg
+    hands it over, a memoryview), as tuples, with the same values decode() gives."""
+    frame = memoryview(b"w" + struct.pack("!QQq", 1, 2, 3) + encode(msg))
+    kind, oid, old_kind, old, new = row_message(frame, 25)
+    assert isinstance(msg, (Insert, Update, Delete))
+    assert chr(kind) == {Insert: "I", Update: "U", Delete: "D"}[type(msg)]
+    assert oid == msg.relation_oid
+    assert (chr(old_kind) if old_kind else None) == (None if isinstance(msg, Insert) else msg.old_kind)
+    assert old == (None if isinstance(msg, Insert) else msg.old)
+    assert new == (None if isinstance(msg, Delete) else msg.new)
+
+
+@FAST
+@given(st.one_of(inserts, updates, deletes), st.data())
+def test_row_message_of_a_truncated_message_is_a_decode_error(msg: Message, data: st.DataObject) -> None:
+    frame = b"w" + bytes(24) + encode(msg)
+    cut = data.draw(st.integers(25, len(frame) - 1))
+    with pytest.raises(DecodeError):
+        row_message(frame[:cut], 25)
+
+
+def test_row_message_refuses_other_messages() -> None:
+    with pytest.raises(DecodeError, match="not an Insert, Update or Delete"):
+        row_message(b"w" + bytes(24) + encode(Begin(1, 2.0, 3)), 25)
 
 
 # --------------------------------------------------------------------------------------------

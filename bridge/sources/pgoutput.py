@@ -379,19 +379,78 @@ def _type(buf: bytes, pos: int, xid: int | None) -> TypeMessage:
     return TypeMessage(oid, namespace, name, xid)
 
 
-def _insert(
+def _row_parts(
     buf: bytes,
+    kind: int,
     pos: int,
-    xid: int | None,
     _head: Callable[..., tuple[int, int, int]] = _OID_KIND_NCOLS.unpack_from,
-    _set: tuple[Callable[[Any, Any], None], ...] = _set_insert,
-) -> Insert:
-    oid, kind, ncols = _head(buf, pos)
-    if kind != _N:
-        raise DecodeError(f"expected 'N' before the new tuple, got {chr(kind)!r}")
-    new, pos = _columns(buf, pos + 7, ncols)
+    _oid_kind: Callable[..., tuple[int, int]] = _OID_KIND.unpack_from,
+) -> tuple[int, int, TupleValues | None, TupleValues | None]:
+    """The body of an Insert, Update or Delete (message type `kind`) at `pos`:
+    ``(relation oid, old kind byte or 0, old values or None, new values or None)``."""
+    if kind == 0x49:  # Insert
+        oid, tk, ncols = _head(buf, pos)
+        if tk != _N:
+            raise DecodeError(f"expected 'N' before the new tuple, got {chr(tk)!r}")
+        new, pos = _columns(buf, pos + 7, ncols)
+        if pos != len(buf):
+            _done(buf, pos)
+        return oid, 0, None, new
+    if kind == 0x55:  # Update
+        oid, tk = _oid_kind(buf, pos)
+        old_kind = 0
+        old: TupleValues | None = None
+        if tk == _K or tk == _O:
+            old_kind = tk
+            old, pos = _tuple(buf, pos + 5)
+            tk = buf[pos]
+            pos += 1
+        else:
+            pos += 5
+        if tk != _N:
+            raise DecodeError(f"expected 'K', 'O' or 'N' before a tuple, got {chr(tk)!r}")
+        new, pos = _tuple(buf, pos)
+        if pos != len(buf):
+            _done(buf, pos)
+        return oid, old_kind, old, new
+    oid, tk, ncols = _head(buf, pos)  # Delete
+    if tk != _K and tk != _O:
+        raise DecodeError(f"expected 'K' or 'O' before the old tuple, got {chr(tk)!r}")
+    old, pos = _columns(buf, pos + 7, ncols)
     if pos != len(buf):
         _done(buf, pos)
+    return oid, tk, old, None
+
+
+def row_message(buf: bytes | bytearray | memoryview, pos: int
+                ) -> tuple[int, int, int, TupleValues | None, TupleValues | None]:
+    """Decode the Insert, Update or Delete message at ``buf[pos:]`` (protocol version 1) without
+    building a message object: ``(type byte, relation oid, old kind byte, old values, new values)``,
+    the old kind being ``ord('K')``, ``ord('O')`` or 0 (no old tuple). For a reader of the hot
+    path: pass the whole ``w`` CopyData and ``pos=25``, and no payload is copied.
+
+    Raises :class:`DecodeError` like :func:`decode` (which builds its Insert, Update and Delete
+    from this)."""
+    if type(buf) is not bytes:
+        buf = bytes(buf)  # psycopg hands CopyData over as a memoryview: one copy, then str slices
+    try:
+        kind = buf[pos]
+        if kind != 0x55 and kind != 0x49 and kind != 0x44:
+            raise DecodeError(f"not an Insert, Update or Delete message (type {chr(kind)!r})")
+        return (kind, *_row_parts(buf, kind, pos + 1))
+    except DecodeError as exc:
+        name = _NAMES.get(buf[pos], "row") if len(buf) > pos else "row"
+        raise DecodeError(f"malformed {name} message ({len(buf) - pos} bytes): {exc}") from None
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        if len(buf) <= pos:
+            raise DecodeError("empty pgoutput message") from None
+        raise DecodeError(f"malformed {_NAMES.get(buf[pos], 'row')} message ({len(buf) - pos} bytes): "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _insert(buf: bytes, pos: int, xid: int | None, _set: tuple[Callable[[Any, Any], None], ...] = _set_insert
+            ) -> Insert:
+    oid, _, _, new = _row_parts(buf, 0x49, pos)
     obj = _new(Insert)
     _set[0](obj, oid)
     _set[1](obj, new)
@@ -400,24 +459,10 @@ def _insert(
 
 
 def _update(buf: bytes, pos: int, xid: int | None) -> Update:
-    oid, kind = _OID_KIND.unpack_from(buf, pos)
-    old_kind: str | None = None
-    old: TupleValues | None = None
-    if kind == _K or kind == _O:
-        old_kind = chr(kind)
-        old, pos = _tuple(buf, pos + 5)
-        kind = buf[pos]
-        pos += 1
-    else:
-        pos += 5
-    if kind != _N:
-        raise DecodeError(f"expected 'K', 'O' or 'N' before a tuple, got {chr(kind)!r}")
-    new, pos = _tuple(buf, pos)
-    if pos != len(buf):
-        _done(buf, pos)
+    oid, old_kind, old, new = _row_parts(buf, 0x55, pos)
     obj = _new(Update)
     _set_update[0](obj, oid)
-    _set_update[1](obj, old_kind)
+    _set_update[1](obj, chr(old_kind) if old_kind else None)
     _set_update[2](obj, old)
     _set_update[3](obj, new)
     _set_update[4](obj, xid)
@@ -425,15 +470,10 @@ def _update(buf: bytes, pos: int, xid: int | None) -> Update:
 
 
 def _delete(buf: bytes, pos: int, xid: int | None) -> Delete:
-    oid, kind, ncols = _OID_KIND_NCOLS.unpack_from(buf, pos)
-    if kind != _K and kind != _O:
-        raise DecodeError(f"expected 'K' or 'O' before the old tuple, got {chr(kind)!r}")
-    old, pos = _columns(buf, pos + 7, ncols)
-    if pos != len(buf):
-        _done(buf, pos)
+    oid, old_kind, old, _ = _row_parts(buf, 0x44, pos)
     obj = _new(Delete)
     _set_delete[0](obj, oid)
-    _set_delete[1](obj, chr(kind))
+    _set_delete[1](obj, chr(old_kind))
     _set_delete[2](obj, old)
     _set_delete[3](obj, xid)
     return obj

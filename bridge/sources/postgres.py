@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
 import psycopg
@@ -21,7 +22,7 @@ from psycopg import pq
 
 from bridge.config import PostgresSourceConfig
 from bridge.errors import SourceError, SourceSetupError
-from bridge.events import UNCHANGED, ChangeEvent, Op
+from bridge.events import UNCHANGED, ChangeEvent, Op, change_event
 from bridge.observability import metrics as m
 from bridge.ports import Sink
 from bridge.sources import pgoutput as po
@@ -29,49 +30,98 @@ from bridge.sources.backfill import PREFIX as BACKFILL_PREFIX
 from bridge.sources.backfill import REQUESTS_TABLE as BACKFILL_REQUESTS
 from bridge.sources.backfill import Backfills
 from bridge.sources.database import Leadership, clean, reconnecting
-from bridge.sources.pgtypes import converter_for
+from bridge.sources.pgtypes import PgType, converter_for
 
 log = logging.getLogger("bridge.source.postgres")
 
 MONITOR_S = 5.0
+# Messages handled in one synchronous pass before the reader lets the event loop run (the
+# dispatcher, the status timer): about 10 ms of work.
+DRAIN_BUDGET = 1000
+# A caught-up stream is confirmed this soon after its last change is done (at most this often).
+PROMPT_CONFIRM_S = 0.05
+
+
+class _LetOthersRun:
+    """Awaiting it yields to the event loop once (what `asyncio.sleep(0)` does), reusable."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+
+_BUDGET_SPENT = _LetOthersRun()
 STANDBY_POLL_S = 1.0
 LOCK_PREFIX = "onesignal_bridge:"
 HEARTBEAT_PREFIX = "onesignal_bridge_heartbeat"
 
 
-class _Table:
-    """A relation as announced by a Relation message, with its value converters resolved."""
+class _Memo(dict[str, Any]):
+    """Text -> value for one column whose conversion costs more than a dict lookup and gives an
+    immutable value (timestamps, dates, numerics, booleans, uuids): rows repeat those values (a
+    user's signup time, a plan). Emptied when full."""
 
-    __slots__ = ("name", "names", "convert", "key_idx", "wanted")
+    __slots__ = ("convert",)
+
+    def __init__(self, convert: Callable[[str], Any]) -> None:
+        super().__init__()
+        self.convert = convert
+
+    def __missing__(self, text: str) -> Any:
+        value = self.convert(text)
+        if len(self) >= 4096:
+            self.clear()
+        self[text] = value
+        return value
+
+
+# Converters whose values are immutable and cost more than a dict lookup: memoised per column.
+_MEMOISED = frozenset((PgType.TIMESTAMPTZ, PgType.TIMESTAMP, PgType.DATE, PgType.NUMERIC, PgType.BOOL,
+                       PgType.UUID))
+
+
+class _Table:
+    """A relation as announced by a Relation message, with its value converters resolved.
+
+    Only mapped and key columns are read (`columns`: the rest would be converted for nothing);
+    text columns need no conversion, and the converted ones go through a per-column memo."""
+
+    __slots__ = ("name", "names", "key_idx", "key_names", "wanted", "wanted_names", "_pick", "_convert")
 
     def __init__(self, rel: po.Relation, primary_key: list[str] | None = None,
                  columns: frozenset[str] | None = None) -> None:
         self.name = f"{rel.namespace}.{rel.name}"
         self.names = [c.name for c in rel.columns]
-        self.convert: list[Callable[[str], Any]] = [converter_for(c.type_oid) for c in rel.columns]
         if primary_key:  # REPLICA IDENTITY FULL flags every column as key: name rows by their PK
             self.key_idx = [self.names.index(k) for k in primary_key if k in self.names]
         else:
             self.key_idx = [i for i, c in enumerate(rel.columns) if c.is_key]
-        # Only mapped and key columns are converted: the rest would be decoded for nothing.
-        keep = None if columns is None else set(columns) | {self.names[i] for i in self.key_idx}
+        self.key_names = [self.names[i] for i in self.key_idx]
+        keep = None if columns is None else set(columns) | set(self.key_names)
         self.wanted = [i for i, n in enumerate(self.names) if keep is None or n in keep]
+        self.wanted_names = [self.names[i] for i in self.wanted]
+        idx = self.wanted
+        self._pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] = (
+            operator.itemgetter(*idx) if len(idx) > 1 else (lambda values: tuple(values[i] for i in idx)))
+        self._convert: list[tuple[str, Callable[[str], Any]]] = []
+        for i in self.wanted:
+            col = rel.columns[i]
+            conv = converter_for(col.type_oid)
+            if conv is str:
+                continue  # text stays as it came
+            self._convert.append((col.name, _Memo(conv).__getitem__ if col.type_oid in _MEMOISED else conv))
 
     def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        names, convert = self.names, self.convert
-        for i in self.wanted:
-            v = values[i]
-            if v is None or v is UNCHANGED:
-                out[names[i]] = v
-            elif isinstance(v, str):
-                out[names[i]] = convert[i](v)
-            else:
-                out[names[i]] = v  # binary: left as bytes
+        """{column: value} of the wanted columns (None for NULL, UNCHANGED for unchanged TOAST,
+        bytes for a binary value, else the converted text)."""
+        out = dict(zip(self.wanted_names, self._pick(values), strict=True))
+        for name, convert in self._convert:
+            v = out[name]
+            if type(v) is str:
+                out[name] = convert(v)
         return out
 
     def key(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {self.names[i]: row.get(self.names[i]) for i in self.key_idx}
+        return {name: row.get(name) for name in self.key_names}
 
 
 def _now_us_since_2000() -> int:
@@ -114,6 +164,8 @@ class PostgresSource:
         """Stream until `stop` is set; then stop reading, await `drain()`, confirm, and return."""
         self._stop = stop or asyncio.Event()
         self._drain = drain
+        self._sink = sink
+        sink.on_confirm(self._on_confirmable)
 
         def lost(exc: BaseException) -> bool:
             self.connected = False
@@ -304,114 +356,206 @@ class PostgresSource:
     # -- reading -------------------------------------------------------------------------
 
     async def _read(self, pg: Any, sink: Sink) -> None:
+        """Read until the stream ends (raising) or the task is cancelled.
+
+        Everything libpq holds is handled in one synchronous pass (`_handle_buffered`), with no await
+        per message: the pass stops at what must be awaited (the pipeline's backpressure or dead
+        letters through `Sink.offer`, a backfill message), after `DRAIN_BUDGET` messages (to let
+        the rest of the process run), or when libpq has nothing complete left. Then the socket's
+        bytes are taken in (`consume_input`) and, only when there were none, the socket is
+        waited on."""
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
         loop.add_reader(pg.socket, readable.set)
-        tx_commit_time: float | None = None
-        tx_lsn = 0
-        in_tx = False
+        self._in_tx = False
         try:
             while True:
-                n, data = pg.get_copy_data(1)
-                if n == 0:
+                pending = self._handle_buffered(pg, sink)
+                if pending is not None:  # the hand-over to finish, or the budget spent
+                    await pending
+                elif not self._drained:  # nothing was buffered: wait for the socket
                     readable.clear()
-                    try:
-                        await asyncio.wait_for(readable.wait(), timeout=self.cfg.status_interval_s)
-                    except TimeoutError:
-                        pass
                     pg.consume_input()
-                    continue
+                    if self._drain_nothing_more(pg):
+                        try:
+                            await asyncio.wait_for(readable.wait(), timeout=self.cfg.status_interval_s)
+                        except TimeoutError:
+                            pass
+                        pg.consume_input()
+                else:
+                    pg.consume_input()
+        finally:
+            loop.remove_reader(pg.socket)
+
+    _drained = 0  # messages the last _handle_buffered handled
+    _peek: tuple[int, Any] | None = None  # a CopyData taken by _drain_nothing_more, handled next
+
+    def _drain_nothing_more(self, pg: Any) -> bool:
+        """After `consume_input`: True when libpq still has no complete message (else the one it
+        has is kept for the next `_handle_buffered`)."""
+        got = pg.get_copy_data(1)
+        if got[0] == 0:
+            return True
+        self._peek = got  # handled first by the next _handle_buffered
+        return False
+
+    def _handle_buffered(self, pg: Any, sink: Sink) -> Awaitable[None] | None:
+        """Handle the messages libpq holds, synchronously. Returns None when it has none left,
+        `_BUDGET_SPENT` after `DRAIN_BUDGET` messages, or an awaitable to await before the next
+        call (the hand-over of the last event, or a backfill message)."""
+        get = pg.get_copy_data
+        relations = self._relations
+        offer = sink.offer
+        row_message = po.row_message
+        event_of = self._event
+        backfills = self.backfills
+        on_change = backfills.on_change
+        handled = 0
+        try:
+            while handled < DRAIN_BUDGET:
+                if self._peek is not None:
+                    (n, data), self._peek = self._peek, None
+                else:
+                    n, data = get(1)
+                if n == 0:
+                    return None
+                handled += 1
                 if n < 0:
                     res = pg.get_result()
                     msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
                     raise SourceError(f"replication stream ended: {msg or 'server closed the stream'}")
                 kind = data[0]
-                if kind == 0x6B:  # 'k' keepalive
+                if kind == 0x77:  # 'w' XLogData: 24-byte header, then one pgoutput message
+                    mk = data[25]
+                    if mk == 0x55 or mk == 0x49 or mk == 0x44:  # Update, Insert, Delete
+                        mk, oid, old_kind, old, new = row_message(data, 25)
+                        table = relations.get(oid)
+                        if table is None:
+                            continue
+                        if table.name == BACKFILL_REQUESTS:
+                            if new is not None and mk != 0x44:
+                                backfills.on_request(table.row(new))
+                            continue
+                        event = event_of(table, mk, old_kind, old, new)
+                        on_change(table.name, event.key)
+                        pending = offer(event)
+                        if pending is not None:
+                            return pending
+                    elif mk == 0x42:  # Begin
+                        begin = po.decode(data[25:])
+                        assert isinstance(begin, po.Begin)
+                        self._in_tx = True
+                        self._tx_pos = po.lsn_to_str(begin.final_lsn)
+                        self._tx_commit_time = begin.commit_time
+                    elif mk == 0x43:  # Commit
+                        commit = po.decode(data[25:])
+                        assert isinstance(commit, po.Commit)
+                        self._in_tx = False
+                        if commit.end_lsn > self.received_lsn:
+                            self.received_lsn = commit.end_lsn
+                        self._commit_times[commit.end_lsn] = commit.commit_time
+                        self._newest_commit_time = commit.commit_time
+                        sink.mark(commit.end_lsn)
+                        self._send_status(sink)
+                    else:
+                        pending = self._other(po.parse_xlogdata(data), sink)
+                        if pending is not None:
+                            return pending
+                elif kind == 0x6B:  # 'k' keepalive
                     wal_end, _, reply = po.parse_keepalive(data)
-                    if not in_tx and sink.idle and wal_end > self.flushed_lsn:
+                    if not self._in_tx and sink.idle and wal_end > self.flushed_lsn:
                         # Nothing of ours is pending: everything before wal_end is done.
                         self.received_lsn = max(self.received_lsn, wal_end)
                         self._idle_flush = wal_end
                     if reply:
                         self._send_status(sink, force=True)
-                    continue
-                if kind != 0x77:  # 'w'
-                    continue
-                _, wal_end, _, payload = po.parse_xlogdata(data)
-                msg = po.decode(payload)
-                # isinstance (not `type(msg) is`): as fast here, and it lets the type checker narrow.
-                if isinstance(msg, (po.Insert, po.Update, po.Delete)):
-                    table = self._relations.get(msg.relation_oid)
-                    if table is None:
-                        continue
-                    if table.name == BACKFILL_REQUESTS:
-                        if not isinstance(msg, po.Delete):
-                            self.backfills.on_request(table.row(msg.new))
-                        continue
-                    event = self._event(msg, table, tx_lsn, tx_commit_time)
-                    self.backfills.on_change(table.name, event.key)
-                    await sink.put(event)
-                elif isinstance(msg, po.Begin):
-                    in_tx = True
-                    tx_lsn = msg.final_lsn
-                    self._tx_pos = po.lsn_to_str(tx_lsn)
-                    tx_commit_time = msg.commit_time
-                elif isinstance(msg, po.Commit):
-                    in_tx = False
-                    self.received_lsn = max(self.received_lsn, msg.end_lsn)
-                    self._commit_times[msg.end_lsn] = msg.commit_time
-                    self._newest_commit_time = msg.commit_time
-                    sink.mark(msg.end_lsn)
-                    self._send_status(sink)
-                elif isinstance(msg, po.Relation):
-                    name = f"{msg.namespace}.{msg.name}"
-                    self._relations[msg.oid] = (
-                        _Table(msg, self._pkeys.get(name), self._columns.get(name))
-                        if name in self.tables or name == BACKFILL_REQUESTS
-                        else None
-                    )
-                elif isinstance(msg, po.Truncate):
-                    for oid in msg.relation_oids:
-                        table = self._relations.get(oid)
-                        if table is not None:
-                            log.warning(
-                                "TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)", table.name
-                            )
-                            await sink.put(ChangeEvent(table.name, Op.TRUNCATE, None, None, {},
-                                                       po.lsn_to_str(tx_lsn), tx_commit_time))
-                elif isinstance(msg, po.LogicalMessage):
-                    if msg.prefix == BACKFILL_PREFIX:
-                        await self.backfills.on_message(bytes(msg.content))
-                    elif not in_tx and sink.idle and wal_end > self.flushed_lsn:
-                        self._idle_flush = wal_end  # a heartbeat: nothing of ours before it is pending
-                # Origin and Type messages need nothing.
+            return _BUDGET_SPENT
         finally:
-            loop.remove_reader(pg.socket)
+            self._drained = handled
 
-    def _event(self, msg: Any, table: _Table, lsn: int, commit_time: float | None) -> ChangeEvent:
-        t = type(msg)
-        if t is po.Insert:
-            new = table.row(msg.new)
-            return ChangeEvent(table.name, Op.INSERT, new, None, table.key(new), self._tx_pos, commit_time)
-        if t is po.Update:
-            new = table.row(msg.new)
-            old = table.row(msg.old) if msg.old is not None else None
-            if old is not None and msg.old_kind == "K":
-                old = {k: v for k, v in old.items() if v is not None}  # only key columns are real
-            if old is not None:  # unchanged TOAST in new: the old row (if full) has the value
-                new = {
-                    k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None and msg.old_kind == "O" else v)
-                    for k, v in new.items()
-                }
-            return ChangeEvent(table.name, Op.UPDATE, new, old, table.key(new), self._tx_pos, commit_time)
-        old = table.row(msg.old)
-        if msg.old_kind == "K":
+    def _other(self, xlog: tuple[int, int, int, memoryview], sink: Sink) -> Awaitable[None] | None:
+        """The pgoutput messages that come once per relation or rarely: Relation, Truncate,
+        logical messages (backfill watermarks, heartbeats); Origin and Type need nothing."""
+        _, wal_end, _, payload = xlog
+        msg = po.decode(payload)
+        if isinstance(msg, po.Relation):
+            name = f"{msg.namespace}.{msg.name}"
+            self._relations[msg.oid] = (
+                _Table(msg, self._pkeys.get(name), self._columns.get(name))
+                if name in self.tables or name == BACKFILL_REQUESTS
+                else None
+            )
+        elif isinstance(msg, po.Truncate):
+            events = []
+            for oid in msg.relation_oids:
+                table = self._relations.get(oid)
+                if table is not None:
+                    log.warning("TRUNCATE of %s: OneSignal users are left as they are (on_truncate: ignore)",
+                                table.name)
+                    events.append(ChangeEvent(table.name, Op.TRUNCATE, None, None, {}, self._tx_pos,
+                                              self._tx_commit_time))
+            if events:
+                return _put_all(sink, events)
+        elif isinstance(msg, po.LogicalMessage):
+            if msg.prefix == BACKFILL_PREFIX:
+                return self.backfills.on_message(bytes(msg.content))
+            if not self._in_tx and sink.idle and wal_end > self.flushed_lsn:
+                self._idle_flush = wal_end  # a heartbeat: nothing of ours before it is pending
+        return None
+
+    _tx_commit_time: float | None = None
+
+    def _event(self, table: _Table, mk: int, old_kind: int, old_values: tuple[Any, ...] | None,
+               new_values: tuple[Any, ...] | None) -> ChangeEvent:
+        """The event of an Insert, Update or Delete (`mk`: its message type byte)."""
+        if mk == 0x55:  # Update
+            assert new_values is not None
+            new = table.row(new_values)
+            if old_values is None:
+                return change_event(table.name, Op.UPDATE, new, None, table.key(new), self._tx_pos,
+                                    self._tx_commit_time)
+            old = table.row(old_values)
+            if old_kind == 0x4B:  # 'K': only the key columns are real
+                old = {k: v for k, v in old.items() if v is not None}
+            elif UNCHANGED in new_values:  # unchanged TOAST in new: the whole old row has the value
+                new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None else v)
+                       for k, v in new.items()}
+            return change_event(table.name, Op.UPDATE, new, old, table.key(new), self._tx_pos,
+                                self._tx_commit_time)
+        if mk == 0x49:  # Insert
+            assert new_values is not None
+            new = table.row(new_values)
+            return change_event(table.name, Op.INSERT, new, None, table.key(new), self._tx_pos,
+                                self._tx_commit_time)
+        assert old_values is not None  # Delete
+        old = table.row(old_values)
+        if old_kind == 0x4B:
             old = {k: v for k, v in old.items() if v is not None}
-        return ChangeEvent(table.name, Op.DELETE, None, old, table.key(old), self._tx_pos, commit_time)
+        return change_event(table.name, Op.DELETE, None, old, table.key(old), self._tx_pos, self._tx_commit_time)
 
     # -- confirming ----------------------------------------------------------------------
 
     _idle_flush = 0
+    _sink: Sink | None = None
+    _confirm_soon: asyncio.TimerHandle | None = None
+
+    def _on_confirmable(self, position: Any) -> None:
+        """The low watermark passed a commit. When that leaves nothing of ours pending (the stream
+        caught up), confirm it soon (within PROMPT_CONFIRM_S) instead of at the next status
+        interval; otherwise the interval's status update carries it."""
+        sink = self._sink
+        if self._confirm_soon is not None or self._pg is None or sink is None or not sink.idle:
+            return
+        delay = max(0.0, self._last_status + PROMPT_CONFIRM_S - time.monotonic())
+        self._confirm_soon = asyncio.get_running_loop().call_later(delay, self._prompt_status)
+
+    def _prompt_status(self) -> None:
+        self._confirm_soon = None
+        if self._sink is not None:
+            try:
+                self._send_status(self._sink, force=True)
+            except psycopg.Error as exc:
+                log.debug("status update failed: %s", clean(exc))
 
     def _send_status(self, sink: Sink, force: bool = False) -> None:
         pg = self._pg
@@ -453,6 +597,11 @@ class PostgresSource:
             except psycopg.Error as exc:
                 log.debug("status update failed: %s", clean(exc))
                 return
+
+
+async def _put_all(sink: Sink, events: Iterable[ChangeEvent]) -> None:
+    for event in events:
+        await sink.put(event)
 
 
 async def _send_and_wait(pg: Any, query: str) -> Any:

@@ -205,3 +205,25 @@ def test_outbox_export_refuses_while_a_bridge_drains_the_outbox(pg_db, sim, brid
     assert out.returncode == 1 and "holds the outbox leader lock" in out.stderr
     with psycopg.connect(pg_db.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM onesignal_bridge.outbox").fetchone() == (0,)
+
+
+def test_consent_for_both_channels_puts_the_phone_number_on_a_row_of_its_own(pg_db, sim):
+    from bridge.config import parse_config
+    from bridge.events import Origin, SubscriptionChange, UserChange, UserRef
+    from bridge.onboarding.csvexport import Layout
+    from bridge.onboarding.desired import Desired
+
+    mapping = [{"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"},
+                "subscriptions": {"email": {"column": "email", "enabled": "ok"},
+                                  "sms": {"column": "phone", "enabled": "sms_ok"}}}]
+    layout = Layout.for_config(parse_config(bridge_config(pg_db.dsn, sim.base_url, mapping)))
+    assert layout.header() == ["external_id", "email", "phone_number", "subscribed", "plan"]
+    user = UserRef("external_id", "9")
+    d = Desired(user)
+    d.add("public.users", UserChange(user, Origin("public.users", "id=9", "database", 0), tags={"plan": "pro"},
+                                     subscriptions=(SubscriptionChange("email", "n@example.com", True),
+                                                    SubscriptionChange("sms", "+33612345678", False))))
+    refused: list[str] = []
+    assert layout.rows(d, lambda *a: refused.append(a[1])) == [
+        ["9", "n@example.com", "", "yes", "pro"], ["9", "", "+33612345678", "no", ""]]
+    assert refused == []

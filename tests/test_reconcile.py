@@ -179,3 +179,42 @@ def test_continuous_reconcile_in_run_sets_the_drift_metric_and_repairs_within_it
     wait_until(lambda: _metrics(b)["onesignal_bridge_drift_repaired_total"] >= 2, what="repairs counted")
     wait_until(lambda: _metrics(b)["onesignal_bridge_drift_users"] == 0, timeout=30, what="no drift left")
     assert "drift: external_id=1: tags.plan: database 'pro', OneSignal 'hacked'" in b.logs()
+
+
+# -- the comparison rules, without servers ---------------------------------------------------------
+
+
+def _desired(**kw: Any) -> Any:
+    from bridge.events import Origin, SubscriptionChange, UserChange, UserRef
+    from bridge.onboarding.desired import Desired
+
+    d = Desired(UserRef("external_id", "7"))
+    subs = tuple(SubscriptionChange(c, t, e) for c, (t, e) in kw.pop("subscriptions", {}).items())
+    d.add("public.users", UserChange(UserRef("external_id", "7"), Origin("public.users", "id=7", "database", 0),
+                                     subscriptions=subs, **kw))
+    return d
+
+
+def test_only_fields_the_mapping_owns_count_as_drift() -> None:
+    from bridge.onboarding.reconcile import compare
+
+    d = _desired(tags={"plan": "pro", "gone": None}, properties={"language": "fr", "lat": 48.85},
+                 aliases={"crm_id": "c7"}, subscriptions={"email": ("a@example.com", True)})
+    held = {"properties": {"tags": {"plan": "pro", "sdk_tag": "x"}, "language": "fr", "lat": 48.850000001,
+                           "timezone_id": "Europe/Paris"},
+            "identity": {"external_id": "7", "crm_id": "c7", "other": "z"},
+            "subscriptions": [{"type": "Email", "token": "a@example.com", "enabled": True, "notification_types": 1},
+                              {"type": "iOSPush", "token": "t", "enabled": True}]}
+    assert compare(d, held) == [], "foreign tags, aliases, properties and subscriptions are not drift"
+    held["properties"]["tags"]["gone"] = "still here"
+    held["subscriptions"][0]["notification_types"] = -2
+    held["identity"]["crm_id"] = "c8"
+    assert [(x.field, x.database, x.onesignal) for x in compare(d, held)] == [
+        ("tags.gone", None, "still here"), ("aliases.crm_id", "c7", "c8"),
+        ("subscriptions.email.enabled", True, False)]
+    export_row = {"properties": {"tags": {"plan": "pro"}, "language": "fr"}, "identity": {"external_id": "7"},
+                  "subscriptions": [{"type": "Email", "token": "b@example.com", "enabled": True}]}
+    assert [(x.field, x.database, x.onesignal) for x in compare(d, export_row, ["tags", "language",
+                                                                               "subscriptions"])] == [
+        ("subscriptions.email", "a@example.com", ["b@example.com"])], "an export row: only what it can show"
+    assert [x.field for x in compare(d, None)] == ["user"]

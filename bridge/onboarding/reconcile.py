@@ -29,7 +29,8 @@ In `run` (`attach`), every `reconcile.interval_s` a sample of `reconcile.sample`
 compared by View user; users the stream changed within `reconcile.settle_s` (before the database
 read or since) are skipped (OneSignal applies writes asynchronously, and a repair must never
 overtake a newer change of the stream); a replica that is not streaming (hot standby) does not
-sample. Metrics: `onesignal_bridge_drift_users` (drifted in the last sample),
+sample, nor does any replica while the initial snapshot of its slot is still being sent.
+Metrics: `onesignal_bridge_drift_users` (drifted in the last sample),
 `onesignal_bridge_drift_checked_total`, `onesignal_bridge_drift_repaired_total`.
 """
 
@@ -187,12 +188,7 @@ class Report:
         how = {"view": "View user", "export": "OneSignal's CSV export (View user for users not in it)"}[self.read]
         lines = [f"checked {self.checked} user(s) by {how}: {len(self.drift)} drifted"]
         for x in self.drift:
-            for diff in x.differences:
-                if diff.field == "user":
-                    lines.append(f"  {x.desired.user}: OneSignal has no such user")
-                else:
-                    lines.append(f"  {x.desired.user}: {diff.field}: database {_shown(diff.database)}, "
-                                 f"OneSignal {_shown(diff.onesignal)}")
+            lines += [f"  {x.desired.user}: {described(diff)}" for diff in x.differences]
         if self.repaired is not None:
             lines.append(f"repaired {self.repaired} user(s) through the normal delivery path"
                          + (f" ({self.dead_lettered} dead letter(s): `dlq list`)" if self.dead_lettered else ""))
@@ -201,6 +197,12 @@ class Report:
 
 def _shown(v: Any) -> str:
     return "(none)" if v is None else repr(v)
+
+
+def described(diff: Difference) -> str:
+    if diff.field == "user":
+        return "OneSignal has no such user"
+    return f"{diff.field}: database {_shown(diff.database)}, OneSignal {_shown(diff.onesignal)}"
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -484,8 +486,22 @@ class ContinuousReconcile:
                                 type(exc).__name__, exc, interval)
             await asyncio.sleep(max(1.0, interval - (time.monotonic() - started)))
 
+    def _snapshot_running(self) -> bool:
+        """The initial snapshot is still sending the tables: users it has not reached yet would all
+        look missing (and be sent twice)."""
+        slot = getattr(self.config.source, "slot", None)
+        if slot is None:
+            return False
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute("SELECT count(*) FROM onesignal_bridge.snapshot_progress WHERE slot = %s"
+                               " AND NOT done", (slot,)).fetchone()
+        return bool(row and row[0])
+
     async def sample_once(self) -> None:
         settle = self.cfg.settle_s
+        if await asyncio.to_thread(self._snapshot_running):
+            log.info("continuous reconcile: the initial snapshot is still running; no sample until it is done")
+            return
         read_at = time.monotonic()
         found = await asyncio.to_thread(_sample, self.dsn, self.config, self.cfg.sample)
         drifted = 0
@@ -500,8 +516,7 @@ class ContinuousReconcile:
             if not diffs:
                 continue
             drifted += 1
-            log.info("drift: %s: %s", user, "; ".join(f"{x.field}: database {_shown(x.database)}, OneSignal "
-                                                        f"{_shown(x.onesignal)}" for x in diffs[:5]))
+            log.info("drift: %s: %s", user, "; ".join(described(x) for x in diffs[:5]))
             if self.cfg.repair:
                 await self._repair(d, actual, read_at - settle)
         m.DRIFT_USERS.set(drifted)

@@ -218,3 +218,53 @@ def test_only_fields_the_mapping_owns_count_as_drift() -> None:
                                                                                "subscriptions"])] == [
         ("subscriptions.email", "a@example.com", ["b@example.com"])], "an export row: only what it can show"
     assert [x.field for x in compare(d, None)] == ["user"]
+
+
+class _Output:
+    """A stand-in for the Dispatcher: takes changes, reports tokens through `on_done`."""
+
+    def __init__(self, done: Any) -> None:
+        self.on_done, self.changes, self.auth_error, self.pending = done, [], None, 0
+
+    def submit(self, change: Any) -> None:
+        self.changes.append(change)
+
+    def has_room(self) -> bool:
+        return True
+
+    async def wait_for_room(self) -> None:
+        return None
+
+    async def dead_letter(self, letters: Any) -> None:
+        return None
+
+
+async def test_the_streams_changes_pass_the_watch_and_repairs_are_counted_when_done() -> None:
+    from bridge.config import parse_config
+    from bridge.events import ChangeEvent, Op
+    from bridge.observability import metrics as m
+    from bridge.onboarding import reconcile as rec
+    from bridge.onesignal.client import OneSignalClient
+    from bridge.pipeline import Pipeline
+
+    config = parse_config({"onesignal": {"app_id": APP_ID, "api_key": API_KEY},
+                           "source": {"kind": "postgres", "dsn": "postgresql://x@127.0.0.1:1/x"},
+                           "mappings": MAPPING, "reconcile": {"interval_s": 5}}, env={})
+    pipeline = Pipeline(config, _Output)
+    inner = pipeline.output
+    async with httpx.AsyncClient() as http:
+        drift = rec.attach(config, OneSignalClient(http, APP_ID, API_KEY), "dsn", pipeline, lambda: True)
+    assert drift is not None and pipeline.output is drift.output and drift.inner is inner
+    await pipeline.put(ChangeEvent("public.users", Op.INSERT, {"id": 5, "plan": "pro", "country": "FR"}, None,
+                                   {"id": 5}, "0/1"))
+    (change,) = inner.changes
+    assert drift.output.touched_since(change.user, time.monotonic() - 1), "the stream's change was seen"
+    assert rec.attach(config.model_copy(update={"reconcile": config.reconcile.model_copy(
+        update={"interval_s": None})}), drift.view.client, "dsn", Pipeline(config, _Output), lambda: True) is None
+
+    before = m.DRIFT_REPAIRED._value.get()
+    token = pipeline.watermark.issue()
+    drift.tokens.add(token)
+    inner.on_done([change.origin.seq, token])  # what the dispatcher calls once the batch is done
+    assert m.DRIFT_REPAIRED._value.get() == before + 1
+    assert pipeline.idle

@@ -115,9 +115,9 @@ class Desired:
         return sum(1 for v in self.tags.values() if v is not None)
 
     def empty(self) -> bool:
-        """Nothing to send: `run` makes no call for such a user (identity alone creates nothing)."""
-        return not (any(v is not None for v in self.tags.values()) or self.properties
-                    or any(v is not None for v in self.aliases.values())
+        """Nothing to send: the request planner makes no call for such a user (`bridge.plan.plan`:
+        no tag key, even a NULL one, no property, alias or address)."""
+        return not (self.tags or self.properties or any(v is not None for v in self.aliases.values())
                     or any(s.token is not None for s in self.subscriptions.values()))
 
     def change(self, seq: int, position: str = POSITION) -> UserChange:

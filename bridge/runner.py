@@ -46,9 +46,9 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     def user_updates(done: DoneCallback) -> Dispatcher:
         return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions)
 
-    pipeline = Pipeline(config, user_updates)
-    # Continuous reconcile (reconcile.interval_s): watches the pipeline's output; None when off.
-    drift = reconcile.attach(config, client, dsn, pipeline, lambda: source.connected and not source.standby)
+    # Continuous reconcile (reconcile.interval_s; None when off) watches the pipeline's output.
+    drift = reconcile.attach(config, client, dsn, lambda: source.connected and not source.standby)
+    pipeline = Pipeline(config, drift.outputs(user_updates) if drift is not None else user_updates)
     dispatcher = pipeline.output
 
     def ready() -> tuple[bool, str]:
@@ -74,7 +74,7 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     dispatch_task = asyncio.create_task(dispatcher.run())
     source_task = asyncio.create_task(source.run(pipeline, stop, drain))
     readiness = asyncio.create_task(_readiness(ready))
-    drift_task = asyncio.create_task(drift.run()) if drift is not None else readiness
+    drift_task = asyncio.create_task(drift.run(pipeline)) if drift is not None else readiness
     try:
         done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
         for t in done:

@@ -415,12 +415,27 @@ class WatchedOutput:
     def auth_error(self) -> Exception | None:
         return self.inner.auth_error
 
-    def submit(self, change: UserChange) -> None:
+    def _touch(self, user: UserRef) -> None:
         now = self.clock()
-        self._touched[change.user] = now
-        self._touched.move_to_end(change.user)
+        self._touched[user] = now
+        self._touched.move_to_end(user)
         self._forget_old(now)
+
+    def submit(self, change: UserChange) -> None:
+        self._touch(change.user)
         self.inner.submit(change)
+
+    def submit_quiet(self, change: UserChange) -> None:
+        """The output's quiet submit (no wake-up per change, one `settle()` after a batch), where
+        the output has one; else its plain submit."""
+        self._touch(change.user)
+        quiet = getattr(self.inner, "submit_quiet", None)
+        (quiet or self.inner.submit)(change)
+
+    def settle(self) -> None:
+        settle = getattr(self.inner, "settle", None)
+        if settle is not None:
+            settle()
 
     def has_room(self) -> bool:
         return self.inner.has_room()
@@ -446,31 +461,42 @@ class WatchedOutput:
 
 
 class ContinuousReconcile:
-    """Samples users every `reconcile.interval_s`, exports the drift metrics, repairs."""
+    """Samples users every `reconcile.interval_s`, exports the drift metrics, repairs.
 
-    def __init__(self, config: Config, client: OneSignalClient, dsn: str, pipeline: Any,
-                 active: Callable[[], bool]) -> None:
-        self.config, self.dsn, self.pipeline, self.active = config, dsn, pipeline, active
+    Built before the pipeline: `outputs(make_output)` is the factory the pipeline builds its
+    output with (the output is watched from the start, and told the tokens of repairs apart), and
+    `run(pipeline)` samples until cancelled."""
+
+    def __init__(self, config: Config, client: OneSignalClient, dsn: str, active: Callable[[], bool]) -> None:
+        self.config, self.dsn, self.active = config, dsn, active
         self.cfg = config.reconcile
-        self.inner: Output = pipeline.output
-        self.output = WatchedOutput(self.inner, max(self.cfg.settle_s, 1.0) * 2 + 60.0)
-        pipeline.output = self.output  # the stream's changes now pass through the watch
         self.view = ViewReader(client, self.cfg.view_requests_per_second)
         self.tokens: set[int] = set()
-        dispatcher: Any = self.inner  # the Dispatcher: it reports finished tokens through `on_done`
-        forward: DoneCallback = dispatcher.on_done
+        self.pipeline: Any = None
+        self.inner: Any = None  # the pipeline's output (the Dispatcher): repairs go to it directly
+        self.output: WatchedOutput | None = None
 
-        def done(tokens: Iterable[int]) -> None:
-            tokens = list(tokens)
-            mine = [t for t in tokens if t in self.tokens]
-            if mine:
-                m.DRIFT_REPAIRED.inc(len(mine))
-                self.tokens.difference_update(mine)
-            forward(tokens)
+    def outputs(self, make_output: Callable[[DoneCallback], Output]) -> Callable[[DoneCallback], Output]:
+        """`make_output` wrapped: the stream's changes pass the watch; finished repairs are counted."""
+        def make(done: DoneCallback) -> Output:
+            def counted(tokens: Iterable[int]) -> None:
+                if self.tokens:
+                    tokens = list(tokens)
+                    mine = [t for t in tokens if t in self.tokens]
+                    if mine:
+                        m.DRIFT_REPAIRED.inc(len(mine))
+                        self.tokens.difference_update(mine)
+                done(tokens)
 
-        dispatcher.on_done = done
+            self.inner = make_output(counted)
+            self.output = WatchedOutput(self.inner, max(self.cfg.settle_s, 1.0) * 2 + 60.0)
+            return self.output
+        return make
 
-    async def run(self) -> None:
+    async def run(self, pipeline: Any) -> None:
+        if self.output is None:
+            raise RuntimeError("continuous reconcile: build the pipeline's output with outputs() first")
+        self.pipeline = pipeline
         interval = self.cfg.interval_s or 60.0
         log.info("continuous reconcile: %d user(s) every %.0fs by View user (%.2g/s)%s", self.cfg.sample, interval,
                  self.cfg.view_requests_per_second, ", repairing drift" if self.cfg.repair else "")
@@ -499,6 +525,8 @@ class ContinuousReconcile:
 
     async def sample_once(self) -> None:
         settle = self.cfg.settle_s
+        watch = self.output
+        assert watch is not None
         if await asyncio.to_thread(self._snapshot_running):
             log.info("continuous reconcile: the initial snapshot is still running; no sample until it is done")
             return
@@ -506,10 +534,10 @@ class ContinuousReconcile:
         found = await asyncio.to_thread(_sample, self.dsn, self.config, self.cfg.sample)
         drifted = 0
         for user, d in found.items():
-            if self.output.touched_since(user, read_at - settle):
+            if watch.touched_since(user, read_at - settle):
                 continue  # changed by the stream lately: OneSignal may not show it yet
             actual = await self.view.get(user)
-            if self.output.touched_since(user, read_at - settle):
+            if watch.touched_since(user, read_at - settle):
                 continue
             m.DRIFT_CHECKED.inc()
             diffs = compare(d, actual)
@@ -527,21 +555,21 @@ class ContinuousReconcile:
         if state is not None:
             await correct_memory(inner, state, d, actual)
         await inner.wait_for_room()
-        if self.output.touched_since(d.user, since):
+        if self.output is not None and self.output.touched_since(d.user, since):
             return  # the stream has a newer change for this user: it wins
         seq = self.pipeline.watermark.issue()
         self.tokens.add(seq)
         inner.submit(d.change(seq, POSITION))  # no await since the check: nothing can come between
 
 
-def attach(config: Config, client: OneSignalClient, dsn: str | None, pipeline: Any,
+def attach(config: Config, client: OneSignalClient, dsn: str | None,
            active: Callable[[], bool]) -> ContinuousReconcile | None:
-    """Continuous reconcile for `run`, when `reconcile.interval_s` is set (else None). It watches
-    the pipeline's output (the stream's changes) and reports repaired tokens done."""
+    """Continuous reconcile for `run`, when `reconcile.interval_s` is set (else None): build the
+    pipeline's output with `outputs(...)`, then start `run(pipeline)`."""
     if config.reconcile.interval_s is None:
         return None
     if dsn is None:
         log.warning("reconcile.interval_s is set but source.kind %s names no database to compare with: "
                     "continuous reconcile is off", config.source.kind)
         return None
-    return ContinuousReconcile(config, client, dsn, pipeline, active)
+    return ContinuousReconcile(config, client, dsn, active)

@@ -56,8 +56,11 @@ async def _onesignal_check(config: Config) -> Finding:
         await http.aclose()
 
 
-def run_checks(config: Config) -> list[Finding]:
+def run_checks(config: Config, live_probe: bool = False) -> list[Finding]:
+    from bridge.taglimit import FIX, tag_limit_problems
+
     out: list[Finding] = [Finding(True, "configuration is valid")]
+    out += [Finding(False, problem, FIX, warning=True) for problem in tag_limit_problems(config)]
     kind = registry.for_config(config)
     out += kind.checks(config)
     dsn = kind.database_dsn(config)
@@ -66,4 +69,8 @@ def run_checks(config: Config) -> list[Finding]:
         if found is not None:
             out.append(found)
     out.append(asyncio.run(_onesignal_check(config)))
+    if live_probe:
+        from bridge.onesignal.probe import run_live_probe
+
+        out += run_live_probe(config)
     return out

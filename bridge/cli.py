@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     _preflight(config)
     from bridge.runner import run_bridge
+    from bridge.taglimit import warn_tag_limit
+
+    warn_tag_limit(config)  # onesignal.max_tags_per_user: a mapping that can exceed it
 
     return asyncio.run(run_bridge(config))
 
@@ -55,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     from bridge.check import run_checks
 
-    findings = run_checks(config)
+    findings = run_checks(config, live_probe=args.live_probe)
     for f in findings:
         print(scrub(f.render()))
     failed = [f for f in findings if not f.ok]
@@ -105,10 +108,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 def cmd_simulator(args: argparse.Namespace) -> int:
     from bridge.onesignal import simulator
 
-    argv = ["--host", args.host, "--port", str(args.port)]
-    if args.api_key:
-        argv += ["--api-key", args.api_key]
-    return simulator.main(argv)
+    return simulator.run(args)  # every flag of bridge/onesignal/simflags.py passes through
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", parents=[common],
                        help="verify configuration, database and OneSignal; print a fix for each problem")
     c.add_argument("--config", required=True, metavar="FILE")
+    c.add_argument("--live-probe", action="store_true",
+                   help="also create and delete one throwaway OneSignal user to verify the key, the app id "
+                        "and how Create user and replication lag behave in this app")
     c.set_defaults(func=cmd_check)
 
     s = sub.add_parser("setup", parents=[common],
@@ -203,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_teardown)
 
     sim = sub.add_parser("simulator", help="serve a local OneSignal API (in-memory) for development and tests")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8089)
-    sim.add_argument("--api-key", default=None)
+    from bridge.onesignal.simflags import add_arguments as add_simulator_arguments
+
+    add_simulator_arguments(sim)  # --host --port --api-key --app-id, --strict/--lenient and each point
     sim.set_defaults(func=cmd_simulator)
 
     d = sub.add_parser("demo", parents=[common],

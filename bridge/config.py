@@ -75,6 +75,15 @@ class OneSignalConfig(_Strict):
     api_key: SecretStr = Field(min_length=1)
     base_url: str = "https://api.onesignal.com"
     request_timeout_s: float = Field(default=10.0, gt=0)
+    # OneSignal is eventually consistent (docs/onesignal-semantics.md): a 404 for a user the bridge
+    # created or first saw this recently is replication lag, retried with backoff, never final.
+    consistency_window_s: float = Field(default=60.0, ge=0)
+    # After creating a user, wait this long before its next request by alias (the Android SDK's
+    # opRepoPostCreateDelay is 5 s, the Web SDK's 0.5 s); later 404s within the window are retried.
+    post_create_delay_s: float = Field(default=2.0, ge=0)
+    # The app's per-user tag limit (it depends on the plan): `check` and start-up warn when the
+    # mappings can exceed it. Whatever is set here, OneSignal's own 400 is handled per user.
+    max_tags_per_user: int | None = Field(default=None, gt=0)
 
     @field_validator("base_url")
     @classmethod

@@ -2,11 +2,19 @@
 
 - App-wide token bucket (`delivery.app_requests_per_second`), per-user spacing (1 request/s, kept
   by the coalescer's schedule and between the requests of one batch), a cap on in-flight requests.
-- 429: the user waits at least `Retry-After`. 5xx, timeouts, connection errors: the batch goes back
-  into the coalescer with exponential backoff and full jitter, with no limit in time, without
-  blocking other users. 400/409: the request is dead-lettered and the rest of the batch goes on.
-  401/403: dispatching stops (readiness false, the source is held back, nothing is confirmed) and
-  one probe batch is retried every `AUTH_PROBE_S` until the key works again.
+- 429: the user waits at least `Retry-After` (without the header: 1 s doubling per attempt, at most
+  60 s). 5xx, timeouts, connection errors: the batch goes back into the coalescer with exponential
+  backoff and full jitter, with no limit in time, without blocking other users. 400/409: the
+  request is dead-lettered and the rest of the batch goes on. 401/403: dispatching stops
+  (readiness false, the source is held back, nothing is confirmed) and one probe batch is retried
+  every `AUTH_PROBE_S` until the key works again.
+- OneSignal as it really behaves (docs/onesignal-semantics.md): a user the bridge knows to exist
+  gets its tags and properties by Update user; when Create user's answer shows an existing user
+  whose properties were not applied, they follow by Update user. A 404 for a user created or first
+  seen within `onesignal.consistency_window_s` is replication lag: retried, never dead-lettered or
+  taken as done; after creating a user, its next request waits `onesignal.post_create_delay_s`.
+  The tag-limit 400 dead-letters only the tags the request added; the rest is sent again without
+  them. Subscription consent is recorded as OneSignal answered it and corrected when it differs.
 - A batch is *done* (its source positions may be confirmed) when every request succeeded or was
   dead-lettered.
 """
@@ -17,27 +25,52 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.coalesce import Coalescer, UserBatch
-from bridge.config import DeliveryConfig
+from bridge.config import DeliveryConfig, OneSignalConfig
 from bridge.deadletter import DeadLetter, DeadLetterStore
-from bridge.events import UNCHANGED, UserChange
+from bridge.events import UNCHANGED, UserChange, UserRef
+from bridge.knownusers import KnownUsers
 from bridge.observability import metrics as m
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, Request, Response, requests
 from bridge.onesignal.ratelimit import TokenBucket
-from bridge.plan import SUBSCRIPTION_TYPES, plan, subscription_item
+from bridge.plan import (
+    SUBSCRIPTION_TYPES,
+    answered_enabled,
+    consent,
+    plan,
+    subscription_item,
+    unapplied,
+    without_tags,
+)
 from bridge.subscriptions import KnownSubscription, MemorySubscriptionState, SubscriptionState
 
-Step = tuple[Request, Callable[[], Awaitable[bool]] | None, Callable[[Response], Awaitable[None]] | None]
+After = Callable[[Response], Awaitable["list[Step] | None"]]
+
+
+@dataclass(slots=True)
+class Step:
+    """One request of a batch: sent unless `check` says no; `after` learns from the answer and may
+    return requests that must follow it (first in line)."""
+
+    req: Request
+    check: Callable[[], Awaitable[bool]] | None = None
+    after: After | None = None
+    tags_refused: bool = False  # a retry after the tag-limit 400: deletions go too if refused again
 
 log = logging.getLogger("bridge.dispatch")
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
 AUTH_PROBE_S = 5.0
+LAG_BACKOFF_S = 1.0  # replication lag: retried after about 1, 2, 4, ... s (at most 60 s)
+_ONESIGNAL_DEFAULTS = {k: OneSignalConfig.model_fields[k].default
+                       for k in ("consistency_window_s", "post_create_delay_s")}
 # The per-user interval is counted from when the previous response *arrived*: OneSignal received
 # that request earlier still, so the gap it sees is never shorter than ours.
 USER_SPACING_MARGIN_S = 0.02
@@ -58,6 +91,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         subscriptions: SubscriptionState | None = None,
+        onesignal: OneSignalConfig | None = None,
     ) -> None:
         self.client = client
         self.subscriptions: SubscriptionState = subscriptions or MemorySubscriptionState()
@@ -71,6 +105,11 @@ class Dispatcher:
         self.bucket = TokenBucket(delivery.app_requests_per_second)
         self.slots = asyncio.Semaphore(delivery.max_in_flight)
         self.auth_error: errors.AuthError | None = None
+        window = onesignal.consistency_window_s if onesignal else _ONESIGNAL_DEFAULTS["consistency_window_s"]
+        self.post_create_delay: float = (onesignal.post_create_delay_s if onesignal
+                                         else _ONESIGNAL_DEFAULTS["post_create_delay_s"])
+        self.users = KnownUsers(window, clock())
+        self._lagging: set[UserRef] = set()  # users waiting out OneSignal's replication lag
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -85,6 +124,27 @@ class Dispatcher:
         self.coalescer.add(change, self.clock())
         if self.coalescer.coalesced != before:
             m.COALESCED.inc()
+        self._update_room()
+        self._wake.set()
+
+    # The pipeline's fast path (issue 16): many changes in one synchronous pass, then one
+    # `settle()` before the event loop runs again (the dispatcher cannot run in between anyway).
+    _quiet_coalesced = 0
+
+    def submit_quiet(self, change: UserChange) -> None:
+        """`submit` without its per-change metric updates and wake-up: the caller calls
+        `settle()` after the pass. `has_room()` stays exact (it reads the coalescer)."""
+        c = self.coalescer
+        before = c.coalesced
+        c.add(change, self.clock())
+        if c.coalesced != before:
+            self._quiet_coalesced += 1
+
+    def settle(self) -> None:
+        """What `submit` does after each change, once for all the `submit_quiet` calls before."""
+        if self._quiet_coalesced:
+            m.COALESCED.inc(self._quiet_coalesced)
+            self._quiet_coalesced = 0
         self._update_room()
         self._wake.set()
 
@@ -173,11 +233,18 @@ class Dispatcher:
                 await asyncio.wait(pending, timeout=1.0)
 
     async def flush_all(self, timeout: float) -> bool:
-        """Send everything pending now (used by shutdown with a deadline, and by tests)."""
+        """Send everything pending now (used by shutdown with a deadline, and by tests). Returns
+        early (False) when nothing is in flight and what is pending cannot be sent before the
+        deadline, or only waits out OneSignal's replication lag (not this process's to wait for:
+        it is not confirmed, and is re-read at the next start)."""
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             if self.idle:
                 return True
+            due = self.coalescer.next_due()
+            if not self._tasks and ((due is not None and due > deadline)
+                                    or self.coalescer.pending_users <= len(self._lagging)):
+                return False
             await asyncio.sleep(0.02)
         return self.idle
 
@@ -185,29 +252,82 @@ class Dispatcher:
 
     async def _deliver(self, batch: UserBatch) -> None:
         user = batch.user
+        self._lagging.discard(user)
         last_at: float | None = None
+        created_at: float | None = None  # this batch's Create user made the user
+        unsure_delete = False  # a deletion answered 404 that may be replication lag (see below)
         letters: list[DeadLetter] = []
         try:
-            steps = await self._steps(batch)
-            for req, check, after in steps:
-                if check is not None and not await check():
+            queue = deque(await self._steps(batch))
+            while queue:
+                step = queue.popleft()
+                if step.check is not None and not await step.check():
                     continue
                 if last_at is not None:
-                    wait = last_at + self.user_interval - self.clock()
+                    gap = self.user_interval
+                    if created_at is not None:  # a new user: give OneSignal's replicas time
+                        gap = max(gap, created_at + self.post_create_delay - last_at)
+                    wait = last_at + gap - self.clock()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 try:
-                    resp = await self._send(req)
+                    resp = await self._send(step.req)
+                except errors.NotFound as exc:
                     last_at = self.clock()
-                    if after is not None:
-                        await after(resp)
-                except (errors.Conflict, errors.Rejected, errors.NotFound) as exc:
+                    recreate = self._not_found(batch, step, exc)
+                    if recreate is None:
+                        letters.append(self._letter(batch, step.req, exc))
+                    else:
+                        queue.appendleft(recreate)
+                    continue
+                except errors.TagLimitExceeded as exc:
                     last_at = self.clock()
-                    letters.append(self._letter(batch, req, exc))
+                    dropped, retry = without_tags(step.req, deletions=step.tags_refused)
+                    if dropped:
+                        letters.append(self._tag_letter(batch, step.req, exc, dropped))
+                    if retry is not None:  # everything else in the request still applies
+                        queue.appendleft(Step(retry, after=step.after, tags_refused=True))
+                    continue
+                except (errors.Conflict, errors.Rejected) as exc:
+                    last_at = self.clock()
+                    letters.append(self._letter(batch, step.req, exc))
+                    continue
+                last_at = self.clock()
+                if resp.status == 404 and self._may_lag(user, step.req, last_at):
+                    if not (batch.recreate and step.req.endpoint == "DELETE /users/by"
+                            and self.users.get(user) is None):
+                        raise errors.ReplicationLag(
+                            f"OneSignal answered 404 to {step.req.endpoint} for a user created or first seen "
+                            f"moments ago (replication lag)", status=404, endpoint=step.req.endpoint)
+                    # A user this process never saw, deleted and created again: the Create user that
+                    # follows tells whether it existed (202: the deletion did not happen yet).
+                    unsure_delete = True
+                if step.req.endpoint == "POST /users" and resp.status in (200, 201):
+                    created_at = last_at
+                elif step.req.endpoint == "POST /users" and unsure_delete:
+                    self.users.seen(user, last_at, {})
+                    raise errors.ReplicationLag(
+                        "OneSignal answered 404 to DELETE /users/by for a user that exists (replication lag)",
+                        status=404, endpoint="DELETE /users/by")
+                if step.after is not None:
+                    more = await step.after(resp)
+                    if more:
+                        queue.extendleft(reversed(more))
+        except errors.ReplicationLag as exc:
+            m.API_RETRIES.labels(exc.reason).inc()
+            delay = min(BACKOFF_CAP_S, LAG_BACKOFF_S * 2 ** min(batch.attempt, 6)) * self.rng.uniform(0.8, 1.25)
+            if batch.attempt in (0, 3, 10) or batch.attempt % 50 == 0:
+                log.info("%s; user %s retried in %.1fs (attempt %d)", exc, user, delay, batch.attempt + 1)
+            self._requeue(batch, delay, last_at)
+            self._lagging.add(user)
+            return
         except errors.RateLimited as exc:
             m.API_RATE_LIMITED.inc()
             m.API_RETRIES.labels("rate_limited").inc()
-            self._requeue(batch, exc.retry_after + self.rng.uniform(0, 0.25), last_at)
+            wait = exc.retry_after
+            if not exc.retry_after_given:  # no Retry-After: back off by attempt (1 s doubling, at most 60 s)
+                wait = min(BACKOFF_CAP_S, 2.0 ** min(batch.attempt, 6))
+            self._requeue(batch, wait + self.rng.uniform(0, 0.25), last_at)
             return
         except errors.AuthError as exc:
             if self.auth_error is None:
@@ -242,17 +362,45 @@ class Dispatcher:
         m.READY.set(1)
         if batch.first_commit_time is not None:
             m.END_TO_END.observe(max(0.0, time.time() - batch.first_commit_time))
+        if created_at is not None and last_at is not None:  # the next batch waits out the post-create delay
+            last_at = max(last_at, created_at + self.post_create_delay - self.user_interval)
         self.coalescer.finished(user, last_at)
         self.on_done(batch.seqs)
         self._update_room()
 
+    def _may_lag(self, user: UserRef, req: Request, now: float) -> bool:
+        """Whether a 404 to a request by alias may be OneSignal's replication lag rather than an
+        answer: the bridge created or first saw the user within the consistency window; for a user
+        deletion also any user it does not know during the first window after start-up (an
+        earlier process may have created it a moment before it stopped)."""
+        if req.segments[:2] != ("users", "by"):
+            return False
+        if self.users.young(user, now):
+            return True
+        return req.endpoint == "DELETE /users/by" and self.users.get(user) is None and self.users.early(now)
+
+    def _not_found(self, batch: UserBatch, step: Step, exc: errors.NotFound) -> Step | None:
+        """A 404 that is not an accepted outcome: replication lag (raised), a user OneSignal no
+        longer has although the bridge knew it (created again with the update, as before the
+        bridge knew it), or a dead letter (None)."""
+        user, req = batch.user, step.req
+        if self._may_lag(user, req, self.clock()):
+            raise errors.ReplicationLag(str(exc) + " (within the consistency window: replication lag)",
+                                        status=404, endpoint=req.endpoint)
+        if req.endpoint == "PATCH /users/by" and req.body is not None:
+            self.users.forget(user)
+            log.info("user %s is no longer in OneSignal; creating it again with the change", user)
+            create = requests.create_user({user.label: user.id}, req.body.get("properties") or None)
+            return Step(create, after=self._after_create(batch, create, []))
+        return None
+
     async def _steps(self, batch: UserBatch) -> list[Step]:
-        """The batch's requests, with subscription changes decided against the known state."""
-        if not batch.subscriptions and not batch.delete_user:
-            return [(r, None, None) for r in plan(batch)]
+        """The batch's requests, with subscription changes decided against the known state and
+        properties sent the way OneSignal documents for a user that does or does not exist."""
         owner = str(batch.user)
         state = self.subscriptions
-        owned = [] if batch.delete_user else await state.owned(owner)
+        known = None if batch.delete_user else self.users.get(batch.user)
+        owned = await state.owned(owner) if batch.subscriptions and not batch.delete_user else []
         new: list[tuple[str, str, bool | None]] = []
         patches: list[tuple[KnownSubscription, bool]] = []
         retire: list[tuple[KnownSubscription, str]] = []
@@ -271,58 +419,105 @@ class Dispatcher:
                     if k.token != sc.token and not (sc.on_address_change == "disable" and k.enabled is False):
                         retire.append((k, sc.on_address_change))
         for channel, token, _ in new:
-            known = await state.lookup(channel, token)
-            if known is not None and known.owner != owner:
+            found = await state.lookup(channel, token)
+            if found is not None and found.owner != owner:
                 m.SUBSCRIPTION_TRANSFERS.inc()  # OneSignal moves the address to this user (202)
 
         steps: list[Step] = []
         items = [subscription_item(c, t, e) for c, t, e in new]
-        for req in plan(batch, items):
-            after: Callable[[Response], Awaitable[None]] | None = None
-            if req.method == "DELETE" and req.endpoint == "DELETE /users/by":
-                async def forget_owner(_resp: Response, owner: str = owner) -> None:
-                    await state.forget_owner(owner)
-                after = forget_owner
-            elif req.endpoint == "POST /users" and new:
-                async def learn_ids(resp: Response, new: list[tuple[str, str, bool | None]] = new) -> None:
-                    await self._learn_ids(owner, new, resp.body)
-                after = learn_ids
-            steps.append((req, None, after))
-        for known, enabled in patches:
-            async def after_patch(_resp: Response, k: KnownSubscription = known, e: bool = enabled) -> None:
-                await state.record(KnownSubscription(k.channel, k.token, k.owner, k.subscription_id, e))
-            steps.append((requests.update_subscription(known.subscription_id, {"enabled": enabled}), None, after_patch))
-        for known, mode in retire:
-            async def still_mine(k: KnownSubscription = known) -> bool:
+        for req in plan(batch, items, exists=known is not None, aliases=known.aliases if known else None):
+            steps.append(Step(req, after=self._after(batch, req, new)))
+        for hit, enabled in patches:
+            steps.append(self._consent_step(hit, enabled))
+        for old, mode in retire:
+            async def still_mine(k: KnownSubscription = old) -> bool:
                 now = await state.lookup(k.channel, k.token)
                 return now is not None and now.owner == owner and now.subscription_id == k.subscription_id
             if mode == "disable":
-                async def after_disable(_resp: Response, k: KnownSubscription = known) -> None:
-                    await state.record(KnownSubscription(k.channel, k.token, k.owner, k.subscription_id, False))
-                steps.append((requests.update_subscription(known.subscription_id, {"enabled": False}),
-                              still_mine, after_disable))
+                step = self._consent_step(old, False)
+                step.check = still_mine
+                steps.append(step)
             else:
-                async def after_delete(_resp: Response, k: KnownSubscription = known) -> None:
+                async def after_delete(_resp: Response, k: KnownSubscription = old) -> None:
                     await state.forget(k.channel, k.token)
-                steps.append((requests.delete_subscription(known.subscription_id), still_mine, after_delete))
+                steps.append(Step(requests.delete_subscription(old.subscription_id), still_mine, after_delete))
         return steps
 
-    async def _learn_ids(self, owner: str, new: list[tuple[str, str, bool | None]], body: Any) -> None:
-        """Remember the ids OneSignal gave the subscriptions it created (from the upsert's answer)."""
+    def _after(self, batch: UserBatch, req: Request, new: list[tuple[str, str, bool | None]]) -> After | None:
+        """What the bridge learns from the answer to one of `plan`'s requests."""
+        user = batch.user
+        if req.endpoint == "POST /users":
+            return self._after_create(batch, req, new)
+        if req.endpoint == "DELETE /users/by":
+            async def forget_user(_resp: Response) -> None:
+                self.users.forget(user)
+                await self.subscriptions.forget_owner(str(user))
+            return forget_user
+        if req.endpoint == "DELETE /identity":
+            label = req.segments[-1]
+
+            async def forget_alias(_resp: Response) -> None:
+                self.users.forget_alias(user, label)
+            return forget_alias
+        return None
+
+    def _after_create(self, batch: UserBatch, req: Request, new: list[tuple[str, str, bool | None]]) -> After:
+        """After Create user: remember the user (and the aliases the answer confirms), the ids and
+        the consent OneSignal answered for the subscriptions, and send by Update user whatever
+        properties the answer does not show applied (an existing user's, by default)."""
+        user = batch.user
+        sent = req.body or {}
+
+        async def after_create(resp: Response) -> list[Step]:
+            body = resp.body if isinstance(resp.body, dict) else {}
+            answered = body.get("identity")
+            answered = answered if isinstance(answered, dict) else {}
+            confirmed = {k: v for k, v in (sent.get("identity") or {}).items() if answered.get(k, v) == v}
+            if resp.status in (200, 201):
+                self.users.created(user, self.clock(), confirmed)
+            else:
+                self.users.seen(user, self.clock(), confirmed)
+            follow: list[Step] = []
+            properties = sent.get("properties")
+            if properties and resp.status not in (200, 201):
+                missing = unapplied(properties, body)
+                if missing:
+                    m.API_FOLLOW_UPS.labels("properties_not_applied").inc()
+                    follow.append(Step(requests.update_user(user.label, user.id, missing)))
+            if new:
+                follow += await self._learn_ids(str(user), new, body)
+            return follow
+        return after_create
+
+    def _consent_step(self, known: KnownSubscription, enabled: bool) -> Step:
+        """Update one subscription's consent (`enabled` with `notification_types`)."""
+        async def record(_resp: Response) -> None:
+            await self.subscriptions.record(KnownSubscription(
+                known.channel, known.token, known.owner, known.subscription_id, enabled))
+        return Step(requests.update_subscription(known.subscription_id, consent(enabled)), after=record)
+
+    async def _learn_ids(self, owner: str, new: list[tuple[str, str, bool | None]], body: Any) -> list[Step]:
+        """Remember the subscriptions OneSignal answered for the Create user (their ids, and the
+        consent it holds, which for an address it already had is its own, not the one sent); where
+        that consent is not the one the database wants, the update that fixes it."""
         subs = body.get("subscriptions") if isinstance(body, dict) else None
         if not isinstance(subs, list):
-            return
+            return []
         wanted: dict[tuple[Any, Any], tuple[str, bool | None]] = {
             (SUBSCRIPTION_TYPES[c], t): (c, e) for c, t, e in new}
+        fixes: list[Step] = []
         for s in subs:
             if not isinstance(s, dict) or not s.get("id"):
                 continue
             hit = wanted.get((s.get("type"), s.get("token")))
             if hit is not None:
                 channel, enabled = hit
-                await self.subscriptions.record(KnownSubscription(
-                    channel, str(s["token"]), owner, str(s["id"]),
-                    enabled if enabled is not None else s.get("enabled", True)))
+                held = KnownSubscription(channel, str(s["token"]), owner, str(s["id"]), answered_enabled(s))
+                await self.subscriptions.record(held)
+                if enabled is not None and enabled != held.enabled:
+                    m.API_FOLLOW_UPS.labels("consent_differs").inc()
+                    fixes.append(self._consent_step(held, enabled))
+        return fixes
 
     async def _send(self, req: Request) -> Response:
         """Send one request (the per-user interval starts when its answer arrived)."""
@@ -348,6 +543,23 @@ class Dispatcher:
         self.coalescer.finished(batch.user, now)  # the failed request may have counted too
         self.coalescer.requeue(batch, now + delay, now)
         self._update_room()
+
+    def _tag_letter(self, batch: UserBatch, req: Request, exc: errors.TagLimitExceeded,
+                    dropped: dict[str, Any]) -> DeadLetter:
+        """The tags OneSignal refused for its per-user tag limit, as one dead letter naming it."""
+        shown = ", ".join(sorted(dropped))
+        log.warning("dead-lettered tags %s of user %s: the app allows at most %d tags per user (%s)",
+                    shown, batch.user, exc.limit, exc.detail)
+        return DeadLetter.from_origins(
+            batch.origins,
+            field=None,
+            reason=exc.reason,
+            message=(f"user {batch.user}: tags {shown} not applied: OneSignal's tag limit is {exc.limit} tags "
+                     f"per user ({exc.detail}); the user's other changes were applied"),
+            position=",".join(o.position for o in batch.origins[:4]),
+            user=str(batch.user),
+            request={"method": req.method, "path": req.path, "body": {"properties": {"tags": dropped}}},
+        )
 
     def _letter(self, batch: UserBatch, req: Request, exc: errors.OneSignalError) -> DeadLetter:
         positions = ",".join(o.position for o in batch.origins[:4])

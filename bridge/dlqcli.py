@@ -28,8 +28,8 @@ from bridge.deadletter import ROW_KEY_TEXT_MAX, age_filter, render_row_keys
 from bridge.events import ChangeEvent, Op
 from bridge.mapping import Mapper
 from bridge.onesignal import errors
-from bridge.onesignal.client import OneSignalClient, build_http_client
-from bridge.plan import plan
+from bridge.onesignal.client import OneSignalClient, build_http_client, requests
+from bridge.plan import plan, unapplied
 from bridge.sources import registry
 
 
@@ -201,13 +201,12 @@ async def _replay(config: Config, conn: psycopg.Connection[Any],
 SEND_ATTEMPTS = 5
 
 
-async def _send(client: OneSignalClient, req: Any) -> None:
+async def _send(client: OneSignalClient, req: Any) -> Any:
     """One request, retried like the dispatcher does for 429 (after `Retry-After`), 5xx and timeouts:
     a user the bridge wrote a moment ago is still within OneSignal's 1 request/s per user."""
     for attempt in range(1, SEND_ATTEMPTS + 1):
         try:
-            await client.send(req)
-            return
+            return await client.send(req)
         except errors.OneSignalError as exc:
             if not exc.retriable or attempt == SEND_ATTEMPTS:
                 raise
@@ -270,7 +269,13 @@ async def _replay_one(conn: psycopg.Connection[Any], mapper: Mapper, client: One
         for batch in coalescer.take_due(float("inf"), 1_000_000):
             for req in plan(batch):
                 try:
-                    await _send(client, req)
+                    resp = await _send(client, req)
+                    missing = unapplied(req.body["properties"], resp.body) if (
+                        req.endpoint == "POST /users" and resp.status not in (200, 201)
+                        and req.body and req.body.get("properties")) else None
+                    if missing:  # an existing user: Create user did not apply its properties
+                        await asyncio.sleep(1.0)  # OneSignal's 1 request/s per user
+                        await _send(client, requests.update_user(batch.user.label, batch.user.id, missing))
                 except errors.OneSignalError as exc:
                     return Outcome("failed", str(exc))
     if gone == len(keys):

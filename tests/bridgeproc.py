@@ -38,7 +38,11 @@ def wait_until(pred: Callable[[], Any], timeout: float = 20.0, interval: float =
 
 
 class Simulator:
-    """`onesignal-bridge simulator` in its own process, spoken to over HTTP."""
+    """`onesignal-bridge simulator` in its own process, spoken to over HTTP.
+
+    Strict (issue 14: OneSignal's less convenient reading of every point, `--app-id` APP_ID), so
+    the whole suite runs against it. `config(...)` changes a setting for one test (e.g. a shorter
+    replication lag); `reset()` (the `sim` fixture) restores the start-up settings."""
 
     def __init__(self, api_key: str = API_KEY, extra: list[str] | None = None) -> None:
         self.port = free_port()
@@ -57,6 +61,9 @@ class Simulator:
                 str(self.port),
                 "--api-key",
                 api_key,
+                "--strict",
+                "--app-id",
+                APP_ID,
                 *(extra or []),
             ],
             stdout=self.log,
@@ -97,7 +104,14 @@ class Simulator:
         self.http.delete("/_simulator/faults").raise_for_status()
 
     def reset(self) -> None:
+        """Forget users, stats and the request log; back to the start-up (strict) settings."""
         self.http.post("/_simulator/reset").raise_for_status()
+
+    def config(self, **settings: Any) -> dict[str, Any]:
+        """Change settings until the next reset, e.g. config(replication_lag_ms=400, max_tags=3)."""
+        response = self.http.post("/_simulator/config", json=settings)
+        response.raise_for_status()
+        return dict(response.json()["config"])
 
     def close(self) -> None:
         self.proc.terminate()

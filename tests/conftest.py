@@ -90,8 +90,9 @@ def pg_db(pg_cluster: PgCluster) -> Iterator[PgDb]:
 # ============================================================================================
 # The bridge and the OneSignal simulator as real processes (tests/bridgeproc.py)
 #
-#   simulator   session   Simulator on a free port (reset before each test that uses `sim`)
-#   sim         function  the session simulator, reset
+#   simulator   session   Simulator on a free port, strict (reset before each test that uses `sim`)
+#   sim         function  the session simulator, reset: no users, no faults, start-up settings
+#                         (a test may change them with sim.config(...), e.g. a shorter lag)
 #   bridge      function  factory: bridge(config_dict, name=...) -> BridgeProcess (stopped at the end)
 # ============================================================================================
 

@@ -1,6 +1,8 @@
 """The OneSignal simulator, exercised over real HTTP the way the bridge (and the official SDK) use it.
 
-Each test starts the simulator on a free 127.0.0.1 port and talks to it with httpx.
+Each test starts the simulator on a free 127.0.0.1 port and talks to it with httpx. The simulator
+is strict by default (issue 14); tests about other semantics start it without replication lag so
+that a user can be read and updated right after it is created.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from bridge.onesignal.simstate import SimError, SimState
-from bridge.onesignal.simulator import ViewLimiter, WriteLimiter, build_app
+from bridge.onesignal.simstate import LENIENT, SimError, SimState, tag_limit_message
+from bridge.onesignal.simulator import ACCESS_DENIED, ViewLimiter, WriteLimiter, build_app
+from bridge.onesignal.simulator import LENIENT as LENIENT_SETTINGS
 
 API_KEY = "os_v2_app_simulatortestkeydonotleak"
 APP_ID = "0b7f2c4e-1111-4a2b-9c3d-5e6f7a8b9c0d"
@@ -60,12 +63,14 @@ StartSim = Callable[..., Awaitable[Sim]]
 @pytest.fixture
 async def start_sim() -> AsyncIterator[StartSim]:
     """Start simulators with the given build_app options; by default writes to one user are not
-    throttled (user_interval_s=0) so that tests about semantics don't trip the per-user limit."""
+    throttled (user_interval_s=0) and a new user is readable at once (replication_lag_ms=0) so that
+    tests about semantics don't trip the per-user limit or the replication lag."""
     runners: list[web.AppRunner] = []
     clients: list[httpx.AsyncClient] = []
 
     async def start(**options: Any) -> Sim:
-        options = {"api_key": API_KEY, "user_interval_s": 0.0, "view_rate_per_s": 1000.0, **options}
+        options = {"api_key": API_KEY, "user_interval_s": 0.0, "view_rate_per_s": 1000.0,
+                   "replication_lag_ms": 0.0, **options}
         runner = web.AppRunner(build_app(**options), shutdown_timeout=1.0)
         await runner.setup()
         runners.append(runner)
@@ -115,8 +120,31 @@ async def test_create_is_200_for_a_new_user_and_202_when_an_alias_finds_an_exist
     assert again.status_code == 202
     onesignal_id = first.json()["identity"]["onesignal_id"]
     assert again.json()["identity"] == {"onesignal_id": onesignal_id, "external_id": "u1", "crm_id": "c-1"}
-    assert again.json()["properties"]["tags"] == {"plan": "pro", "seats": "3"}
     assert len((await sim.control("users"))["users"]) == 1
+
+
+async def test_create_on_an_existing_user_applies_aliases_and_subscriptions_but_ignores_properties(
+        sim: Sim) -> None:
+    await sim.create("u1", properties={"tags": {"plan": "pro"}, "language": "en"})
+    again = await sim.client.post(USERS, json={
+        "identity": {"external_id": "u1", "crm_id": "c-1"},
+        "properties": {"tags": {"plan": "team", "seats": "3"}, "language": "fr"},
+        "subscriptions": [{"type": "Email", "token": "u1@example.com"}]})
+    assert again.status_code == 202
+    answered = again.json()
+    assert answered["properties"]["tags"] == {"plan": "pro"}, "the answer shows the properties were not applied"
+    stored = await sim.user("u1")
+    assert stored["properties"]["tags"] == {"plan": "pro"} and stored["properties"]["language"] == "en"
+    assert stored["identity"]["crm_id"] == "c-1"
+    assert [s["token"] for s in stored["subscriptions"]] == ["u1@example.com"]
+
+
+async def test_lenient_create_merges_properties_into_an_existing_user(start_sim: StartSim) -> None:
+    sim = await start_sim(settings=LENIENT_SETTINGS)
+    await sim.create("u1", properties={"tags": {"plan": "pro"}})
+    again = await sim.create("u1", properties={"tags": {"seats": "3"}})
+    assert again.status_code == 202
+    assert again.json()["properties"]["tags"] == {"plan": "pro", "seats": "3"}
 
 
 async def test_new_user_gets_a_uuid_onesignal_id_it_can_be_looked_up_by(sim: Sim) -> None:
@@ -207,7 +235,8 @@ async def test_patch_of_an_unknown_user_is_404(sim: Sim) -> None:
     assert error_codes(response) == ["user-not-found"]
 
 
-async def test_more_than_100_property_updates_in_one_request_is_400_and_100_is_fine(sim: Sim) -> None:
+async def test_more_than_100_property_updates_in_one_request_is_400_and_100_is_fine(start_sim: StartSim) -> None:
+    sim = await start_sim(max_tags=0)  # no tag limit: this is about the per-request limit
     await sim.create("u1")
     tags_99 = {f"t{i}": "v" for i in range(99)}
     at_limit = await sim.client.patch(sim.user_path("u1"),
@@ -279,7 +308,8 @@ async def test_subscription_of_another_user_is_moved_with_202(sim: Sim) -> None:
     assert [s["token"] for s in (await sim.user("new"))["subscriptions"]] == ["shared@example.com"]
 
 
-async def test_a_21st_subscription_is_refused_with_409(sim: Sim) -> None:
+async def test_lenient_21st_subscription_is_refused_with_409(start_sim: StartSim) -> None:
+    sim = await start_sim(subscription_overflow="refuse")
     twenty = [{"type": "SMS", "token": f"+1555555{i:04d}"} for i in range(20)]
     assert (await sim.create("u1", subscriptions=twenty)).status_code == 200
     extra = await sim.client.post(f"{sim.user_path('u1')}/subscriptions",
@@ -343,21 +373,38 @@ async def test_alias_held_by_another_user_is_409(sim: Sim) -> None:
 # -- auth ---------------------------------------------------------------------------------------
 
 
-async def test_wrong_or_missing_key_is_401_and_the_key_is_never_echoed(sim: Sim) -> None:
+async def test_wrong_or_missing_key_is_403_access_denied_and_the_key_is_never_echoed(sim: Sim) -> None:
     wrong = await sim.client.post(USERS, json={"identity": {"external_id": "u1"}},
                                   headers={"Authorization": "Key os_v2_app_wrong"})
     async with httpx.AsyncClient(base_url=sim.base_url, trust_env=False) as anonymous:
         missing = await anonymous.get(sim.user_path("u1"))
     for response in (wrong, missing):
-        assert response.status_code == 401
-        assert error_codes(response) == ["access-denied"]
+        assert response.status_code == 403
+        assert response.json() == {"errors": [ACCESS_DENIED]}
         assert API_KEY not in response.text and "os_v2_app_wrong" not in response.text
     assert (await sim.control("users"))["users"] == []
     log = await sim.client.get("/_simulator/requests")
     assert API_KEY not in log.text
 
 
-async def test_basic_scheme_is_accepted_too(sim: Sim) -> None:
+async def test_lenient_wrong_key_is_401_with_a_structured_body(start_sim: StartSim) -> None:
+    sim = await start_sim(settings=LENIENT_SETTINGS)
+    wrong = await sim.client.post(USERS, json={"identity": {"external_id": "u1"}},
+                                  headers={"Authorization": "Key os_v2_app_wrong"})
+    assert wrong.status_code == 401
+    assert error_codes(wrong) == ["access-denied"]
+
+
+async def test_basic_scheme_is_refused_on_the_user_model_endpoints(sim: Sim) -> None:
+    response = await sim.client.post(USERS, json={"identity": {"external_id": "u1"}},
+                                     headers={"Authorization": f"Basic {API_KEY}"})
+    assert response.status_code == 403
+    assert response.json() == {"errors": [ACCESS_DENIED]}
+    assert (await sim.control("users"))["users"] == []
+
+
+async def test_lenient_basic_scheme_is_accepted(start_sim: StartSim) -> None:
+    sim = await start_sim(basic_auth="accept")
     response = await sim.client.post(USERS, json={"identity": {"external_id": "u1"}},
                                      headers={"Authorization": f"Basic {API_KEY}"})
     assert response.status_code == 200
@@ -374,6 +421,7 @@ async def test_a_configured_app_id_refuses_other_apps(start_sim: StartSim) -> No
     sim = await start_sim(app_id=APP_ID)
     other = await sim.client.post("/apps/another-app/users", json={"identity": {"external_id": "u1"}})
     assert other.status_code == 403
+    assert other.json() == {"errors": [ACCESS_DENIED]}, "answered like a key that does not match the app"
     assert (await sim.create("u1")).status_code == 200
 
 
@@ -391,7 +439,7 @@ async def test_second_write_to_a_user_within_a_second_is_429_with_retry_after_th
     refused_at = time.monotonic()
     assert limited.status_code == 429
     assert limited.headers["Retry-After"] == "1"
-    assert limited.json() == {"errors": [{"code": "Rate Limit Exceeded", "title": "API rate limit exceeded"}]}
+    assert limited.json() == {"errors": ["API rate limit exceeded."]}
     other_user = await sim.create("u2")
     assert other_user.status_code == 200, "the limit is per user"
     accepted = await poll(patch, lambda r: r.status_code != 429)
@@ -412,7 +460,8 @@ async def test_app_wide_limit_refuses_writes_beyond_the_rate_per_second(start_si
     responses = await asyncio.gather(*(sim.create(f"user-{i}") for i in range(25)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 20 + [429] * 5
-    assert all(r.headers["Retry-After"] == "1" for r in responses if r.status_code == 429)
+    retry_after = [r.headers.get("Retry-After") for r in responses if r.status_code == 429]
+    assert sorted(retry_after, key=str) == ["1", "1", "1", None, None], "every second 429 has no Retry-After"
     assert len((await sim.control("users"))["users"]) == 20
     assert (await sim.control("stats"))["rate_limited"] == 5
     later = await poll(lambda: sim.create("late-user"), lambda r: r.status_code != 429)
@@ -549,6 +598,223 @@ async def test_official_sdk_can_create_update_view_and_delete_a_user(sim: Sim) -
                       "viewed_tokens": ["sdk@example.com"], "gone": True}
 
 
+# -- strict readings of what OneSignal does not promise (issue 14) --------------------------------
+
+
+async def test_new_user_answers_404_by_alias_until_the_replication_lag_has_passed(start_sim: StartSim) -> None:
+    sim = await start_sim(replication_lag_ms=400)
+    created = await sim.create("u1", properties={"tags": {"plan": "pro"}})
+    assert created.status_code == 200
+    early = [await sim.client.get(sim.user_path("u1")),
+             await sim.client.patch(sim.user_path("u1"), json={"properties": {"tags": {"plan": "team"}}}),
+             await sim.client.patch(f"{sim.user_path('u1')}/identity", json={"identity": {"crm_id": "c-1"}}),
+             await sim.client.delete(sim.user_path("u1"))]
+    assert [r.status_code for r in early] == [404, 404, 404, 404]
+    assert all(error_codes(r) == ["user-not-found"] for r in early), "indistinguishable from a missing user"
+    again = await sim.create("u1")
+    assert again.status_code == 202, "Create user finds the user during the lag"
+    await asyncio.sleep(0.45)
+    user = await sim.user("u1")
+    assert user["properties"]["tags"] == {"plan": "pro"}, "nothing the 404 answers carried was applied"
+    assert "crm_id" not in user["identity"]
+
+
+async def test_tag_limit_refuses_a_write_that_adds_tags_past_it_with_onesignals_body(start_sim: StartSim) -> None:
+    sim = await start_sim(max_tags=3)
+    too_many = await sim.create("u1", properties={"tags": {f"t{i}": "x" for i in range(4)}},
+                                subscriptions=[{"type": "Email", "token": "u1@example.com"}])
+    assert too_many.status_code == 400
+    assert too_many.json() == {"errors": [tag_limit_message(3)], "success": False}
+    assert tag_limit_message(3) == "App is limited to a maximum of 3 tags on a given player"
+    assert (await sim.control("users"))["users"] == [], "nothing in the refused request was applied"
+    assert (await sim.create("u1", properties={"tags": {"a": "1", "b": "1", "c": "1"}})).status_code == 200
+    adding = await sim.client.patch(sim.user_path("u1"), json={"properties": {"tags": {"d": "1"},
+                                                                              "language": "fr"}})
+    assert adding.status_code == 400 and adding.json()["errors"] == [tag_limit_message(3)]
+    changing = await sim.client.patch(sim.user_path("u1"), json={"properties": {"tags": {"a": "2", "b": ""}}})
+    assert changing.status_code == 202, "changing and deleting tags is always allowed"
+    stored = (await sim.user("u1"))["properties"]
+    assert stored["tags"] == {"a": "2", "c": "1"} and "language" not in stored
+
+
+async def test_a_21st_subscription_evicts_the_oldest_to_a_new_anonymous_user(sim: Sim) -> None:
+    sms = [{"type": "SMS", "token": f"+1555555{i:04d}"} for i in range(17)]
+    emails = [{"type": "Email", "token": f"e{i}@example.com"} for i in range(3)]
+    assert (await sim.create("u1", subscriptions=emails + sms)).status_code == 200
+    extra = await sim.client.post(f"{sim.user_path('u1')}/subscriptions",
+                                  json={"subscription": {"type": "SMS", "token": "+15555559999"}})
+    assert extra.status_code == 201
+    user = await sim.user("u1")
+    tokens = [s["token"] for s in user["subscriptions"]]
+    assert len(tokens) == 20 and "+15555559999" in tokens
+    assert "+15555550000" not in tokens and "e0@example.com" in tokens, \
+        "the oldest goes, but never one of the last three emails"
+    users = (await sim.control("users"))["users"]
+    (anonymous,) = [u for u in users if "external_id" not in u["identity"]]
+    assert [s["token"] for s in anonymous["subscriptions"]] == ["+15555550000"]
+
+
+async def test_notification_types_is_a_field_of_its_own(sim: Sim) -> None:
+    created = await sim.create("u1", subscriptions=[{"type": "Email", "token": "u1@example.com"}])
+    sub_path = f"/apps/{APP_ID}/subscriptions/{created.json()['subscriptions'][0]['id']}"
+    await sim.client.patch(sub_path, json={"subscription": {"enabled": False}})
+    (only_enabled,) = (await sim.user("u1"))["subscriptions"]
+    assert (only_enabled["enabled"], only_enabled["notification_types"]) == (False, 1)
+    await sim.client.patch(sub_path, json={"subscription": {"enabled": False, "notification_types": -2}})
+    (both,) = (await sim.user("u1"))["subscriptions"]
+    assert (both["enabled"], both["notification_types"]) == (False, -2)
+
+
+async def test_lenient_notification_types_follows_enabled(start_sim: StartSim) -> None:
+    sim = await start_sim(notification_types="derived")
+    created = await sim.create("u1", subscriptions=[{"type": "Email", "token": "u1@example.com"}])
+    sub_path = f"/apps/{APP_ID}/subscriptions/{created.json()['subscriptions'][0]['id']}"
+    await sim.client.patch(sub_path, json={"subscription": {"enabled": False}})
+    (sub,) = (await sim.user("u1"))["subscriptions"]
+    assert (sub["enabled"], sub["notification_types"]) == (False, -2)
+
+
+async def test_a_subscription_sent_again_keeps_its_consent_even_when_it_moves(sim: Sim) -> None:
+    await sim.create("a", subscriptions=[{"type": "Email", "token": "x@example.com", "enabled": True}])
+    same_user = await sim.create("a", subscriptions=[{"type": "Email", "token": "x@example.com",
+                                                      "enabled": False, "notification_types": -2}])
+    assert same_user.json()["subscriptions"][0]["enabled"] is True, "the answer shows what OneSignal kept"
+    moved = await sim.create("b", subscriptions=[{"type": "Email", "token": "x@example.com", "enabled": False}])
+    assert moved.status_code == 200
+    (sub,) = moved.json()["subscriptions"]
+    assert (sub["enabled"], sub["notification_types"]) == (True, 1)
+
+
+async def test_lenient_moved_subscription_takes_the_consent_sent(start_sim: StartSim) -> None:
+    sim = await start_sim(resent_subscription="update")
+    await sim.create("a", subscriptions=[{"type": "Email", "token": "x@example.com", "enabled": True}])
+    moved = await sim.create("b", subscriptions=[{"type": "Email", "token": "x@example.com", "enabled": False}])
+    assert moved.json()["subscriptions"][0]["enabled"] is False
+
+
+async def test_view_user_is_limited_to_one_request_per_second_per_app_by_default(start_sim: StartSim) -> None:
+    sim = await start_sim(view_rate_per_s=None)
+    await sim.create("u1")
+    first, second = (await sim.client.get(sim.user_path("u1"))), (await sim.client.get(sim.user_path("u1")))
+    assert (first.status_code, second.status_code) == (200, 429)
+
+
+async def test_config_endpoint_changes_settings_per_test_and_reset_restores_the_start_up_ones(sim: Sim) -> None:
+    changed = await sim.client.post("/_simulator/config", json={"replication_lag_ms": 5000, "max_tags": 2})
+    assert changed.status_code == 200
+    assert (changed.json()["config"]["replication_lag_ms"], changed.json()["config"]["max_tags"]) == (5000.0, 2)
+    await sim.create("u1")
+    assert (await sim.client.get(sim.user_path("u1"))).status_code == 404, "the new lag applies at once"
+    lenient = await sim.client.post("/_simulator/config", json={"preset": "lenient"})
+    assert lenient.json()["config"]["wrong_key_status"] == 401
+    assert (await sim.client.get(sim.user_path("u1"))).status_code == 200, "users survive a config change"
+    await sim.client.post("/_simulator/reset")
+    config = (await sim.control("config"))["config"]
+    assert config == (await sim.control("config"))["startup"]
+    assert (config["replication_lag_ms"], config["wrong_key_status"]) == (0.0, 403)
+
+
+async def test_invalid_config_is_refused_naming_every_bad_key(sim: Sim) -> None:
+    response = await sim.client.post("/_simulator/config", json={
+        "max_tags": -1, "basic_auth": "maybe", "no_such_setting": 1, "create_applies_properties": "yes"})
+    assert response.status_code == 400
+    assert len(response.json()["errors"]) == 4
+    assert (await sim.control("config"))["config"]["max_tags"] == 10
+
+
+def _sdk_error_bodies(base_url: str) -> list[tuple[int, list[str], bool]]:
+    """Provoke each error the simulator answers and read it the way onesignal-python-api does:
+    ApiException.error_messages, and the 429 body deserialized into the SDK's RateLimitError."""
+    import json
+
+    import onesignal
+    from onesignal.api.default_api import DefaultApi
+    from onesignal.exceptions import ApiException
+    from onesignal.model.generic_error import GenericError
+    from onesignal.model.identity_object import IdentityObject
+    from onesignal.model.properties_object import PropertiesObject
+    from onesignal.model.rate_limit_error import RateLimitError
+    from onesignal.model.update_user_request import UpdateUserRequest
+    from onesignal.model.user import User
+
+    class Body:  # what ApiClient.deserialize reads from a response
+        def __init__(self, data: str) -> None:
+            self.data = data
+
+        def getheader(self, name: str, default: Any = None) -> Any:
+            return default
+
+    def user(external_id: str, tags: dict[str, str] | None = None, **more: Any) -> User:
+        return User(identity=IdentityObject(external_id=external_id),
+                    properties=PropertiesObject(tags=tags or {}), **more)
+
+    out: list[tuple[int, list[str], bool]] = []
+    good = onesignal.Configuration(host=base_url, rest_api_key=API_KEY)
+    bad = onesignal.Configuration(host=base_url, rest_api_key="os_v2_app_wrong")
+    good.retries = False  # urllib3 would otherwise wait out a Retry-After and hide the first 429
+    with onesignal.ApiClient(good) as client, onesignal.ApiClient(bad) as wrong_client:
+        api, wrong = DefaultApi(client), DefaultApi(wrong_client)
+        api.create_user(APP_ID, user("a", {"t0": "x"}))
+        api.create_user(APP_ID, user("b"))
+        calls = [
+            lambda: api.create_user(APP_ID, user("c", {f"t{i}": "x" for i in range(11)})),  # 400 tag limit
+            lambda: api.update_user(APP_ID, "external_id", "a", UpdateUserRequest(  # 400 validation
+                properties=PropertiesObject(tags={"journey": "x"}))),
+            lambda: wrong.get_user(APP_ID, "external_id", "a"),  # 403
+            lambda: api.get_user(APP_ID, "external_id", "nobody"),  # 404
+            lambda: api.create_user(APP_ID, User(identity=IdentityObject(external_id="a", crm_id="b-crm"))),
+            lambda: api.get_user(APP_ID, "external_id", "a"),  # 429 (views: 1/s per app)
+            lambda: api.get_user(APP_ID, "external_id", "a"),  # 429 again, this time without Retry-After
+        ]
+        for call in calls:
+            try:
+                call()
+            except ApiException as exc:
+                model = RateLimitError if exc.status == 429 else GenericError
+                parsed = client.deserialize(Body(exc.body), (model,), True)
+                out.append((exc.status, exc.error_messages, isinstance(parsed, model)))
+                json.loads(exc.body)
+    return out
+
+
+async def test_official_sdk_parses_every_error_body_the_strict_simulator_returns(start_sim: StartSim) -> None:
+    sim = await start_sim(view_rate_per_s=None)
+    await sim.client.post(USERS, json={"identity": {"crm_id": "b-crm"}})
+    results = await asyncio.to_thread(_sdk_error_bodies, sim.base_url)
+    assert [status for status, _, _ in results] == [400, 400, 403, 404, 409, 429, 429]
+    assert all(messages and parsed for _, messages, parsed in results), results
+    assert results[0][1] == ["App is limited to a maximum of 10 tags on a given player"]
+    assert results[5][1] == ["API rate limit exceeded."]
+
+
+async def test_official_sdk_cannot_read_the_lenient_429_body_as_a_rate_limit_error(start_sim: StartSim) -> None:
+    sim = await start_sim(rate_limit_body="structured", view_rate_per_s=1.0)
+    await sim.create("u1")
+    await sim.client.get(sim.user_path("u1"))
+    limited = await sim.client.get(sim.user_path("u1"))
+    assert limited.status_code == 429
+
+    def parse(body: str) -> Any:
+        import onesignal
+        from onesignal.exceptions import ApiTypeError
+        from onesignal.model.rate_limit_error import RateLimitError
+
+        class Body:
+            data = body
+
+            def getheader(self, name: str, default: Any = None) -> Any:
+                return default
+
+        with onesignal.ApiClient(onesignal.Configuration(host=sim.base_url)) as client:
+            try:
+                return client.deserialize(Body(), (RateLimitError,), True)
+            except ApiTypeError as exc:
+                return exc
+
+    assert not hasattr(await asyncio.to_thread(parse, limited.text), "errors"), \
+        "why the strict body is OneSignal's: the SDK's model wants strings"
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -587,7 +853,7 @@ async def test_module_runs_as_a_server_until_sigterm_and_never_logs_the_key() ->
 
 
 def test_failed_create_leaves_the_state_untouched() -> None:
-    state = SimState()
+    state = SimState(rules=LENIENT)
     state.create_user({"identity": {"external_id": "u1"}, "subscriptions": [
         {"type": "SMS", "token": f"+1555555{i:04d}"} for i in range(20)]})
     before = state.view_all()

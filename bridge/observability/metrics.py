@@ -54,6 +54,10 @@ API_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
 )
 API_RETRIES = Counter(f"{PREFIX}_api_retries_total", "Retried OneSignal requests", ["reason"], registry=REGISTRY)
+API_FOLLOW_UPS = Counter(f"{PREFIX}_api_follow_ups_total",
+                         "Requests sent because an answer showed OneSignal did not apply what was asked "
+                         "(properties_not_applied: Create user on an existing user; consent_differs: a "
+                         "subscription OneSignal kept with another consent)", ["reason"], registry=REGISTRY)
 API_RATE_LIMITED = Counter(f"{PREFIX}_api_rate_limited_total", "429 answers from OneSignal", registry=REGISTRY)
 
 DEAD_LETTERS = Counter(

@@ -5,16 +5,20 @@ OneSignalError (retriable flag, status, endpoint)
  ├── RateLimited        429: wait at least `retry_after` seconds          retriable
  ├── ServerError        5xx                                              retriable
  ├── TransportError     timeout, connection refused/reset                retriable
+ ├── ReplicationLag     404 for a user created moments ago (the caller    retriable
+ │                      decides: see `onesignal.consistency_window_s`)
  ├── AuthError          401/403: the API key or app id is wrong           fatal: stop consuming
  ├── NotFound           404: the alias resolves to no user/subscription   handled by the caller
  ├── Conflict           409: alias held by another user, 20-subscription cap  dead letter
  └── Rejected           400/422 and other 4xx: OneSignal refuses the body     dead letter
+      └── TagLimitExceeded  400 "App is limited to a maximum of N tags on a given player"
 ```
 Messages never contain the API key: only status, endpoint and OneSignal's own error text.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -41,11 +45,16 @@ class OneSignalError(BridgeError):
 
 
 class RateLimited(OneSignalError):
+    """`retry_after`: the header's seconds, or 1.0 when OneSignal sent none (`retry_after_given`
+    False: the caller backs off by attempt instead, as OneSignal's SDK helper does)."""
+
     retriable = True
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: Any) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, retry_after_given: bool = True,
+                 **kw: Any) -> None:
         super().__init__(message, **kw)
         self.retry_after = retry_after
+        self.retry_after_given = retry_after_given
 
 
 class ServerError(OneSignalError):
@@ -58,6 +67,17 @@ class TransportError(OneSignalError):
     @property
     def reason(self) -> str:
         return "timeout" if "timed out" in str(self) else "connection"
+
+
+class ReplicationLag(OneSignalError):
+    """A 404 about a user created (or first seen) so recently that OneSignal's replicas may not
+    know it yet: not an answer, retried with backoff."""
+
+    retriable = True
+
+    @property
+    def reason(self) -> str:
+        return "replication_lag"
 
 
 class AuthError(OneSignalError):
@@ -82,6 +102,22 @@ class Conflict(OneSignalError):
 
 class Rejected(OneSignalError):
     retriable = False
+
+
+_TAG_LIMIT = re.compile(r"limited to a maximum of (\d+) tags", re.IGNORECASE)
+
+
+class TagLimitExceeded(Rejected):
+    """400: the write would leave the user over the app's per-user tag limit; nothing in it was
+    applied. `limit` is the number OneSignal named."""
+
+    def __init__(self, message: str, *, limit: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.limit = limit
+
+    @property
+    def reason(self) -> str:
+        return "tag_limit"
 
 
 def _structured(body: Any) -> list[dict[str, Any]]:
@@ -135,7 +171,8 @@ def from_response(resp: httpx.Response, endpoint: str, *, secret: str = "") -> O
     msg = f"OneSignal answered {status} to {endpoint}" + (f": {detail}" if detail else "")
     kw: dict[str, Any] = {"status": status, "endpoint": endpoint, "detail": detail, "body": body}
     if status == 429:
-        return RateLimited(msg, retry_after=_retry_after(resp.headers.get("retry-after")), **kw)
+        header = resp.headers.get("retry-after")
+        return RateLimited(msg, retry_after=_retry_after(header), retry_after_given=bool(header), **kw)
     if status in (401, 403):
         return AuthError(
             msg + " (check onesignal.app_id and onesignal.api_key: the key must be the app's REST API key)",
@@ -147,6 +184,9 @@ def from_response(resp: httpx.Response, endpoint: str, *, secret: str = "") -> O
         return Conflict(msg, **kw)
     if status >= 500:
         return ServerError(msg, **kw)
+    limited = _TAG_LIMIT.search(detail) if status == 400 else None
+    if limited is not None:
+        return TagLimitExceeded(msg, limit=int(limited.group(1)), **kw)
     return Rejected(msg, **kw)
 
 

@@ -1,21 +1,26 @@
 """In-memory model of one OneSignal app (users, aliases, subscriptions) for the simulator.
 
-Pure on purpose (no I/O, no clock) so every rule of the API contract (`onesignal-api.md`) can
-be unit-tested without a server. The HTTP layer (`simulator.py`) adds auth, rate limits and
-faults, and turns `SimError` into responses.
+Pure on purpose (no I/O; the clock is injected) so every rule of the API contract
+(`onesignal-api.md`) can be unit-tested without a server. The HTTP layer (`simulator.py`) adds
+auth, rate limits and faults, and turns `SimError` into responses.
 
 Every operation validates and checks limits *before* it mutates anything, so a request that
 fails leaves the state exactly as it was (the bridge relies on failed requests being no-ops).
+
+`Rules` says how the model reads what OneSignal does not document or documents against a kind
+server (docs/onesignal-semantics.md has the source of each): `STRICT` (the default) is the less
+convenient reading of each point, `LENIENT` the simulator's behaviour before issue 14.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 RESERVED_TAG_KEYS = frozenset(
     {"message", "notification", "subscription", "user", "template", "app", "org",
@@ -31,6 +36,41 @@ MAX_PROPERTY_UPDATES = 100
 MAX_SUBSCRIPTIONS = 20
 MAX_CUSTOM_ALIASES = 20  # not counting onesignal_id and external_id
 ONESIGNAL_ID = "onesignal_id"
+# An evicted subscription never leaves a user with fewer than this many of each (the subscriptions
+# guide: "OneSignal ensures at least 3 Email and 3 SMS Subscriptions").
+KEEP_PER_CHANNEL = {"Email": 3, "SMS": 3}
+SUBSCRIBED, UNSUBSCRIBED = 1, -2  # notification_types as OneSignal's SDKs send them
+
+
+def tag_limit_message(limit: int) -> str:
+    """OneSignal's words for a write that would leave a user over the app's tag limit."""
+    return f"App is limited to a maximum of {limit} tags on a given player"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The readings the model takes where OneSignal's behaviour is undocumented or unkind."""
+
+    # Create user on an existing user: merge `properties` (lenient) or ignore them (strict: the
+    # reference only says it modifies the user's subscriptions; Update user changes properties).
+    create_applies_properties: bool = False
+    # For this long after a user is created, lookups by alias (GET, PATCH, DELETE and the
+    # /identity and /subscriptions routes below them) answer 404 and apply nothing.
+    replication_lag_s: float = 2.0
+    # A write that adds tags and would leave the user above this many answers 400 (None: no limit).
+    max_tags: int | None = 10
+    # A 21st subscription: "evict" the oldest to a new anonymous user, or "refuse" it with 409.
+    subscription_overflow: Literal["evict", "refuse"] = "evict"
+    # notification_types is its own field ("separate") or always follows `enabled` ("derived").
+    notification_types: Literal["separate", "derived"] = "separate"
+    # A subscription sent again (same type and token, even when it moves to another user) keeps
+    # its state ("keep") or takes the `enabled` sent ("update").
+    resent_subscription: Literal["keep", "update"] = "keep"
+
+
+STRICT = Rules()
+LENIENT = Rules(create_applies_properties=True, replication_lag_s=0.0, max_tags=None,
+                subscription_overflow="refuse", notification_types="derived", resent_subscription="update")
 
 _ALIAS_RE = re.compile(r"[^/?#&=\s\x00-\x1f\x7f-\x9f]{1,128}")
 _SMS_RE = re.compile(r"\+[1-9]\d{6,14}")
@@ -41,12 +81,16 @@ _COUNTRY_RE = re.compile(r"[A-Z]{2}")
 
 
 class SimError(Exception):
-    """A request the API refuses: `status` and a structured `{"errors": [...]}` body."""
+    """A request the API refuses: `status` and a `{"errors": [...]}` body, structured (objects
+    with code and title) or basic (strings, with `extra` fields such as `"success": false`)."""
 
-    def __init__(self, status: int, errors: list[dict[str, Any]]) -> None:
-        super().__init__(f"{status}: {errors[0]['title'] if errors else ''}")
+    def __init__(self, status: int, errors: list[dict[str, Any]] | list[str],
+                 extra: dict[str, Any] | None = None) -> None:
+        first = errors[0] if errors else ""
+        super().__init__(f"{status}: {first['title'] if isinstance(first, dict) else first}")
         self.status = status
         self.errors = errors
+        self.extra = extra or {}
 
     @classmethod
     def one(cls, status: int, code: str, title: str, meta: dict[str, Any] | None = None) -> SimError:
@@ -55,8 +99,12 @@ class SimError(Exception):
             error["meta"] = meta
         return cls(status, [error])
 
+    @classmethod
+    def basic(cls, status: int, message: str) -> SimError:
+        return cls(status, [message], {"success": False})
+
     def body(self) -> dict[str, Any]:
-        return {"errors": self.errors}
+        return {"errors": self.errors, **self.extra}
 
 
 def _show(value: Any) -> str:
@@ -236,7 +284,16 @@ def _parse_subscription(p: _Problems, raw: Any, where: str) -> dict[str, Any]:
     enabled = raw.get("enabled")
     if enabled is not None and not isinstance(enabled, bool):
         p.add("invalid-type", f"{where}.enabled must be a boolean")
-    return {"type": kind, "token": raw.get("token"), "enabled": enabled}
+    types = _parse_notification_types(p, raw, where)
+    return {"type": kind, "token": raw.get("token"), "enabled": enabled, "notification_types": types}
+
+
+def _parse_notification_types(p: _Problems, raw: dict[str, Any], where: str) -> int | None:
+    value = raw.get("notification_types")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        p.add("invalid-type", f"{where}.notification_types must be an integer (1 subscribed, -2 unsubscribed)")
+        return None
+    return value
 
 
 def _require_object(raw: Any) -> dict[str, Any]:
@@ -256,6 +313,7 @@ class Subscription:
     token: str | None
     enabled: bool
     owner: str  # onesignal_id of the user that holds it
+    notification_types: int = SUBSCRIBED
 
     def key(self) -> tuple[str, str] | None:
         """Identity of a subscription across users: the same type+token is the same channel."""
@@ -263,7 +321,7 @@ class Subscription:
 
     def view(self) -> dict[str, Any]:
         view: dict[str, Any] = {"id": self.id, "type": self.type, "enabled": self.enabled,
-                                "notification_types": 1 if self.enabled else -2}
+                                "notification_types": self.notification_types}
         if self.token is not None:
             view["token"] = self.token
         return view
@@ -274,9 +332,10 @@ class User:
     onesignal_id: str
     identity: dict[str, str]
     properties: dict[str, Any] = field(default_factory=lambda: {"tags": {}})
-    subscription_ids: list[str] = field(default_factory=list)
+    subscription_ids: list[str] = field(default_factory=list)  # oldest first
     session_time: int = 0
     session_count: int = 0
+    created_at: float = 0.0  # the state's clock when the user was created
 
 
 def _merge_properties(user: User, properties: dict[str, Any]) -> None:
@@ -323,8 +382,11 @@ def _primary_alias(body: Any) -> tuple[str, str] | None:
 class SimState:
     """Users, their aliases and subscriptions, with the indexes the API looks them up by."""
 
-    def __init__(self, new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+    def __init__(self, new_id: Callable[[], str] = lambda: str(uuid.uuid4()), *, rules: Rules = STRICT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._new_id = new_id
+        self.rules = rules
+        self._clock = clock
         self.users: dict[str, User] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self._aliases: dict[tuple[str, str], str] = {}
@@ -339,10 +401,17 @@ class SimState:
         return self.users.get(owner) if owner else None
 
     def require(self, label: str, alias_id: str) -> User:
+        """The user an alias names, for every route *by alias*: 404 when there is none, and also
+        while the user is younger than the replication lag (its creation has not reached the
+        replicas that serve reads and updates)."""
         user = self.find(label, alias_id)
-        if user is None:
+        if user is None or self.lagging(user):
             raise SimError.one(404, "user-not-found", f"no user has the alias {label}={_show(alias_id)}")
         return user
+
+    def lagging(self, user: User) -> bool:
+        lag = self.rules.replication_lag_s
+        return lag > 0 and self._clock() - user.created_at < lag
 
     def require_subscription(self, sub_id: str) -> Subscription:
         sub = self.subscriptions.get(sub_id)
@@ -406,14 +475,19 @@ class SimState:
         p.raise_if_any()
         user = self._owner_of(identity)
         self._check_alias_room(user, identity)
+        applies = user is None or self.rules.create_applies_properties
+        if applies:
+            self._check_tag_room(user, properties)
         self._check_subscription_room(user, subs)
         status = 200 if user is None else 202
         if user is None:
             user = self._new_user()
         self._set_aliases(user, identity)
-        _merge_properties(user, properties)
+        if applies:  # strict: an existing user's properties change only through Update user
+            _merge_properties(user, properties)
         for sub in subs:
             self._attach(user, sub)
+        self._evict_overflow(user)
         return status, self.view(user)
 
     def update_user(self, label: str, alias_id: str, body: Any) -> dict[str, Any]:
@@ -424,6 +498,7 @@ class SimState:
         deltas = _parse_deltas(p, body.get("deltas"))
         p.raise_if_any()
         user = self.require(label, alias_id)
+        self._check_tag_room(user, properties)
         _merge_properties(user, properties)
         _apply_deltas(user, deltas)
         echo = {k: v for k, v in properties.items() if v is not None}
@@ -477,6 +552,7 @@ class SimState:
         user = self.require(label, alias_id)
         self._check_subscription_room(user, [sub])
         status, created = self._attach(user, sub)
+        self._evict_overflow(user)
         return status, {"subscription": created.view()}
 
     def update_subscription(self, sub_id: str, body: Any) -> dict[str, Any]:
@@ -489,6 +565,7 @@ class SimState:
         enabled = raw.get("enabled")
         if enabled is not None and not isinstance(enabled, bool):
             p.add("invalid-type", "subscription.enabled must be a boolean")
+        types = _parse_notification_types(p, raw, "subscription")
         p.raise_if_any()
         sub = self.require_subscription(sub_id)
         if raw.get("type") not in (None, sub.type):
@@ -507,9 +584,13 @@ class SimState:
             sub.token = token
             if (new_key := sub.key()) is not None:
                 self._tokens[new_key] = sub.id
-        if enabled is not None:
-            sub.enabled = enabled
+        self._set_consent(sub, enabled, types)
         return {}
+
+    def subscription_owner_identity(self, sub_id: str) -> dict[str, Any]:
+        """View user identity by subscription: the aliases of the user that holds it."""
+        sub = self.require_subscription(sub_id)
+        return {"identity": dict(self.users[sub.owner].identity)}
 
     def delete_subscription(self, sub_id: str) -> dict[str, Any]:
         self._drop_subscription(self.require_subscription(sub_id))
@@ -529,13 +610,14 @@ class SimState:
         if sub.owner != target.onesignal_id:
             self._check_subscription_room(target, [{"type": sub.type, "token": sub.token, "id": sub.id}])
             self._move(sub, target)
+            self._evict_overflow(target)
         return {"identity": dict(target.identity)}
 
     # -- internals ----------------------------------------------------------------------------
 
     def _new_user(self) -> User:
         osid = self._new_id()
-        user = User(onesignal_id=osid, identity={ONESIGNAL_ID: osid})
+        user = User(onesignal_id=osid, identity={ONESIGNAL_ID: osid}, created_at=self._clock())
         self.users[osid] = user
         self._aliases[(ONESIGNAL_ID, osid)] = osid
         return user
@@ -557,8 +639,29 @@ class SimState:
         if len(custom) > MAX_CUSTOM_ALIASES:
             raise SimError.one(409, "alias-limit", f"a user has at most {MAX_CUSTOM_ALIASES} custom aliases")
 
+    def _check_tag_room(self, user: User | None, properties: dict[str, Any]) -> None:
+        """400 (OneSignal's basic body) when the write adds tags and would leave the user with more
+        than the app's limit. Writes that only change or delete tags always pass."""
+        limit = self.rules.max_tags
+        tags = properties.get("tags") or {}
+        if limit is None or not tags:
+            return
+        result = dict(user.properties.get("tags", {})) if user is not None else {}
+        added = False
+        for key, value in tags.items():
+            if value in (None, ""):
+                result.pop(key, None)
+            else:
+                added = added or key not in result
+                result[key] = value
+        if added and len(result) > limit:
+            raise SimError.basic(400, tag_limit_message(limit))
+
     def _check_subscription_room(self, user: User | None, subs: list[dict[str, Any]]) -> None:
-        """409 when attaching `subs` would leave the user with more than 20 subscriptions."""
+        """409 when attaching `subs` would leave the user with more than 20 subscriptions (only
+        when overflow is refused; otherwise the oldest are evicted after the write)."""
+        if self.rules.subscription_overflow == "evict":
+            return
         held = {self.subscriptions[sid].key() for sid in user.subscription_ids} if user else set()
         incoming: set[Any] = set()
         extra = 0
@@ -589,16 +692,38 @@ class SimState:
             if existing.owner == user.onesignal_id:
                 return 200, existing
             self._move(existing, user)
-            if sub.get("enabled") is not None:
-                existing.enabled = sub["enabled"]
+            if self.rules.resent_subscription == "update":
+                self._set_consent(existing, sub.get("enabled"), sub.get("notification_types"))
             return 202, existing
         enabled = True if sub.get("enabled") is None else sub["enabled"]
-        created = Subscription(self._new_id(), sub["type"], token, enabled, user.onesignal_id)
+        created = Subscription(self._new_id(), sub["type"], token, enabled, user.onesignal_id,
+                               SUBSCRIBED if enabled else UNSUBSCRIBED)
+        self._set_consent(created, None, sub.get("notification_types"))
         self.subscriptions[created.id] = created
         if (key := created.key()) is not None:
             self._tokens[key] = created.id
         user.subscription_ids.append(created.id)
         return 201, created
+
+    def _set_consent(self, sub: Subscription, enabled: bool | None, types: int | None) -> None:
+        """Apply `enabled` and `notification_types` as sent. Derived: notification_types follows
+        `enabled` and is never set on its own. Separate: each field changes only when sent."""
+        if enabled is not None:
+            sub.enabled = enabled
+        if self.rules.notification_types == "derived":
+            sub.notification_types = SUBSCRIBED if sub.enabled else UNSUBSCRIBED
+        elif types is not None:
+            sub.notification_types = types
+
+    def _evict_overflow(self, user: User) -> None:
+        """Past 20 subscriptions, the oldest go to new anonymous users (the subscriptions guide),
+        never taking a user below 3 Email or 3 SMS subscriptions."""
+        while len(user.subscription_ids) > MAX_SUBSCRIPTIONS:
+            held = [self.subscriptions[sid] for sid in user.subscription_ids]
+            count = {kind: sum(s.type == kind for s in held) for kind in KEEP_PER_CHANNEL}
+            oldest = next((s for s in held if count.get(s.type, 99) > KEEP_PER_CHANNEL.get(s.type, 0)),
+                          held[0])
+            self._move(oldest, self._new_user())
 
     def _move(self, sub: Subscription, target: User) -> None:
         self.users[sub.owner].subscription_ids.remove(sub.id)

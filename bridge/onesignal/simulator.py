@@ -8,7 +8,18 @@ Order in which a request to `/apps/...` is handled, so that a failed request cha
 faults -> auth -> app id -> rate limit -> validation -> state change. Everything under
 `/_simulator/` is a control endpoint: no auth, no limits, no faults, not logged in the stats.
 
-Run it: `python -m bridge.onesignal.simulator --port 8089 [--api-key KEY]`.
+Strict by default (issue 14; docs/onesignal-semantics.md names the source of each point): Create
+user on an existing user ignores `properties`; a user answers 404 by alias for
+`--replication-lag-ms` after its creation; `--max-tags` per user (400 with OneSignal's body); a
+wrong key is 403 and `Basic` is refused; a wrong `--app-id` is 403 like a mismatched key; 429
+carries `{"errors":["API rate limit exceeded."]}` and every second one has no `Retry-After`; View
+endpoints 1 request/s per app; a 21st subscription evicts the oldest to a new anonymous user;
+`notification_types` is a field of its own; a re-sent subscription keeps its state. `--lenient`
+restores the kinder behaviour of earlier versions; each point is also a flag of its own, and
+`POST /_simulator/config` changes them at run time (`POST /_simulator/reset` restores the
+start-up settings).
+
+Run it: `python -m bridge.onesignal.simulator --port 8089 [--api-key KEY] [--lenient]`.
 """
 
 from __future__ import annotations
@@ -18,7 +29,6 @@ import asyncio
 import hmac
 import http
 import logging
-import os
 import random
 import re
 import signal
@@ -26,13 +36,14 @@ import sys
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from bridge.onesignal.simstate import SimError, SimState
+from bridge.onesignal.simflags import add_arguments
+from bridge.onesignal.simstate import Rules, SimError, SimState
 
 log = logging.getLogger("bridge.onesignal.simulator")
 
@@ -40,7 +51,10 @@ REQUEST_LOG_SIZE = 100_000
 # The text OneSignal's edge answers for a missing or wrong key (the SDK's error catalog).
 ACCESS_DENIED = ("Access denied.  Please include an 'Authorization: ...' header with a valid API key "
                  "(https://documentation.onesignal.com/docs/en/keys-and-ids#api-keys).")
-RATE_LIMIT_BODY = {"errors": [{"code": "Rate Limit Exceeded", "title": "API rate limit exceeded"}]}
+# 429 bodies: OneSignal's (rate-limits page; the SDK's RateLimitError wants strings) and the
+# structured one earlier versions of the simulator answered (--rate-limit-body structured).
+RATE_LIMIT_BODY = {"errors": ["API rate limit exceeded."]}
+STRUCTURED_RATE_LIMIT_BODY = {"errors": [{"code": "Rate Limit Exceeded", "title": "API rate limit exceeded"}]}
 _BAD_GATEWAY_HTML = (b"<html><head><title>502 Bad Gateway</title></head>"
                      b"<body><center><h1>502 Bad Gateway</h1></center></body></html>")
 _USERS = "/apps/{app_id}/users"
@@ -73,10 +87,96 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return _error(exc.status, "not-found" if exc.status == 404 else "invalid-request", exc.reason)
 
 
-def _rate_limited(wait_s: float) -> web.Response:
-    """429 with Retry-After in whole seconds, rounded up: waiting that long always succeeds."""
+def _rate_limited(wait_s: float, body: dict[str, Any] = RATE_LIMIT_BODY, header: bool = True) -> web.Response:
+    """429 with Retry-After in whole seconds, rounded up (waiting that long always succeeds), or
+    without the header at all."""
     retry_after = max(1, int(-(-wait_s // 1)))
-    return _json(RATE_LIMIT_BODY, 429, {"Retry-After": str(retry_after)})
+    return _json(body, 429, {"Retry-After": str(retry_after)} if header else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# How strictly the simulator reads OneSignal (see the module docstring)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every strict-or-lenient point, by the name its flag and `/_simulator/config` key use."""
+
+    create_applies_properties: bool = False
+    replication_lag_ms: float = 2000.0
+    max_tags: int = 10  # 0: no limit
+    subscription_overflow: str = "evict"  # evict | refuse
+    notification_types: str = "separate"  # separate | derived
+    resent_subscription: str = "keep"  # keep | update
+    wrong_key_status: int = 403  # 403 | 401
+    basic_auth: str = "refuse"  # refuse | accept
+    rate_limit_body: str = "real"  # real | structured
+    omit_retry_after_every: int = 2  # every Nth 429 has no Retry-After (0: never)
+    view_rate_per_s: float = 1.0
+
+    def rules(self) -> Rules:
+        return Rules(create_applies_properties=self.create_applies_properties,
+                     replication_lag_s=self.replication_lag_ms / 1000.0,
+                     max_tags=self.max_tags or None,
+                     subscription_overflow="refuse" if self.subscription_overflow == "refuse" else "evict",
+                     notification_types="derived" if self.notification_types == "derived" else "separate",
+                     resent_subscription="update" if self.resent_subscription == "update" else "keep")
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+STRICT = Settings()
+LENIENT = Settings(create_applies_properties=True, replication_lag_ms=0.0, max_tags=0,
+                   subscription_overflow="refuse", notification_types="derived", resent_subscription="update",
+                   wrong_key_status=401, basic_auth="accept", rate_limit_body="structured",
+                   omit_retry_after_every=0, view_rate_per_s=10.0)
+PRESETS = {"strict": STRICT, "lenient": LENIENT}
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "subscription_overflow": ("evict", "refuse"), "notification_types": ("separate", "derived"),
+    "resent_subscription": ("keep", "update"), "wrong_key_status": (403, 401),
+    "basic_auth": ("refuse", "accept"), "rate_limit_body": ("real", "structured"),
+}
+
+
+def parse_settings(body: Any, base: Settings) -> Settings:
+    """Validate a POST /_simulator/config body: `preset` (strict|lenient) first, then any field of
+    `Settings` on top. SimError 400 names every bad key."""
+    if not isinstance(body, dict):
+        raise SimError.one(400, "invalid-body", "the config body must be a JSON object")
+    problems: list[str] = []
+    preset = body.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            problems.append("preset must be strict or lenient")
+        else:
+            base = PRESETS[preset]
+    known = {f.name: f for f in fields(Settings)}
+    changes: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "preset":
+            continue
+        if key not in known:
+            problems.append(f"{key} is not a setting (one of {', '.join(known)})")
+        elif key in _CHOICES:
+            if value not in _CHOICES[key] or isinstance(value, bool):
+                problems.append(f"{key} must be one of {', '.join(map(str, _CHOICES[key]))}")
+            else:
+                changes[key] = value
+        elif known[key].type == "bool":
+            if not isinstance(value, bool):
+                problems.append(f"{key} must be true or false")
+            else:
+                changes[key] = value
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            problems.append(f"{key} must be a non-negative number")
+        elif known[key].type == "int" and value != int(value):
+            problems.append(f"{key} must be a whole number")
+        else:
+            changes[key] = int(value) if known[key].type == "int" else float(value)
+    if problems:
+        raise SimError(400, [{"code": "invalid-config", "title": p} for p in problems])
+    return replace(base, **changes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +314,11 @@ def parse_faults(body: Any) -> Faults:
 
 def _fault_response(status: int) -> web.Response:
     """Deterministic bodies per status so clients' defensive parsing gets exercised:
-    502 an HTML page, 504 an empty body, 429 the rate-limit body, others the basic shape."""
+    502 an HTML page, 504 an empty body, others the basic shape (429: see Simulator._inject)."""
     if status == 502:
         return web.Response(body=_BAD_GATEWAY_HTML, status=502, content_type="text/html")
     if status == 504:
         return web.Response(status=504)
-    if status == 429:
-        return _rate_limited(1.0)
     try:
         phrase = http.HTTPStatus(status).phrase
     except ValueError:
@@ -236,10 +334,12 @@ class Simulator:
     """Everything the handlers share: the state, limiters, faults, stats and request log."""
 
     def __init__(self, *, api_key: str | None, app_id: str | None, app_rate_per_s: int,
-                 user_interval_s: float, view_rate_per_s: float) -> None:
+                 user_interval_s: float, settings: Settings = STRICT) -> None:
         self._api_key = api_key
         self.app_id = app_id
-        self._limits = (app_rate_per_s, user_interval_s, view_rate_per_s)
+        self._limits = (app_rate_per_s, user_interval_s)
+        self.startup_settings = settings
+        self.settings = settings
         self.faults: Faults | None = None
         self.stopping = asyncio.Event()
         self.reset()
@@ -249,16 +349,35 @@ class Simulator:
         return self._api_key is not None
 
     def reset(self) -> None:
-        """Forget users, limiter windows, stats and the request log (faults stay)."""
-        app_rate, user_interval, view_rate = self._limits
-        self.state = SimState()
+        """Forget users, limiter windows, stats and the request log, and go back to the start-up
+        settings (faults stay)."""
+        app_rate, user_interval = self._limits
+        self.settings = self.startup_settings
+        self.state = SimState(rules=self.settings.rules())
         self.writes = WriteLimiter(app_rate, user_interval)
-        self.views = ViewLimiter(view_rate)
+        self.views = ViewLimiter(self.settings.view_rate_per_s)
+        self.rate_limit_answers = 0
         self.total_requests = 0
         self.rate_limited = 0
         self.by_endpoint: Counter[str] = Counter()
         self.by_status: Counter[str] = Counter()
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
+
+    def configure(self, settings: Settings) -> None:
+        """Change the settings at run time; users, limiter windows and stats stay."""
+        if settings.view_rate_per_s != self.settings.view_rate_per_s:
+            self.views = ViewLimiter(settings.view_rate_per_s)
+        self.settings = settings
+        self.state.rules = settings.rules()
+
+    def rate_limit_response(self, wait_s: float) -> web.Response:
+        """A 429 as the settings say: OneSignal's body or the structured one; every Nth without
+        Retry-After (OneSignal's SDK then waits 60 s; clients must not assume the header)."""
+        self.rate_limit_answers += 1
+        every = self.settings.omit_retry_after_every
+        header = not (every and self.rate_limit_answers % every == 0)
+        body = RATE_LIMIT_BODY if self.settings.rate_limit_body == "real" else STRUCTURED_RATE_LIMIT_BODY
+        return _rate_limited(wait_s, body, header)
 
     # -- the pipeline every /apps/ request goes through ----------------------------------------
 
@@ -286,16 +405,20 @@ class Simulator:
             if injected is not None:
                 return injected
         if not self._authorized(request):
+            if self.settings.wrong_key_status == 403:
+                return _json({"errors": [ACCESS_DENIED]}, 403)
             return _error(401, "access-denied", ACCESS_DENIED)
         app_id = request.match_info.get("app_id")
         if self.app_id is not None and app_id is not None and app_id != self.app_id:
+            if self.settings.wrong_key_status == 403:  # an app key for another app: "mismatched key"
+                return _json({"errors": [ACCESS_DENIED]}, 403)
             return _error(403, "access-denied", "the API key is not valid for this app id")
         try:
             return await handler(request)
         except SimError as exc:
             return _json(exc.body(), exc.status)
         except RateLimited as exc:
-            return _rate_limited(exc.wait_s)
+            return self.rate_limit_response(exc.wait_s)
         except web.HTTPException as exc:  # unknown path or method under /apps/
             return _http_error(exc)
 
@@ -306,6 +429,10 @@ class Simulator:
             await self._hold(request, faults.hold_s)
             return web.Response(status=504)
         if faults.error_rate and faults.rng.random() < faults.error_rate:
+            if faults.status == 429:
+                return self.rate_limit_response(1.0)
+            if faults.status in (401, 403):  # a key refused, as OneSignal's edge answers it
+                return _json({"errors": [ACCESS_DENIED]}, faults.status)
             return _fault_response(faults.status)
         return None
 
@@ -325,11 +452,12 @@ class Simulator:
                 pass
 
     def _authorized(self, request: web.Request) -> bool:
-        """Accept `Key <key>` or `Basic <key>`; compare in constant time; never log the key."""
+        """Accept `Key <key>` (and `Basic <key>` when basic_auth is accept: the legacy scheme, not
+        the User Model's); compare in constant time; never log the key."""
         if self._api_key is None:
             return True
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() not in ("key", "basic"):
+        if scheme.lower() not in (("key", "basic") if self.settings.basic_auth == "accept" else ("key",)):
             return False
         return hmac.compare_digest(token.strip().encode(), self._api_key.encode())
 
@@ -422,6 +550,10 @@ class Simulator:
     async def delete_subscription(self, request: web.Request) -> web.Response:
         return _json(self.state.delete_subscription(self._subscription_write(request)), 202)
 
+    async def subscription_identity(self, request: web.Request) -> web.Response:
+        self._admit_view()
+        return _json(self.state.subscription_owner_identity(request.match_info["subscription_id"]))
+
     async def transfer_subscription(self, request: web.Request) -> web.Response:
         body = await _read_json(request)
         return _json(self.state.transfer_subscription(self._subscription_write(request), _parsed(body)))
@@ -456,6 +588,16 @@ class Simulator:
         self.reset()
         return _json({"reset": True})
 
+    async def control_get_config(self, request: web.Request) -> web.Response:
+        return _json({"config": self.settings.public(), "startup": self.startup_settings.public()})
+
+    async def control_set_config(self, request: web.Request) -> web.Response:
+        try:
+            self.configure(parse_settings(_parsed(await _read_json(request)), self.settings))
+        except SimError as exc:
+            return _json(exc.body(), exc.status)
+        return _json({"config": self.settings.public()})
+
 
 class _InvalidJson:
     """Marker for a body that is not JSON: refused only after the rate limiter saw the request."""
@@ -487,10 +629,15 @@ SIMULATOR_KEY = web.AppKey("onesignal_simulator", Simulator)
 
 
 def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate_per_s: int = 1000,
-              user_interval_s: float = 1.0, view_rate_per_s: float = 10.0) -> web.Application:
-    """The simulator as an aiohttp application (api_key/app_id None: accept any)."""
+              user_interval_s: float = 1.0, view_rate_per_s: float | None = None,
+              settings: Settings = STRICT, **overrides: Any) -> web.Application:
+    """The simulator as an aiohttp application (api_key/app_id None: accept any). `settings`
+    (strict by default), then `view_rate_per_s` and any other `Settings` field given by name."""
+    if view_rate_per_s is not None:
+        overrides["view_rate_per_s"] = view_rate_per_s
+    settings = replace(settings, **overrides)
     sim = Simulator(api_key=api_key, app_id=app_id, app_rate_per_s=app_rate_per_s,
-                    user_interval_s=user_interval_s, view_rate_per_s=view_rate_per_s)
+                    user_interval_s=user_interval_s, settings=settings)
     app = web.Application(middlewares=[sim.middleware], client_max_size=4 * 1024 * 1024)
     app[SIMULATOR_KEY] = sim
 
@@ -510,6 +657,7 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
         web.patch(_SUBSCRIPTION, sim.update_subscription),
         web.delete(_SUBSCRIPTION, sim.delete_subscription),
         web.patch(_SUBSCRIPTION + "/owner", sim.transfer_subscription),
+        web.get(_SUBSCRIPTION + "/user/identity", sim.subscription_identity, allow_head=False),
         web.get("/_simulator/users", sim.control_users, allow_head=False),
         web.get("/_simulator/stats", sim.control_stats, allow_head=False),
         web.get("/_simulator/requests", sim.control_requests, allow_head=False),
@@ -517,6 +665,8 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
         web.post("/_simulator/faults", sim.control_set_faults),
         web.delete("/_simulator/faults", sim.control_clear_faults),
         web.post("/_simulator/reset", sim.control_reset),
+        web.get("/_simulator/config", sim.control_get_config, allow_head=False),
+        web.post("/_simulator/config", sim.control_set_config),
     ])
     from bridge.onesignal import simexport
 
@@ -544,17 +694,27 @@ async def serve(host: str, port: int, api_key: str | None = None) -> None:
     await _serve_app(build_app(api_key=api_key), host, port)
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    settings = PRESETS[args.preset]
+    changes: dict[str, Any] = {}
+    if args.create_properties is not None:
+        changes["create_applies_properties"] = args.create_properties == "merge"
+    for name in ("replication_lag_ms", "max_tags", "wrong_key_status", "basic_auth", "rate_limit_body",
+                 "omit_retry_after_every", "view_rate_per_s", "subscription_overflow", "notification_types",
+                 "resent_subscription"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    problems = [f"--{k.replace('_', '-')} must not be negative" for k, v in changes.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
+    if problems:
+        raise SystemExit("simulator: " + "; ".join(problems))
+    return replace(settings, **changes)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="onesignal-bridge simulator",
                                      description="A local OneSignal REST API with in-memory state.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8089)
-    parser.add_argument("--api-key", default=os.environ.get("ONESIGNAL_API_KEY") or None,
-                        help="required API key (default: $ONESIGNAL_API_KEY; unset: accept any)")
-    parser.add_argument("--app-id", default=None, help="only accept this app id (default: any)")
-    parser.add_argument("--app-rate-per-s", type=int, default=1000)
-    parser.add_argument("--user-interval-s", type=float, default=1.0)
-    parser.add_argument("--view-rate-per-s", type=float, default=10.0)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -574,10 +734,17 @@ async def _run_until_signal(app: web.Application, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: serve until SIGINT/SIGTERM; 0 on a clean stop, 1 when it cannot listen."""
-    args = _parse_args(argv)
+    return run(_parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve with parsed flags (see `add_arguments`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = settings_from_args(args)
+    log.info("OneSignal simulator settings (%s base): %s", args.preset,
+             ", ".join(f"{k}={v}" for k, v in settings.public().items()))
     app = build_app(api_key=args.api_key, app_id=args.app_id, app_rate_per_s=args.app_rate_per_s,
-                    user_interval_s=args.user_interval_s, view_rate_per_s=args.view_rate_per_s)
+                    user_interval_s=args.user_interval_s, settings=settings)
     try:
         asyncio.run(_run_until_signal(app, args.host, args.port))
     except OSError as exc:

@@ -289,7 +289,8 @@ class TableMapping:
     on_delete: str
     default_region: str
     on_address_change: str = "delete"
-    columns: frozenset[str] = field(default=frozenset())
+    columns: frozenset[str] = field(default=frozenset())  # every column the mapping reads
+    old_columns: frozenset[str] = field(default=frozenset())  # what it reads of an update's old row
 
     @classmethod
     def compile(cls, m: MappingConfig, default_region: str = "US") -> TableMapping:
@@ -319,6 +320,7 @@ class TableMapping:
         cols |= {c for _, c in tm.properties}
         cols |= {c for _, c, _ in tm.subscriptions} | {e for _, _, e in tm.subscriptions if e}
         object.__setattr__(tm, "columns", frozenset(cols))
+        object.__setattr__(tm, "old_columns", frozenset({tm.identity_column, *(c for _, c, _ in tm.subscriptions)}))
         return tm
 
     def __post_init__(self) -> None:
@@ -372,6 +374,10 @@ class TableMapping:
                 tags[tag] = v
             elif v is None:
                 tags[tag] = None
+            elif kind is _datetime:
+                tags[tag] = _DATETIME_TAGS[v]
+            elif (kind is _Decimal or kind is int) and len(text := str(v)) <= _SHORT_TAG:
+                tags[tag] = text
             else:
                 try:
                     tags[tag] = tag_value(v)
@@ -492,6 +498,11 @@ class TableMapping:
 
 
 _SHORT_TAG = MAX_TAG_VALUE_BYTES // 4  # a str this long or shorter is within the limit in any encoding
+_datetime = dt.datetime
+_Decimal = decimal.Decimal
+# Equal datetimes (the same instant) have the same unix seconds: memoised (a user's signup time
+# comes with every change of the user).
+_DATETIME_TAGS = _Memo(lambda v: str(unix_seconds(v)))
 
 
 _PAYLOAD_TEXT = 2048  # a dead letter keeps at most this much of a long text value

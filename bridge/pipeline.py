@@ -14,6 +14,7 @@ and given the pipeline's `done` callback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -44,6 +45,16 @@ class Pipeline:
         self.mapper = Mapper(config)
         self._tables = self.mapper.tables
         self.output = make_output(self.done)
+        # An output may offer a quiet submit (the dispatcher does): no metric updates or wake-up per
+        # change, one `settle()` after the source's synchronous pass. Otherwise `submit` it is.
+        quiet = getattr(self.output, "submit_quiet", None)
+        settle = getattr(self.output, "settle", None)
+        self._settle_soon = False
+        self._submit: Callable[[UserChange], None] = self.output.submit
+        if quiet is not None and settle is not None:
+            self._quiet: Callable[[UserChange], None] = quiet
+            self._settle_output: Callable[[], None] = settle
+            self._submit = self._submit_quietly
 
     # -- the output's side ---------------------------------------------------------------
 
@@ -102,7 +113,7 @@ class Pipeline:
             if len(changes) == 1:
                 output = self.output
                 if output.has_room():
-                    output.submit(changes[0])
+                    self._submit(changes[0])
                     return None
                 return self._finish(changes, (), [])
             if not changes:
@@ -119,7 +130,7 @@ class Pipeline:
             for i, ch in enumerate(changes):
                 if not output.has_room():
                     return self._finish(changes[i:], (), [])
-                output.submit(ch)
+                self._submit(ch)
             return None
         return self._finish(changes, rejections, rejected)
 
@@ -138,6 +149,18 @@ class Pipeline:
                 log.warning("dead-lettered: %s", d.message)
             await output.dead_letter(letters)
             self.done(rejected)
+
+    def _submit_quietly(self, change: UserChange) -> None:
+        """Submit through the output's quiet path (see `__init__`); settle it once the event loop
+        runs again, i.e. after the source's synchronous pass."""
+        self._quiet(change)
+        if not self._settle_soon:
+            self._settle_soon = True
+            asyncio.get_running_loop().call_soon(self._settle)
+
+    def _settle(self) -> None:
+        self._settle_soon = False
+        self._settle_output()
 
     def _flush_counts(self) -> None:
         """Add the events counted since the last flush to the `changes_total` counter (one

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
+import struct
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
@@ -40,6 +40,7 @@ MONITOR_S = 5.0
 DRAIN_BUDGET = 1000
 # A caught-up stream is confirmed this soon after its last change is done (at most this often).
 PROMPT_CONFIRM_S = 0.05
+_OID = struct.Struct("!I")
 
 
 class _LetOthersRun:
@@ -57,8 +58,9 @@ HEARTBEAT_PREFIX = "onesignal_bridge_heartbeat"
 
 class _Memo(dict[str, Any]):
     """Text -> value for one column whose conversion costs more than a dict lookup and gives an
-    immutable value (timestamps, dates, numerics, booleans, uuids): rows repeat those values (a
-    user's signup time, a plan). Emptied when full."""
+    immutable value (timestamps, dates, booleans, uuids): rows repeat those values (a user's
+    signup time). Emptied when full. (Numerics are not memoised: `Decimal(text)` is about as
+    cheap as a miss.)"""
 
     __slots__ = ("convert",)
 
@@ -75,8 +77,26 @@ class _Memo(dict[str, Any]):
 
 
 # Converters whose values are immutable and cost more than a dict lookup: memoised per column.
-_MEMOISED = frozenset((PgType.TIMESTAMPTZ, PgType.TIMESTAMP, PgType.DATE, PgType.NUMERIC, PgType.BOOL,
-                       PgType.UUID))
+_MEMOISED = frozenset((PgType.TIMESTAMPTZ, PgType.TIMESTAMP, PgType.DATE, PgType.BOOL, PgType.UUID))
+
+
+def _row_builder(columns: list[tuple[int, str, Callable[[str], Any] | None]]
+                 ) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
+    """A function `values -> {name: value}` for the given (index, name, converter) columns: one
+    dict display, compiled once per relation (the hot path runs it for every row). A value is
+    converted only when it is text; None (NULL), UNCHANGED (TOAST) and bytes stay as they are."""
+    env: dict[str, Any] = {"_str": str}
+    items = []
+    for n, (i, name, convert) in enumerate(columns):
+        if convert is None:
+            items.append(f"{name!r}: values[{i}]")
+        else:
+            env[f"_c{n}"] = convert
+            items.append(f"{name!r}: _c{n}(values[{i}]) if type(values[{i}]) is _str else values[{i}]")
+    source = "def row(values):\n    return {" + ", ".join(items) + "}\n"
+    exec(compile(source, "<pgoutput row>", "exec"), env)  # noqa: S102 - names are repr()'d literals
+    fn: Callable[[tuple[Any, ...]], dict[str, Any]] = env["row"]
+    return fn
 
 
 class _Table:
@@ -85,10 +105,10 @@ class _Table:
     Only mapped and key columns are read (`columns`: the rest would be converted for nothing);
     text columns need no conversion, and the converted ones go through a per-column memo."""
 
-    __slots__ = ("name", "names", "key_idx", "key_names", "wanted", "wanted_names", "_pick", "_convert")
+    __slots__ = ("name", "names", "key_idx", "key_names", "wanted", "row", "old_row", "old_keep")
 
     def __init__(self, rel: po.Relation, primary_key: list[str] | None = None,
-                 columns: frozenset[str] | None = None) -> None:
+                 columns: frozenset[str] | None = None, old_columns: frozenset[str] | None = None) -> None:
         self.name = f"{rel.namespace}.{rel.name}"
         self.names = [c.name for c in rel.columns]
         if primary_key:  # REPLICA IDENTITY FULL flags every column as key: name rows by their PK
@@ -98,27 +118,27 @@ class _Table:
         self.key_names = [self.names[i] for i in self.key_idx]
         keep = None if columns is None else set(columns) | set(self.key_names)
         self.wanted = [i for i, n in enumerate(self.names) if keep is None or n in keep]
-        self.wanted_names = [self.names[i] for i in self.wanted]
-        idx = self.wanted
-        self._pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] = (
-            operator.itemgetter(*idx) if len(idx) > 1 else (lambda values: tuple(values[i] for i in idx)))
-        self._convert: list[tuple[str, Callable[[str], Any]]] = []
+        plan: list[tuple[int, str, Callable[[str], Any] | None]] = []
         for i in self.wanted:
             col = rel.columns[i]
-            conv = converter_for(col.type_oid)
+            conv: Callable[[str], Any] | None = converter_for(col.type_oid)
             if conv is str:
-                continue  # text stays as it came
-            self._convert.append((col.name, _Memo(conv).__getitem__ if col.type_oid in _MEMOISED else conv))
-
-    def row(self, values: tuple[Any, ...]) -> dict[str, Any]:
-        """{column: value} of the wanted columns (None for NULL, UNCHANGED for unchanged TOAST,
-        bytes for a binary value, else the converted text)."""
-        out = dict(zip(self.wanted_names, self._pick(values), strict=True))
-        for name, convert in self._convert:
-            v = out[name]
-            if type(v) is str:
-                out[name] = convert(v)
-        return out
+                conv = None  # text stays as it came
+            elif col.type_oid in _MEMOISED:
+                conv = _Memo(conv).__getitem__  # type: ignore[arg-type]
+            plan.append((i, col.name, conv))
+        #: `row(values)`: {column: value} of the wanted columns of a decoded tuple.
+        self.row = _row_builder(plan)
+        # What an update's whole old row (REPLICA IDENTITY FULL) is read for: the key and the columns
+        # the mapping compares or retires (the identity, subscription addresses). The rest of it is
+        # not even decoded (pgoutput.row_message's old_keep), unless the new row has an unchanged
+        # TOAST value to take from it.
+        self.old_keep: tuple[bool, ...] | None = None
+        self.old_row = self.row
+        if old_columns is not None and columns is not None:
+            old_wanted = set(old_columns) | set(self.key_names)
+            self.old_keep = tuple(n in old_wanted for n in self.names)
+            self.old_row = _row_builder([c for c in plan if c[1] in old_wanted])
 
     def key(self, row: dict[str, Any]) -> dict[str, Any]:
         return {name: row.get(name) for name in self.key_names}
@@ -130,9 +150,11 @@ def _now_us_since_2000() -> int:
 
 class PostgresSource:
     def __init__(self, cfg: PostgresSourceConfig, tables: set[str], dsn: str | None = None,
-                 requests_per_s: float = 900.0, columns: dict[str, frozenset[str]] | None = None) -> None:
+                 requests_per_s: float = 900.0, columns: dict[str, frozenset[str]] | None = None,
+                 old_columns: dict[str, frozenset[str]] | None = None) -> None:
         self.cfg = cfg
         self._columns = columns or {}
+        self._old_columns = old_columns or {}
         self._requests_per_s = requests_per_s
         self.tables = tables
         self.dsn = dsn or cfg.dsn.get_secret_value()
@@ -153,9 +175,11 @@ class PostgresSource:
         """The source for a whole configuration: mapped tables, their columns, the request budget."""
         from bridge.mapping import TableMapping
 
-        columns = {mp.table: TableMapping.compile(mp).columns for mp in config.mappings}
-        return cls(config.source, set(columns), requests_per_s=config.delivery.app_requests_per_second,
-                   columns=columns)
+        compiled = [TableMapping.compile(mp) for mp in config.mappings]
+        return cls(config.source, {tm.table for tm in compiled},
+                   requests_per_s=config.delivery.app_requests_per_second,
+                   columns={tm.table: tm.columns for tm in compiled},
+                   old_columns={tm.table: tm.old_columns for tm in compiled})
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -407,6 +431,7 @@ class PostgresSource:
         relations = self._relations
         offer = sink.offer
         row_message = po.row_message
+        oid_at = _OID.unpack_from
         event_of = self._event
         backfills = self.backfills
         on_change = backfills.on_change
@@ -428,15 +453,15 @@ class PostgresSource:
                 if kind == 0x77:  # 'w' XLogData: 24-byte header, then one pgoutput message
                     mk = data[25]
                     if mk == 0x55 or mk == 0x49 or mk == 0x44:  # Update, Insert, Delete
-                        mk, oid, old_kind, old, new = row_message(data, 25)
-                        table = relations.get(oid)
+                        table = relations.get(oid_at(data, 26)[0])
                         if table is None:
                             continue
+                        mk, _, old_kind, old, new = row_message(data, 25, table.old_keep)
                         if table.name == BACKFILL_REQUESTS:
                             if new is not None and mk != 0x44:
                                 backfills.on_request(table.row(new))
                             continue
-                        event = event_of(table, mk, old_kind, old, new)
+                        event = event_of(table, mk, old_kind, old, new, data)
                         on_change(table.name, event.key)
                         pending = offer(event)
                         if pending is not None:
@@ -481,7 +506,7 @@ class PostgresSource:
         if isinstance(msg, po.Relation):
             name = f"{msg.namespace}.{msg.name}"
             self._relations[msg.oid] = (
-                _Table(msg, self._pkeys.get(name), self._columns.get(name))
+                _Table(msg, self._pkeys.get(name), self._columns.get(name), self._old_columns.get(name))
                 if name in self.tables or name == BACKFILL_REQUESTS
                 else None
             )
@@ -506,20 +531,28 @@ class PostgresSource:
     _tx_commit_time: float | None = None
 
     def _event(self, table: _Table, mk: int, old_kind: int, old_values: tuple[Any, ...] | None,
-               new_values: tuple[Any, ...] | None) -> ChangeEvent:
-        """The event of an Insert, Update or Delete (`mk`: its message type byte)."""
+               new_values: tuple[Any, ...] | None, data: Any = None) -> ChangeEvent:
+        """The event of an Insert, Update or Delete (`mk`: its message type byte; `data`: the
+        CopyData it came in, read again when the old row's skipped columns are needed)."""
         if mk == 0x55:  # Update
             assert new_values is not None
             new = table.row(new_values)
             if old_values is None:
                 return change_event(table.name, Op.UPDATE, new, None, table.key(new), self._tx_pos,
                                     self._tx_commit_time)
-            old = table.row(old_values)
             if old_kind == 0x4B:  # 'K': only the key columns are real
-                old = {k: v for k, v in old.items() if v is not None}
+                old = {k: v for k, v in table.row(old_values).items() if v is not None}
             elif UNCHANGED in new_values:  # unchanged TOAST in new: the whole old row has the value
+                if table.old_keep is not None and data is not None:
+                    old_values = po.row_message(data, 25)[3]  # every column this time
+                    assert old_values is not None
+                old = table.row(old_values)
                 new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None else v)
                        for k, v in new.items()}
+            elif table.old_keep is not None:
+                old = table.old_row(old_values)
+            else:
+                old = table.row(old_values)
             return change_event(table.name, Op.UPDATE, new, old, table.key(new), self._tx_pos,
                                 self._tx_commit_time)
         if mk == 0x49:  # Insert

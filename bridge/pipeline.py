@@ -51,10 +51,10 @@ class Pipeline:
         settle = getattr(self.output, "settle", None)
         self._settle_soon = False
         self._submit: Callable[[UserChange], None] = self.output.submit
+        self._settle_output: Callable[[], None] | None = None
         if quiet is not None and settle is not None:
-            self._quiet: Callable[[UserChange], None] = quiet
-            self._settle_output: Callable[[], None] = settle
-            self._submit = self._submit_quietly
+            self._submit = quiet
+            self._settle_output = settle
 
     # -- the output's side ---------------------------------------------------------------
 
@@ -71,7 +71,6 @@ class Pipeline:
             listener(position)
 
     def mark(self, position: Any) -> None:
-        self._flush_counts()
         self.watermark.mark(position)
 
     @property
@@ -100,6 +99,8 @@ class Pipeline:
         tally = self._tally
         counted = (event.table, event.op)
         tally[counted] = tally.get(counted, 0) + 1
+        if not self._settle_soon:
+            self._settle_later()
         tm = self._tables.get(event.table)
         if tm is None:
             watermark.complete(seq)
@@ -150,17 +151,20 @@ class Pipeline:
             await output.dead_letter(letters)
             self.done(rejected)
 
-    def _submit_quietly(self, change: UserChange) -> None:
-        """Submit through the output's quiet path (see `__init__`); settle it once the event loop
-        runs again, i.e. after the source's synchronous pass."""
-        self._quiet(change)
-        if not self._settle_soon:
-            self._settle_soon = True
+    def _settle_later(self) -> None:
+        """After the source's synchronous pass (when the event loop runs again): count the events
+        in `changes_total` and settle the output's quiet submits, once for the whole pass."""
+        self._settle_soon = True
+        try:
             asyncio.get_running_loop().call_soon(self._settle)
+        except RuntimeError:  # no event loop (a synchronous caller): at once
+            self._settle()
 
     def _settle(self) -> None:
         self._settle_soon = False
-        self._settle_output()
+        self._flush_counts()
+        if self._settle_output is not None:
+            self._settle_output()
 
     def _flush_counts(self) -> None:
         """Add the events counted since the last flush to the `changes_total` counter (one

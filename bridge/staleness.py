@@ -3,72 +3,87 @@
 Events for one user can arrive through different partitions (e.g. `orders` keyed by order id,
 mapped to a user by `user_id`). A value for a (user, field) is dropped when an event with a
 higher source position already set that field (or deleted the user). Positions are Debezium's
-`source.lsn` (with `sequence`), else `ts_ms`: comparable within one connector. Memory is bounded:
-the least recently touched (user, field) pairs are forgotten first, and a forgotten pair accepts
-the next value (no worse than not filtering).
+`source.lsn` (with `sequence`), else `ts_ms`: comparable within one connector.
+
+One lookup per change: each user remembered has one small record (when it was deleted, and the
+position that last set each of its fields). Memory is bounded: the least recently changed users
+are forgotten first, and a forgotten user accepts the next value (no worse than not filtering).
+A change none of whose fields is stale passes as it is (no copy).
+
+The Kafka source does not filter at all where the record key is the user's identity: one
+partition then holds all of a user's events, in order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from typing import Any
 
-from bridge.events import UserChange
+from bridge.events import SubscriptionChange, UserChange, UserRef, user_change
 
-DELETED = ("*", "deleted")
+
+class _Seen:
+    """What one user's fields were last set by: {field: position} per kind, and its deletion."""
+
+    __slots__ = ("deleted", "tags", "props", "aliases", "subs")
+
+    def __init__(self) -> None:
+        self.deleted: tuple[Any, ...] | None = None
+        self.tags: dict[str, tuple[Any, ...]] = {}
+        self.props: dict[str, tuple[Any, ...]] = {}
+        self.aliases: dict[str, tuple[Any, ...]] = {}
+        self.subs: dict[str, tuple[Any, ...]] = {}
+
+
+def _fresh(items: Any, seen: dict[str, tuple[Any, ...]], order: tuple[Any, ...]) -> list[str]:
+    """Record `order` for every field of `items` not set by a later position; return the others."""
+    stale: list[str] = []
+    for k in items:
+        last = seen.get(k)
+        if last is not None and last > order:
+            stale.append(k)
+        else:
+            seen[k] = order
+    return stale
 
 
 class StaleFilter:
-    def __init__(self, capacity: int = 500_000) -> None:
-        self.capacity = capacity
-        self._last: OrderedDict[tuple[Any, str, str], tuple[Any, ...]] = OrderedDict()
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity  # users remembered
+        self._users: OrderedDict[UserRef, _Seen] = OrderedDict()
         self.dropped = 0
-
-    def _seen(self, key: tuple[Any, str, str]) -> tuple[Any, ...] | None:
-        order = self._last.get(key)
-        if order is not None:
-            self._last.move_to_end(key)
-        return order
-
-    def _record(self, key: tuple[Any, str, str], order: tuple[Any, ...]) -> None:
-        self._last[key] = order
-        self._last.move_to_end(key)
-        if len(self._last) > self.capacity:
-            self._last.popitem(last=False)
 
     def filter(self, change: UserChange, order: tuple[Any, ...]) -> UserChange | None:
         """The change without its stale fields (None when nothing of it is current)."""
         if not order:
             return change
+        users = self._users
         user = change.user
-        deleted_at = self._seen((user, *DELETED))
-        if deleted_at is not None and deleted_at > order:
+        seen = users.get(user)
+        if seen is None:
+            seen = users[user] = _Seen()
+            if len(users) > self.capacity:
+                users.popitem(last=False)
+        else:
+            users.move_to_end(user)
+        if seen.deleted is not None and seen.deleted > order:
             self.dropped += 1
             return None
         if change.delete_user:
-            self._record((user, *DELETED), order)
+            seen.deleted = order
             return change
-
-        def keep(kind: str, items: Any) -> dict[str, Any]:
-            out = {}
-            for k, v in items.items():
-                last = self._seen((user, kind, k))
-                if last is not None and last > order:
-                    self.dropped += 1
-                    continue
-                self._record((user, kind, k), order)
-                out[k] = v
-            return out
-
-        tags = keep("tag", change.tags)
-        props = keep("prop", change.properties)
-        aliases = keep("alias", change.aliases)
-        subs = tuple(s for s in change.subscriptions if not (
-            (last := self._seen((user, "sub", s.channel))) is not None and last > order))
-        for s in subs:
-            self._record((user, "sub", s.channel), order)
-        if not (tags or props or aliases or subs) and (change.tags or change.properties or change.aliases
-                                                       or change.subscriptions):
+        stale_tags = _fresh(change.tags, seen.tags, order) if change.tags else ()
+        stale_props = _fresh(change.properties, seen.props, order) if change.properties else ()
+        stale_aliases = _fresh(change.aliases, seen.aliases, order) if change.aliases else ()
+        stale_subs = (_fresh([s.channel for s in change.subscriptions], seen.subs, order)
+                      if change.subscriptions else ())
+        if not (stale_tags or stale_props or stale_aliases or stale_subs):
+            return change
+        self.dropped += len(stale_tags) + len(stale_props) + len(stale_aliases) + len(stale_subs)
+        tags = {k: v for k, v in change.tags.items() if k not in stale_tags}
+        props = {k: v for k, v in change.properties.items() if k not in stale_props}
+        aliases = {k: v for k, v in change.aliases.items() if k not in stale_aliases}
+        subs: tuple[SubscriptionChange, ...] = tuple(s for s in change.subscriptions if s.channel not in stale_subs)
+        if not (tags or props or aliases or subs):
             return None
-        return dataclasses.replace(change, tags=tags, properties=props, aliases=aliases, subscriptions=subs)
+        return user_change(change.user, change.origin, tags, props, aliases, subs, change.delete_user)

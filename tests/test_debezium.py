@@ -784,3 +784,51 @@ def test_decimal_known_values() -> None:
     assert decode_decimal("", 0) == Dec("0")
     with pytest.raises(ValueError):
         encode_decimal(decimal.Decimal("1.234"), 2)
+
+
+# -- the usual record's fast path (msgspec) agrees with the general parser ---------------------
+
+_USUAL_SOURCE = {"version": "2.5.0.Final", "connector": "postgresql", "name": "dbserver1", "ts_ms": 1714558272601,
+                 "snapshot": "false", "db": "app", "sequence": '["40072000","40072120"]', "schema": "public",
+                 "table": "users", "txId": 1001, "lsn": 40072120, "xmin": None}
+_ROW = {"id": 38, "plan": "pro", "created_at": 1714558272123494, "bio": PLACEHOLDER, "tags": [PLACEHOLDER],
+        "score": "1.00"}
+
+
+@pytest.mark.parametrize(("name", "envelope"), [
+    ("update", {"op": "u", "before": _ROW, "after": {**_ROW, "plan": "free"}, "source": _USUAL_SOURCE, "ts_ms": 9}),
+    ("insert", {"op": "c", "before": None, "after": _ROW, "source": _USUAL_SOURCE}),
+    ("snapshot read", {"op": "r", "after": _ROW, "source": {**_USUAL_SOURCE, "sequence": None}}),
+    ("delete with before", {"op": "d", "before": {"plan": "pro"}, "after": None, "source": _USUAL_SOURCE}),
+    ("delete without before", {"op": "d", "before": None, "after": None, "source": _USUAL_SOURCE}),
+    ("source.ts_ms null", {"op": "c", "after": _ROW, "source": {**_USUAL_SOURCE, "ts_ms": None}, "ts_ms": 5}),
+    ("source.ts_ms absent", {"op": "c", "after": _ROW, "source": {"schema": "s", "table": "t"}, "ts_ms": 5}),
+    ("ts_us and ts_ns", {"op": "c", "after": _ROW, "source": {**_USUAL_SOURCE, "ts_us": 17, "ts_ns": 17000}}),
+])
+def test_the_usual_record_parses_as_the_general_parser_reads_it(name: str, envelope: dict[str, Any]) -> None:
+    from bridge.sources import debezium
+
+    value, key = orjson.dumps(envelope), orjson.dumps({"id": 38})
+    decoders = {"public.users": {"created_at": spec("created_at", "micro_timestamp")}}
+    fast = debezium._parse_usual("dbserver1.public.users", key, value, decoders, None, None, {})
+    assert fast is not None, name
+    general = debezium._parse_envelope("dbserver1.public.users", key, None, orjson.loads(value), decoders,
+                                       None, None)
+    assert fast == general
+    assert parse_record("dbserver1.public.users", key, value, None, decoders=decoders) == general
+
+
+@pytest.mark.parametrize("value", [
+    b'{"op": "t", "source": {"schema": "public", "table": "users"}}',
+    b'{"op": "u", "after": null, "source": {"schema": "public", "table": "users"}}',
+    b'{"op": "u", "after": {"id": 1}, "source": {"schema": "public", "table": "users", "lsn": "12"}}',
+    b'{"op": "u", "after": {"id": 1}, "source": {"schema": 7, "table": "users"}}',
+    b'{"op": "u", "after": [1], "source": {"schema": "public", "table": "users"}}',
+    b'{"schema": null, "payload": {"op": "c", "after": {"id": 1}, "source": {"schema": "p", "table": "u"}}}',
+    b'{"op": "c", "after": {"id": 1}}',
+    b"not json",
+])
+def test_anything_else_is_left_to_the_general_parser(value: bytes) -> None:
+    from bridge.sources import debezium
+
+    assert debezium._parse_usual("dbserver1.public.users", None, value, None, None, None, None) is None

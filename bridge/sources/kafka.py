@@ -14,8 +14,10 @@
 - Each record becomes a `ChangeEvent` (via `debezium.parse_record`); every record also gets a
   checkpoint marker `(topic, partition, offset)`. When the pipeline's low watermark passes a
   marker, that offset is *confirmable*; offsets are committed per partition (offset + 1) every
-  second, on revocation, and at shutdown. Auto-commit is off: nothing is committed before it was
-  applied or dead-lettered.
+  second, as soon as the pipeline has caught up (everything handed over done), on revocation,
+  and at shutdown. Records are handed over in batches of up to FEED_BATCH in one synchronous pass
+  (`Sink.offer`), each batch's offsets marked per partition after it. Auto-commit is off:
+  nothing is committed before it was applied or dead-lettered.
 - Rebalance: on revocation the confirmable offsets of the revoked partitions are committed,
   nothing of them is committed afterwards, and their buffered records are dropped, so unfinished
   work is re-read by the next owner. Lost partitions (session expired) are not committed.
@@ -40,7 +42,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import orjson
@@ -48,7 +50,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from bridge.config import ColumnSpec, Config, KafkaSourceConfig
 from bridge.deadletter import DeadLetter, DeadLetterStore
-from bridge.events import ChangeEvent, Op
+from bridge.events import ChangeEvent, Op, change_event
 from bridge.observability import metrics as m
 from bridge.ports import BackfillRequest, Finding, Sink, Source, Statement
 from bridge.sources import debezium
@@ -59,6 +61,7 @@ log = logging.getLogger("bridge.source.kafka")
 COMMIT_INTERVAL_S = 1.0
 LAG_INTERVAL_S = 5.0
 BATCH = 500
+FEED_BATCH = 500  # records handed to the pipeline in one synchronous pass
 PK_CACHE = 10_000
 POLL_S = 0.1  # the consumer thread's longest wait: bounds the latency of commits and pause/resume
 # The buffer between the consumer thread and the pipeline: full at HIGH, room again at LOW.
@@ -79,10 +82,10 @@ DEFAULT_CONSUMER = {
 }
 
 
-def _headers(msg: Message) -> list[tuple[str, bytes]]:
+def _headers(raw: Any) -> list[tuple[str, bytes]]:
+    """A record's headers (`msg.headers()`) as (name, bytes) pairs."""
     out: list[tuple[str, bytes]] = []
-    raw = msg.headers() or []
-    for k, v in raw.items() if isinstance(raw, dict) else raw:
+    for k, v in raw.items() if isinstance(raw, dict) else raw or []:
         out.append((k, v if isinstance(v, bytes) else (v.encode() if isinstance(v, str) else b"")))
     return out
 
@@ -140,6 +143,10 @@ class KafkaSource:
         self.producer = Producer({**producer_conf, "bootstrap.servers": cfg.bootstrap_servers})
         self.dead_letters = KafkaDeadLetters(self.producer, self.dead_letter_topic)
         self._pk_old_rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._keys: dict[Any, dict[str, Any]] = {}  # parsed record keys (debezium.parse_record's key_cache)
+        self._sink: Sink | None = None
+        self._commit_soon = False  # set by the loop when it caught up: the consumer thread commits at once
+        self._identity = {mp.table: mp.identity_column for mp in config.mappings}
         # Shared by the event loop and the consumer thread: only under _lock.
         self._lock = threading.Lock()
         self._assigned: dict[tuple[str, int], int] = {}  # partition -> the assignment it came with
@@ -177,6 +184,12 @@ class KafkaSource:
         with self._lock:
             if tp in self._assigned and offset > self._confirmed.get(tp, -1):
                 self._confirmed[tp] = offset
+        sink = self._sink
+        if sink is not None and sink.idle and not self._commit_soon:
+            # Caught up: everything handed over is done. Commit now (at the consumer thread's next
+            # turn, within POLL_S) rather than at the next commit interval.
+            self._commit_soon = True
+            self._room.set()
 
     async def _on_consumer_thread(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the consumer thread (between two polls) and await its result."""
@@ -188,22 +201,28 @@ class KafkaSource:
         self._room.set()
         return await asyncio.wrap_future(fut)
 
-    def _next_record(self) -> Message | None:
-        """The oldest buffered record of a partition still assigned, or None."""
+    def _next_records(self, limit: int) -> list[tuple[int, Message]]:
+        """Up to `limit` of the oldest buffered records (with the assignment each came with), all
+        under one lock; those of partitions no longer assigned are dropped."""
+        out: list[tuple[int, Message]] = []
         with self._lock:
-            while self._buffer:
-                assignment, msg = self._buffer.popleft()
-                self._buffer_bytes -= _size(msg)
-                if self._full and len(self._buffer) <= BUFFER_LOW and self._buffer_bytes <= BUFFER_LOW_BYTES:
-                    self._room.set()
-                topic, partition, _ = _where(msg)
-                if self._assigned.get((topic, partition)) == assignment:
-                    return msg
-        return None
+            buffer, assigned = self._buffer, self._assigned
+            taken = 0
+            while buffer and len(out) < limit:
+                item = buffer.popleft()
+                msg = item[1]
+                taken += _size(msg)
+                if assigned.get((msg.topic() or "", msg.partition() or 0)) == item[0]:
+                    out.append(item)
+            self._buffer_bytes -= taken
+            if self._full and len(buffer) <= BUFFER_LOW and self._buffer_bytes <= BUFFER_LOW_BYTES:
+                self._room.set()
+        return out
 
     async def run(self, sink: Sink, stop: asyncio.Event | None = None,
                   drain: Callable[[], Awaitable[None]] | None = None) -> None:
         stop = stop or asyncio.Event()
+        self._sink = sink
         sink.on_confirm(self.on_confirm)
         if self.cfg.topic_pattern:
             topics = ["^" + self.cfg.topic_pattern.lstrip("^")]
@@ -241,11 +260,30 @@ class KafkaSource:
             await asyncio.to_thread(self.producer.flush, 10)
 
     async def _feed(self, sink: Sink) -> None:
+        """Hand the buffered records to the pipeline, a batch at a time in one synchronous pass
+        (`Sink.offer`: no await per record unless the pipeline has no room), letting the event
+        loop run (the dispatcher, the health endpoint) between batches."""
         assert self._wake is not None and self._thread is not None
+        hand_over = self._hand_over
+        assigned = self._assigned
         while True:
-            msg = self._next_record()
-            if msg is not None:
-                await self._handle(msg, sink)
+            batch = self._next_records(FEED_BATCH)
+            if batch:
+                # Offsets are marked once per partition per batch, after the batch's events: the
+                # marker of its last record covers the records before it (commits are per second).
+                last: dict[tuple[str, int], int] = {}
+                for assignment, msg in batch:
+                    tp = (msg.topic() or "", msg.partition() or 0)
+                    # a revocation in the middle of the batch: leave the rest to the next owner
+                    if assigned.get(tp) != assignment:
+                        continue
+                    pending = hand_over(msg, sink)
+                    if pending is not None:
+                        await pending
+                    last[tp] = msg.offset() or 0
+                for (topic, partition), offset in last.items():
+                    sink.mark((topic, partition, offset))
+                await _LET_OTHERS_RUN
                 continue
             if self._failure is not None:
                 raise RuntimeError("the Kafka consumer thread failed") from self._failure
@@ -293,7 +331,8 @@ class KafkaSource:
                     if msgs:
                         self._enqueue(msgs)
                 now = time.monotonic()
-                if now >= next_commit:
+                if now >= next_commit or self._commit_soon:
+                    self._commit_soon = False
                     self._commit_confirmed()
                     next_commit = now + COMMIT_INTERVAL_S
                 if now >= next_lag:
@@ -485,24 +524,29 @@ class KafkaSource:
                 m.KAFKA_CONSUMER_LAG.remove(tp[0], str(tp[1]))
         return dropped
 
-    async def _handle(self, msg: Message, sink: Sink) -> None:
-        topic, partition, offset = _where(msg)
-        position = f"{topic}[{partition}]@{offset}"
+    def _hand_over(self, msg: Message, sink: Sink) -> Awaitable[None] | None:
+        """Parse one record and offer its event (the caller marks its offset after it). Returns
+        what to await first when that cannot happen at once (no room, a poison record)."""
+        topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
+        raw_headers = msg.headers()
         try:
-            parsed = debezium.parse_record(topic, msg.key(), msg.value(), _headers(msg),
-                                           fmt=self.cfg.format, decoders=self.decoders)
+            parsed = debezium.parse_record(topic, msg.key(), msg.value(),
+                                           _headers(raw_headers) if raw_headers else None, fmt=self.cfg.format,
+                                           decoders=self.decoders, key_cache=self._keys)
         except debezium.PoisonMessage as exc:
-            await self._poison(msg, str(exc))
-            sink.mark((topic, partition, offset))
-            return
+            return self._poison(msg, str(exc))
         if parsed.kind == "change" and parsed.table in self.tables:
-            event = self._event(parsed, position)
+            event = self._event(parsed, f"{topic}[{partition}]@{offset}")
             if event is not None:
-                await sink.put(event, order=parsed.source_order)
+                # One partition holds all of a user's events when the record key is the user's
+                # identity: nothing can arrive out of order, so no stale-value filtering.
+                key = parsed.key
+                order = () if len(key) == 1 and self._identity.get(parsed.table) in key else parsed.source_order
+                return sink.offer(event, order)
         elif parsed.kind == "truncate" and parsed.table in self.tables:
-            log.warning("TRUNCATE of %s at %s: OneSignal users are left as they are (on_truncate: ignore)",
-                        parsed.table, position)
-        sink.mark((topic, partition, offset))
+            log.warning("TRUNCATE of %s at %s[%d]@%d: OneSignal users are left as they are (on_truncate: ignore)",
+                        parsed.table, topic, partition, offset)
+        return None
 
     def _event(self, p: debezium.ParsedMessage, position: str) -> ChangeEvent | None:
         assert p.op is not None and p.table is not None
@@ -515,7 +559,7 @@ class KafkaSource:
         if p.pk_change == "new":
             old = self._pk_old_rows.pop(_key_id(p.table, p.key), None)
             op = Op.UPDATE  # from the old row: the identity moves only if its column changed
-        return ChangeEvent(p.table, op, p.new, old, p.key, position, p.commit_time)
+        return change_event(p.table, op, p.new, old, p.key, position, p.commit_time)
 
     async def _poison(self, msg: Message, reason: str) -> None:
         topic, partition, offset = _where(msg)
@@ -529,6 +573,16 @@ class KafkaSource:
         if remaining:
             raise RuntimeError("the dead-letter topic did not acknowledge a poison record; not moving on")
         m.DEAD_LETTERS.labels(topic, "poison").inc()
+
+
+class _LetOthersRun:
+    """Awaiting it yields to the event loop once (what `asyncio.sleep(0)` does), reusable."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+
+_LET_OTHERS_RUN = _LetOthersRun()
 
 
 def _lag_labels() -> set[tuple[str, str]]:

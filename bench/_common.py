@@ -392,6 +392,28 @@ def insert_users(conn: Any, first: int, last: int, chunk: int = 50_000) -> None:
             " FROM generate_series(%s::bigint, %s::bigint) g", (lo, hi))
 
 
+class RootedBridgeProcess(BridgeProcess):
+    """`BridgeProcess` running the bridge of the checkout at `root` (its `bridge` package first on
+    sys.path), so one run can compare an earlier commit's bridge (a `git worktree`) with this one."""
+
+    def __init__(self, root: Path, config: dict[str, Any], workdir: Path, **kw: Any) -> None:
+        super().__init__(config, workdir, **kw)
+        self.root = Path(root)
+        self.env = {**self.env, "PYTHONPATH": str(self.root)}
+
+    def start(self) -> RootedBridgeProcess:
+        self.runs += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n==== start #{self.runs} ====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [PY, "-m", "bridge", "run", "--config", str(self.config_path), "--log-level", self.log_level,
+             *self.extra_args],
+            stdout=log, stderr=log, cwd=self.root, env=self.env,
+        )
+        return self
+
+
 class Stack:
     """A private Postgres cluster with a `bench` database, the simulator and the bridge process."""
 
@@ -411,6 +433,10 @@ class Stack:
                                     delivery=delivery)
         self.bridge = BridgeProcess(self.config, workdir, log_level="warning")
         self.info = machine(self.cluster.bindir)
+
+    def use_bridge_of(self, root: Path, name: str) -> None:
+        """From now on start the bridge of the checkout at `root` (see RootedBridgeProcess)."""
+        self.bridge = RootedBridgeProcess(root, self.config, self.workdir, log_level="warning", name=name)
 
     def connect(self) -> Any:
         return self.cluster.connect("bench")

@@ -55,9 +55,12 @@ class ChangeEvent:
     """One row change, as the source saw it.
 
     `new` and `old` map column names to Python values (`UNCHANGED` where the source did not
-    send the column). `position` is the human-readable source position, for logs and dead
-    letters. The checkpoint token is not part of the event: the pipeline assigns it when the
-    source hands the event over (`Sink.put`), and mapping copies it into each change's origin.
+    send the column). A source may leave out columns no mapping reads: the `postgres` source
+    sends the mapped and key columns, and of an update's old row only the key and what mapping
+    compares or retires (the identity, subscription addresses). `position` is the human-readable
+    source position, for logs and dead letters. The checkpoint token is not part of the event: the
+    pipeline assigns it when the source hands the event over (`Sink.put`), and mapping copies it
+    into each change's origin.
     """
 
     table: str  # "schema.table"

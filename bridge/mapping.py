@@ -265,7 +265,7 @@ def render_key(key: Mapping[str, Any]) -> str:
             if kind is int or kind is str:  # equal values render alike: memoised
                 rendered = _ONE_KEY.get((k, v))
                 if rendered is None or type(rendered.columns[k]) is not kind:
-                    if len(_ONE_KEY) >= 65536:
+                    if len(_ONE_KEY) >= 8192:
                         _ONE_KEY.clear()
                     rendered = _ONE_KEY[(k, v)] = RowKey({k: v}, f"{k}={v}")
                 return rendered
@@ -326,8 +326,8 @@ class TableMapping:
     def __post_init__(self) -> None:
         # Memos of the pure per-value steps (see _Memo), kept per table mapping.
         label = self.label
-        object.__setattr__(self, "_users", _Memo(lambda v: UserRef(label, alias_id(v)), 65536))
-        object.__setattr__(self, "_alias_ids", _Memo(alias_id, 65536))
+        object.__setattr__(self, "_users", _Memo(lambda v: UserRef(label, alias_id(v))))
+        object.__setattr__(self, "_alias_ids", _Memo(alias_id))
         object.__setattr__(self, "_formats", {p: _Memo(PROPERTY_FORMATS[p]) for p, _ in self.properties})
 
     # -- the mapping itself -------------------------------------------------------------

@@ -233,7 +233,7 @@ def _parse_key(key: bytes | str | None, table: str | None,
     else:  # No schema, or one that is not a Connect struct (the docs' key example): raw values.
         out = _decode_row(payload, None, decoders.get(table) if decoders and table else None, where)
     if cache is not None:
-        if len(cache) >= 65536:
+        if len(cache) >= 8192:
             cache.clear()
         cache[(table, key)] = out
     return out

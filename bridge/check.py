@@ -41,7 +41,14 @@ async def _onesignal_check(config: Config) -> Finding:
     http = build_http_client(os_cfg.base_url, min(os_cfg.request_timeout_s, 10.0), 2)
     client = OneSignalClient(http, os_cfg.app_id, os_cfg.api_key.get_secret_value())
     try:
-        await client.view_user("external_id", "onesignal-bridge-check")
+        for attempt in range(4):  # View user: about 1 request/s per app; a 429 is waited out
+            try:
+                await client.view_user("external_id", "onesignal-bridge-check")
+                break
+            except errors.RateLimited as exc:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(min(exc.retry_after if exc.retry_after_given else 2.0 ** attempt, 10.0))
         return Finding(True, f"OneSignal at {os_cfg.base_url} accepts the API key")
     except errors.NotFound:
         return Finding(True, f"OneSignal at {os_cfg.base_url} accepts the API key")

@@ -62,6 +62,7 @@ class Step:
     check: Callable[[], Awaitable[bool]] | None = None
     after: After | None = None
     tags_refused: bool = False  # a retry after the tag-limit 400: deletions go too if refused again
+    exists_confirmed: bool = False  # an Update user right after a Create user answered 202
 
 log = logging.getLogger("bridge.dispatch")
 
@@ -380,18 +381,22 @@ class Dispatcher:
         return req.endpoint == "DELETE /users/by" and self.users.get(user) is None and self.users.early(now)
 
     def _not_found(self, batch: UserBatch, step: Step, exc: errors.NotFound) -> Step | None:
-        """A 404 that is not an accepted outcome: replication lag (raised), a user OneSignal no
-        longer has although the bridge knew it (created again with the update, as before the
-        bridge knew it), or a dead letter (None)."""
+        """A 404 that is not an accepted outcome. Update user: Create user with the same properties
+        tells the cases apart (202: the user exists, the 404 was replication lag, the properties
+        follow by Update user again; 200: OneSignal no longer had the user, and now has it with the
+        change); an Update user right after such a 202 that answers 404 is replication lag. Other
+        requests by alias within the consistency window: replication lag. Else a dead letter (None)."""
         user, req = batch.user, step.req
-        if self._may_lag(user, req, self.clock()):
-            raise errors.ReplicationLag(str(exc) + " (within the consistency window: replication lag)",
-                                        status=404, endpoint=req.endpoint)
+        lag = errors.ReplicationLag(str(exc) + " (within the consistency window: replication lag)",
+                                    status=404, endpoint=req.endpoint)
         if req.endpoint == "PATCH /users/by" and req.body is not None:
-            self.users.forget(user)
-            log.info("user %s is no longer in OneSignal; creating it again with the change", user)
+            if step.exists_confirmed:
+                raise lag
+            m.API_FOLLOW_UPS.labels("update_not_found").inc()
             create = requests.create_user({user.label: user.id}, req.body.get("properties") or None)
             return Step(create, after=self._after_create(batch, create, []))
+        if self._may_lag(user, req, self.clock()):
+            raise lag
         return None
 
     async def _steps(self, batch: UserBatch) -> list[Step]:
@@ -483,7 +488,7 @@ class Dispatcher:
                 missing = unapplied(properties, body)
                 if missing:
                     m.API_FOLLOW_UPS.labels("properties_not_applied").inc()
-                    follow.append(Step(requests.update_user(user.label, user.id, missing)))
+                    follow.append(Step(requests.update_user(user.label, user.id, missing), exists_confirmed=True))
             if new:
                 follow += await self._learn_ids(str(user), new, body)
             return follow

@@ -82,7 +82,9 @@ def _dead_letters(pg_db) -> list[tuple[str, str]]:  # type: ignore[no-untyped-de
 
 
 def test_updates_to_users_created_a_moment_ago_all_arrive(pg_db, sim, bridge):
-    sim.config(replication_lag_ms=3500)  # longer than the bridge's post-create delay: it meets the 404s
+    # Longer than the bridge's post-create delay (2 s) and than a Create user that follows an
+    # Update user's 404 (1 s later): the bridge meets the lag, tells it apart, and waits it out.
+    sim.config(replication_lag_ms=6000)
     b = _start(pg_db, sim, bridge).start()
     with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO users (id, plan, score) SELECT g, 'p0', 0 FROM generate_series(1, 5) g")
@@ -92,8 +94,24 @@ def test_updates_to_users_created_a_moment_ago_all_arrive(pg_db, sim, bridge):
     want = {str(i): {"plan": "p8", "score": "8"} for i in range(1, 6)}
     wait_until(lambda: {u: _tags(sim, u) for u in want} == want, timeout=40, what="every update applied")
     assert 404 in _log(sim, "PATCH", "1"), "the bridge met the replication lag (the test would prove nothing)"
+    assert 202 in _log(sim, "POST", "1"), "a Create user told the lag from a user gone (202: it exists)"
+    assert _metric(b, "onesignal_bridge_api_follow_ups_total", reason="update_not_found") > 0
     assert _metric(b, "onesignal_bridge_api_retries_total", reason="replication_lag") > 0
     assert _dead_letters(pg_db) == []
+    assert len(sim.users()) == 5
+
+
+def test_a_user_deleted_outside_the_bridge_gets_its_next_update_by_being_created_again(pg_db, sim, bridge):
+    sim.config(replication_lag_ms=500)
+    _start(pg_db, sim, bridge).start()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'a')")
+    created = wait_until(lambda: sim.user("1"), what="the user created")
+    path = f"/apps/{APP_ID}/users/by/onesignal_id/{created['identity']['onesignal_id']}"
+    wait_until(lambda: sim.http.delete(path, headers={"Authorization": f"Key {API_KEY}"}).status_code == 202,
+               interval=0.3, what="the user deleted outside the bridge (past the lag and the 1/s limit)")
+    pg_db.execute("UPDATE users SET plan = 'b' WHERE id = 1")
+    wait_until(lambda: _tags(sim, "1") == {"plan": "b"}, timeout=20, what="the user back, with the update")
+    assert _log(sim, "PATCH", "1")[-1] == 404 and _log(sim, "POST", "1")[-1] == 200
 
 
 def test_a_delete_issued_right_after_a_create_ends_with_the_user_deleted(pg_db, sim, bridge):

@@ -57,7 +57,8 @@ API_RETRIES = Counter(f"{PREFIX}_api_retries_total", "Retried OneSignal requests
 API_FOLLOW_UPS = Counter(f"{PREFIX}_api_follow_ups_total",
                          "Requests sent because an answer showed OneSignal did not apply what was asked "
                          "(properties_not_applied: Create user on an existing user; consent_differs: a "
-                         "subscription OneSignal kept with another consent)", ["reason"], registry=REGISTRY)
+                         "subscription OneSignal kept with another consent; update_not_found: Update user "
+                         "answered 404, Create user follows)", ["reason"], registry=REGISTRY)
 API_RATE_LIMITED = Counter(f"{PREFIX}_api_rate_limited_total", "429 answers from OneSignal", registry=REGISTRY)
 
 DEAD_LETTERS = Counter(

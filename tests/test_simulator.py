@@ -849,6 +849,33 @@ async def test_module_runs_as_a_server_until_sigterm_and_never_logs_the_key() ->
     assert API_KEY not in output
 
 
+async def test_onesignal_bridge_simulator_passes_every_flag_through_and_reports_its_settings() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server must run while this test awaits it
+        [sys.executable, "-m", "bridge", "simulator", "--port", str(port), "--lenient", "--max-tags", "3",
+         "--replication-lag-ms", "250", "--app-id", APP_ID],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "ONESIGNAL_API_KEY": ""})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            async def config() -> Any:
+                try:
+                    return (await client.get("/_simulator/config")).json()["config"]
+                except httpx.TransportError:
+                    return None
+            settings = await poll(config, lambda c: c is not None, deadline_s=15.0)
+            other_app = await client.post("/apps/another-app/users", json={"identity": {"external_id": "u"}})
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.communicate, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (settings["max_tags"], settings["replication_lag_ms"]) == (3, 250.0), "the flags on top of the preset"
+    assert (settings["wrong_key_status"], settings["create_applies_properties"]) == (401, True), "--lenient"
+    assert other_app.status_code == 403, "--app-id passed through"
+
+
 # -- the pure model and limiters (no server) -----------------------------------------------------
 
 

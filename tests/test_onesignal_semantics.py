@@ -166,6 +166,40 @@ async def test_outside_the_consistency_window_a_404_keeps_its_meaning_and_inside
     assert sim.user("young") is not None
 
 
+# -- 429 ------------------------------------------------------------------------------------------
+
+
+async def test_a_429_without_retry_after_is_backed_off_by_attempt_and_the_change_still_arrives(sim):
+    from bridge.onesignal import errors
+    from bridge.onesignal.client import requests
+
+    http = build_http_client(sim.base_url, 5.0)
+    client = OneSignalClient(http, APP_ID, API_KEY)
+    sim.faults(error_rate=1.0, status=429)
+    answers = []
+    for _ in range(2):
+        with pytest.raises(errors.RateLimited) as limited:
+            await client.send(requests.create_user({"external_id": "u1"}, {"tags": {"plan": "a"}}))
+        answers.append((limited.value.retry_after_given, limited.value.retry_after))
+    assert answers == [(True, 1.0), (False, 1.0)], "every second 429 has no Retry-After"
+
+    done: list[int] = []
+    dispatcher = Dispatcher(client, DeliveryConfig(flush_interval_ms=0), MemoryDeadLetters(), done.extend)
+    runner = asyncio.create_task(dispatcher.run())
+    dispatcher.submit(UserChange(UserRef("external_id", "u1"), Origin("public.users", "id=1", "0/1", 1),
+                                 tags={"plan": "a"}))
+    await asyncio.sleep(4.0)  # 429s meanwhile: with and without Retry-After
+    limited_count = len([r for r in sim.requests() if r["status"] == 429]) - 2  # the dispatcher's
+    sim.clear_faults()
+    assert await dispatcher.flush_all(20.0), "the change arrives once OneSignal accepts it"
+    await dispatcher.drain(0)
+    runner.cancel()
+    await http.aclose()
+    assert done == [1] and _tags(sim, "u1") == {"plan": "a"}
+    # at 0 s (Retry-After: 1), about 1 s (none: 2 s, not 1 s), about 3 s (1): a fixed 1 s would make 4
+    assert 2 <= limited_count <= 3, f"{limited_count} requests in 4 s"
+
+
 # -- Create user on an existing user ---------------------------------------------------------------
 
 

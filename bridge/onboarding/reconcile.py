@@ -334,7 +334,8 @@ async def _repair(config: Config, dsn: str, client: OneSignalClient, report: Rep
     letters = _CountingLetters(kind.dead_letters(config, cast(Any, None)))  # database kinds ignore the source
     state = kind.subscription_state(config)
     done: set[int] = set()
-    dispatcher = Dispatcher(client, config.delivery, letters, done.update, subscriptions=state)
+    dispatcher = Dispatcher(client, config.delivery, letters, done.update, subscriptions=state,
+                            onesignal=config.onesignal)
     task = asyncio.create_task(dispatcher.run())
     try:
         # Read again right before sending: a change committed since the comparison is not undone.

@@ -36,8 +36,41 @@ def _schema_check(dsn: str) -> Finding | None:
     return Finding(False, what, f"run {fix}" if fix else "")
 
 
+async def _legacy_check(config: Config) -> Finding:
+    """Legacy mode: the key is the app's legacy REST API key, sent as `Basic`. A harmless legacy
+    call, Edit tags with external user id with no tags for an id no player has: 404 (or 200)
+    means the key is accepted, 401/403 that it is not."""
+    from bridge.onesignal.client import requests
+    from bridge.onesignal.legacy import make_client
+
+    os_cfg = config.onesignal
+    http, client = make_client(os_cfg, min(os_cfg.request_timeout_s, 10.0), 2)
+    where = f"OneSignal's legacy API at {os_cfg.legacy_base_url}"
+    try:
+        for attempt in range(4):
+            try:
+                await client.send(requests.legacy_edit_tags("onesignal-bridge-check", {}, missing_ok=True))
+                break
+            except errors.RateLimited as exc:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(min(exc.retry_after if exc.retry_after_given else 2.0 ** attempt, 10.0))
+        return Finding(True, f"{where} accepts the legacy REST API key")
+    except errors.AuthError as exc:
+        return Finding(False, f"{where} rejects the key for app {os_cfg.app_id} ({exc.status})",
+                       "set onesignal.api_key to the app's legacy REST API key (sent as Basic) and "
+                       "onesignal.app_id to its app id")
+    except errors.OneSignalError as exc:
+        return Finding(False, f"{where} is not usable: {exc}",
+                       "check onesignal.legacy_base_url and the network path to it")
+    finally:
+        await http.aclose()
+
+
 async def _onesignal_check(config: Config) -> Finding:
     os_cfg = config.onesignal
+    if os_cfg.api == "legacy":
+        return await _legacy_check(config)
     http = build_http_client(os_cfg.base_url, min(os_cfg.request_timeout_s, 10.0), 2)
     client = OneSignalClient(http, os_cfg.app_id, os_cfg.api_key.get_secret_value())
     try:
@@ -76,7 +109,10 @@ def run_checks(config: Config, live_probe: bool = False) -> list[Finding]:
         if found is not None:
             out.append(found)
     out.append(asyncio.run(_onesignal_check(config)))
-    if live_probe:
+    if live_probe and config.onesignal.api == "legacy":
+        out.append(Finding(False, "--live-probe creates and deletes a User Model user: not for a legacy app",
+                           "run check without --live-probe (the legacy key was checked above)"))
+    elif live_probe:
         from bridge.onesignal.probe import run_live_probe
 
         out += run_live_probe(config)

@@ -84,8 +84,14 @@ class OneSignalConfig(_Strict):
     # The app's per-user tag limit (it depends on the plan): `check` and start-up warn when the
     # mappings can exceed it. Whatever is set here, OneSignal's own 400 is handled per user.
     max_tags_per_user: int | None = Field(default=None, gt=0)
+    # Legacy player-model apps (mobile SDK <= 4, web SDK <= 15; docs/configuration.md): tags by
+    # external user id through PUT {legacy_base_url}/apps/{app_id}/users/{external_user_id}, the
+    # key (the app's legacy REST API key) sent as `Basic`. See bridge/onesignal/legacy.py.
+    api: Literal["user_model", "legacy"] = "user_model"
+    legacy_base_url: str = "https://onesignal.com/api/v1"
+    legacy_missing_user: Literal["dead_letter", "ignore"] = "dead_letter"
 
-    @field_validator("base_url")
+    @field_validator("base_url", "legacy_base_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
@@ -298,6 +304,52 @@ class Config(_Strict):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_identity(cls, data: Any) -> Any:
+        """Legacy mode: `identity: {external_user_id: col}` is `external_id` (the same id)."""
+        if not isinstance(data, dict) or not isinstance(data.get("onesignal"), dict):
+            return data
+        if data["onesignal"].get("api") != "legacy" or not isinstance(data.get("mappings"), list):
+            return data
+        mappings = []
+        for m in data["mappings"]:
+            ident = m.get("identity") if isinstance(m, dict) else None
+            if isinstance(ident, dict) and list(ident) == ["external_user_id"]:
+                m = {**m, "identity": {"external_id": ident["external_user_id"]}}
+            mappings.append(m)
+        return {**data, "mappings": mappings}
+
+    @model_validator(mode="after")
+    def _legacy_mappings(self) -> Config:
+        """What a legacy player-model app cannot take (docs/configuration.md)."""
+        if self.onesignal.api != "legacy":
+            return self
+        problems = []
+        for i, m in enumerate(self.mappings):
+            at = f"mappings[{i}] ({m.table})"
+            if m.identity_label != "external_id":
+                problems.append(f"{at}.identity: legacy mode identifies players by external user id only: "
+                                f"use {{external_user_id: column}}, not {m.identity_label!r}")
+            if m.aliases:
+                problems.append(f"{at}.aliases: the legacy player model has no aliases (only the external "
+                                f"user id); remove them or set onesignal.api: user_model")
+            if m.properties:
+                problems.append(f"{at}.properties: the legacy Edit tags call sets tags only; language, "
+                                f"time zone and the other properties are the app's SDK's in this model")
+            if m.subscriptions:
+                problems.append(f"{at}.subscriptions: in the legacy player model email and SMS players are "
+                                f"created by the app's SDK (setEmail/setSMSNumber), not by a server")
+            if m.on_delete == "delete_user":
+                problems.append(f"{at}.on_delete: delete_user has no legacy equivalent (players are "
+                                f"devices); use remove_tags or ignore")
+        if self.reconcile.interval_s is not None:
+            problems.append("reconcile.interval_s: continuous reconcile reads User Model users and is not "
+                            "available in legacy mode yet; remove it")
+        if problems:
+            raise ValueError("onesignal.api is legacy: " + "; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _unique_tables(self) -> Config:

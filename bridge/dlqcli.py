@@ -28,7 +28,7 @@ from bridge.deadletter import ROW_KEY_TEXT_MAX, age_filter, render_row_keys
 from bridge.events import ChangeEvent, Op
 from bridge.mapping import Mapper
 from bridge.onesignal import errors
-from bridge.onesignal.client import OneSignalClient, build_http_client, requests
+from bridge.onesignal.client import OneSignalClient, requests
 from bridge.plan import plan, unapplied
 from bridge.sources import registry
 
@@ -177,12 +177,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
 async def _replay(config: Config, conn: psycopg.Connection[Any],
                   letters: list[tuple[int, str, str, Any]]) -> int:
     mapper = Mapper(config)
-    http = build_http_client(config.onesignal.base_url, config.onesignal.request_timeout_s, 4)
-    client = OneSignalClient(http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value())
+    from bridge.onesignal.legacy import make_client, plan_for
+
+    http, client = make_client(config.onesignal, max_connections=4)  # onesignal.api: User Model or legacy
+    planner = plan_for(config.onesignal) or plan
     failed = gone = 0
     try:
         for letter_id, table, row_key, row_keys in letters:
-            outcome = await _replay_one(conn, mapper, client, table, row_key, row_keys)
+            outcome = await _replay_one(conn, mapper, client, table, row_key, row_keys, planner)
             if outcome.state == "failed":
                 failed += 1
                 print(f"#{letter_id} {table} {row_key}: not replayed: {outcome.detail}")
@@ -220,7 +222,7 @@ def _lookup_error(exc: psycopg.Error) -> str:
 
 
 async def _replay_one(conn: psycopg.Connection[Any], mapper: Mapper, client: OneSignalClient,
-                      table: str, row_key: str, row_keys: Any) -> Outcome:
+                      table: str, row_key: str, row_keys: Any, planner: Any = plan) -> Outcome:
     if row_keys is not None:
         keys = _stored_keys(row_keys)
         if keys is None:
@@ -267,7 +269,7 @@ async def _replay_one(conn: psycopg.Connection[Any], mapper: Mapper, client: One
         for ch in result.changes:
             coalescer.add(ch, 0)
         for batch in coalescer.take_due(float("inf"), 1_000_000):
-            for req in plan(batch):
+            for req in planner(batch):
                 try:
                     resp = await _send(client, req)
                     missing = unapplied(req.body["properties"], resp.body) if (

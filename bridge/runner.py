@@ -13,7 +13,7 @@ from bridge.dispatch import Dispatcher
 from bridge.observability import metrics as m
 from bridge.observability.http import HealthServer
 from bridge.onboarding import reconcile
-from bridge.onesignal.client import OneSignalClient, build_http_client
+from bridge.onesignal import legacy
 from bridge.pipeline import Pipeline
 from bridge.ports import DoneCallback
 from bridge.sources import registry
@@ -36,14 +36,17 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     m.UP.set(1)
     m.READY.set(0)
     m.BUILD.info({"version": __version__})
-    http = build_http_client(config.onesignal.base_url, config.onesignal.request_timeout_s,
-                             max_connections=config.delivery.max_in_flight)
-    client = OneSignalClient(http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value())
+    # onesignal.api picks the output: the User Model's Dispatcher, or the legacy player model's
+    # (one Edit tags with external user id per change; bridge/onesignal/legacy.py).
+    http, client = legacy.make_client(config.onesignal, max_connections=config.delivery.max_in_flight)
     source = kind.create(config)
     dead_letters = kind.dead_letters(config, source)
     subscriptions = kind.subscription_state(config)
 
     def user_updates(done: DoneCallback) -> Dispatcher:
+        if config.onesignal.api == "legacy":
+            return legacy.LegacyDispatcher(client, config.delivery, dead_letters, done,
+                                           missing_user=config.onesignal.legacy_missing_user)
         return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions)
 
     # Continuous reconcile (reconcile.interval_s; None when off) watches the pipeline's output.

@@ -124,11 +124,12 @@ def build_http_client(base_url: str, timeout_s: float, max_connections: int = 10
 
 
 class OneSignalClient:
-    def __init__(self, http: httpx.AsyncClient, app_id: str, api_key: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, app_id: str, api_key: str, scheme: str = "Key") -> None:
+        """`scheme`: `Key` (User Model app keys) or `Basic` (a legacy REST API key, legacy calls)."""
         self._http = http
         self._app_id = app_id
         self._prefix = f"/apps/{seg(app_id)}"
-        self._auth = {"authorization": f"Key {api_key}"}
+        self._auth = {"authorization": f"{scheme} {api_key}"}
         self._key = api_key
 
     def __repr__(self) -> str:  # never show the key
@@ -247,6 +248,14 @@ class requests:  # noqa: N801 - a namespace of request builders
     def update_subscription(subscription_id: str, subscription: dict[str, Any]) -> Request:
         return _request("PATCH", ("subscriptions", subscription_id), "PATCH /subscriptions",
                         {"subscription": subscription})
+
+    @staticmethod
+    def legacy_edit_tags(external_user_id: str, tags: dict[str, str], *, missing_ok: bool = False) -> Request:
+        """Legacy player model: Edit tags with external user id, `PUT /apps/{app_id}/users/{id}`
+        below the legacy base URL (documentation.onesignal.com/reference/edit-tags-with-external-user-id);
+        a tag is deleted by `""`. `missing_ok`: a 404 (no player has the id) counts as done."""
+        return _request("PUT", ("users", external_user_id), "PUT /apps/users", {"tags": tags},
+                        ok_statuses=frozenset({404}) if missing_ok else frozenset())
 
     @staticmethod
     def delete_subscription(subscription_id: str) -> Request:

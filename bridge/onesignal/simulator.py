@@ -383,7 +383,7 @@ class Simulator:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/apps/"):
+        if not request.path.startswith(("/apps/", "/api/v1/apps/")):  # /api/v1/: legacy (simlegacy.py)
             return await handler(request)
         status, subject = 500, None
         try:
@@ -457,7 +457,10 @@ class Simulator:
         if self._api_key is None:
             return True
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() not in (("key", "basic") if self.settings.basic_auth == "accept" else ("key",)):
+        if request.path.startswith("/api/v1/"):  # the legacy player model's calls: `Basic` only
+            if scheme.lower() != "basic":
+                return False
+        elif scheme.lower() not in (("key", "basic") if self.settings.basic_auth == "accept" else ("key",)):
             return False
         return hmac.compare_digest(token.strip().encode(), self._api_key.encode())
 
@@ -671,6 +674,9 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
     from bridge.onesignal import simexport
 
     simexport.register(app, sim)  # POST /players/csv_export and the file's download (simexport.py)
+    from bridge.onesignal import simlegacy
+
+    simlegacy.register(app, sim)  # the legacy player model: /api/v1/players, Edit tags (simlegacy.py)
     return app
 
 

@@ -164,7 +164,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
     from bridge.onboarding import commands
 
-    return commands.reconcile(_load(args.config), args)
+    config = _load(args.config)
+    if config.onesignal.api == "legacy":  # issue 19: reconcile reads User Model users
+        from bridge.errors import ConfigError
+
+        raise ConfigError(f"{args.config}: onesignal.api: reconcile compares User Model users (View user, or the "
+                          "CSV export) and is not available for legacy player-model apps yet")
+    return commands.reconcile(config, args)
 
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import yaml
 from bridgeproc import API_KEY, APP_ID, bridge_config, free_port, run_cli, wait_until
 
 from bridge.config import parse_config
@@ -193,6 +194,21 @@ def test_legacy_identity_external_id_and_external_user_id_are_the_same():
     assert a.mappings[0].identity == b.mappings[0].identity == {"external_id": "id"}
     assert a.onesignal.legacy_base_url == "https://onesignal.com/api/v1"
     assert a.onesignal.legacy_missing_user == "dead_letter"
+
+
+def test_reconcile_refuses_a_legacy_configuration_and_says_why(tmp_path):
+    path = tmp_path / "legacy.yaml"
+    path.write_text(yaml.safe_dump({
+        "onesignal": {"app_id": APP_ID, "api_key": "k", "api": "legacy"},
+        "source": {"kind": "postgres", "dsn": "postgresql://127.0.0.1:9/none"}, "mappings": MAPPING}))
+    out = run_cli("reconcile", "--config", str(path), "--sample", "1")
+    assert out.returncode != 0
+    assert "not available for legacy player-model apps" in out.stderr, out.stderr
+    bad = {"onesignal": {"app_id": APP_ID, "api_key": "k", "api": "legacy"},
+           "source": {"kind": "postgres", "dsn": "postgresql://x/y"}, "mappings": MAPPING,
+           "reconcile": {"interval_s": 60}}
+    with pytest.raises(ConfigError, match="reconcile.interval_s"):
+        parse_config(bad)
 
 
 # -- the User Model path's crash and outage tests, once in legacy mode -------------------------------

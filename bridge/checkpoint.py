@@ -74,6 +74,15 @@ class Watermark:
             del self._done[: self._head]
             self._head = 0
 
+    def first_open(self, start: int, end: int) -> int | None:
+        """The first sequence number in [start, end) issued and not yet done (None: all done)."""
+        lo = max(start, self._base)
+        if lo >= end:
+            return None
+        offset = self._head - self._base
+        i = self._done.find(0, lo + offset, end + offset)
+        return None if i == -1 else i - offset
+
     @property
     def outstanding(self) -> int:
         """Sequence numbers issued and not yet passed by the watermark."""

@@ -24,6 +24,7 @@ from pydantic import (
 
 from bridge.errors import ConfigError
 from bridge.observability.logging import dsn_secrets, mask_secrets
+from bridge.triggers.config import TriggerConfig, check_unique
 
 RESERVED_TAG_KEYS = frozenset(
     "message notification subscription user template app org dynamic_content data_feed journey "
@@ -278,6 +279,8 @@ class DeliveryConfig(_Strict):
     max_in_flight: int = Field(default=64, gt=0)
     shutdown_timeout_s: float = Field(default=10.0, ge=0)
     default_region: str = Field(default="US", min_length=2, max_length=2)
+    # Create message / Create custom events requests by triggers: a budget of their own.
+    messages_per_second: float = Field(default=100.0, gt=0)
 
 
 class MetricsConfig(_Strict):
@@ -304,6 +307,14 @@ class Config(_Strict):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)
+    # Change-triggered messages and custom events (bridge/triggers, docs/triggers.md).
+    triggers: list[TriggerConfig] = Field(default_factory=list)
+
+    @field_validator("triggers")
+    @classmethod
+    def _unique_triggers(cls, v: list[TriggerConfig]) -> list[TriggerConfig]:
+        check_unique(v)
+        return v
 
     @model_validator(mode="before")
     @classmethod

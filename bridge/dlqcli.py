@@ -148,7 +148,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
             rows = conn.execute(q, [*params, args.limit]).fetchall()
             for r in rows:
                 state = f" replayed {r[7]:%Y-%m-%d %H:%M}" if r[7] else ""
-                print(f"#{r[0]} {r[1]:%Y-%m-%d %H:%M:%S} {r[2]} {r[3]} field={r[4] or '-'} [{r[5]}]{state}"
+                # a trigger's send (bridge/triggers) is stored with field "trigger:<name>"
+                what = f"trigger={r[4][8:]}" if (r[4] or "").startswith("trigger:") else f"field={r[4] or '-'}"
+                print(f"#{r[0]} {r[1]:%Y-%m-%d %H:%M:%S} {r[2]} {r[3]} {what} [{r[5]}]{state}"
                       f"\n    {r[6]}")
             print(f"{len(rows)} dead letter(s)")
             return 0

@@ -45,6 +45,7 @@ class Pipeline:
         self.mapper = Mapper(config)
         self._tables = self.mapper.tables
         self.output = make_output(self.done)
+        self.triggers: Any = None  # the trigger output (bridge/triggers), once `attach_triggers` ran
         # An output may offer a quiet submit (the dispatcher does): no metric updates or wake-up per
         # change, one `settle()` after the source's synchronous pass. Otherwise `submit` it is.
         quiet = getattr(self.output, "submit_quiet", None)
@@ -56,10 +57,58 @@ class Pipeline:
             self._submit = quiet
             self._settle_output = settle
 
+    # -- triggers (bridge/triggers): a second output beside the user updates ---------------
+
+    def attach_triggers(self, make: Callable[[DoneCallback, Callable[[int, int], int | None]], Any]) -> Any:
+        """Fan every event out to the trigger matcher after mapping. `make(done, first_open)` builds
+        the trigger output (`bridge.triggers.output.TriggerOutput`). Without triggers nothing here
+        runs: `offer` stays the plain fast path."""
+        from bridge.triggers.match import Matcher
+
+        matcher = Matcher(self.config.triggers, source_identity(self.config))
+        self._matcher = matcher
+        self._trigger_tables = matcher.tables
+        self._ordinals: dict[tuple[str, str], int] = {}
+        self._ordinal_position: str | None = None
+        self.triggers = make(self.done, self.watermark.first_open)
+        self.offer = self._offer_triggered  # type: ignore[method-assign]
+        return self.triggers
+
+    def _offer_triggered(self, event: ChangeEvent, order: tuple[Any, ...] = ()) -> Awaitable[None] | None:
+        """`offer`, then the triggers: their tokens come after the event's own changes' tokens, so a
+        send waits for them (and for every change before it in the stream)."""
+        waiting = Pipeline.offer(self, event, order)
+        if event.table not in self._trigger_tables or event.op is Op.SNAPSHOT:
+            return waiting
+        if event.position != self._ordinal_position:
+            self._ordinal_position = event.position
+            self._ordinals.clear()
+        row = (event.table, repr(sorted(event.key.items())))
+        ordinal = self._ordinals.get(row, 0)
+        self._ordinals[row] = ordinal + 1
+        sends = self._matcher.match(event, ordinal)
+        if not sends:
+            return waiting
+        triggers = self.triggers
+        for send in sends:
+            send.seq = self.watermark.issue()
+            triggers.submit(send)
+        if triggers.has_room():
+            return waiting
+        return self._wait_both(waiting, triggers)
+
+    @staticmethod
+    async def _wait_both(waiting: Awaitable[None] | None, triggers: Any) -> None:
+        if waiting is not None:
+            await waiting
+        await triggers.wait_for_room()
+
     # -- the output's side ---------------------------------------------------------------
 
     def done(self, tokens: Iterable[int]) -> None:
         self.watermark.complete_many(tokens)
+        if self.triggers is not None:  # sends may wait for these tokens
+            self.triggers.poke()
 
     # -- the source's side (bridge.ports.Sink) -------------------------------------------
 
@@ -179,3 +228,14 @@ class Pipeline:
                 counter = counters[(table, op)] = m.CHANGES.labels(table, op.value)
             counter.inc(n)
         tally.clear()
+
+
+def source_identity(config: Config) -> str:
+    """What names this stream for idempotency keys: the source kind and its slot, topics or outbox."""
+    src = config.source
+    kind = getattr(src, "kind", "source")
+    for attr in ("slot", "group_id", "topics", "table"):
+        value = getattr(src, attr, None)
+        if value:
+            return f"{kind}:{value}"
+    return str(kind)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from bridge import __version__, schema
 from bridge.config import Config
@@ -53,6 +54,7 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     drift = reconcile.attach(config, client, dsn, lambda: source.connected and not source.standby)
     pipeline = Pipeline(config, drift.outputs(user_updates) if drift is not None else user_updates)
     dispatcher = pipeline.output
+    triggers = _attach_triggers(config, pipeline, http, dead_letters)  # None without `triggers:`
 
     def ready() -> tuple[bool, str]:
         if source.standby:
@@ -70,6 +72,8 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     async def drain() -> None:
         ok = await dispatcher.flush_all(config.delivery.shutdown_timeout_s)
         await dispatcher.drain(0 if ok else 1.0)
+        if triggers is not None:  # what is not sent now is re-read and sent under the same keys
+            await triggers.drain(config.delivery.shutdown_timeout_s)
         if not ok:
             log.warning("shutdown deadline reached: %d user(s) not sent; they are re-read on the next start",
                         dispatcher.pending)
@@ -78,6 +82,7 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     source_task = asyncio.create_task(source.run(pipeline, stop, drain))
     readiness = asyncio.create_task(_readiness(ready))
     drift_task = asyncio.create_task(drift.run(pipeline)) if drift is not None else readiness
+    trigger_task = asyncio.create_task(triggers.run()) if triggers is not None else readiness
     try:
         done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -86,9 +91,9 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
                 raise exc
         return 0
     finally:
-        for t in (dispatch_task, source_task, readiness, drift_task):
+        for t in (dispatch_task, source_task, readiness, drift_task, trigger_task):
             t.cancel()
-        await asyncio.gather(dispatch_task, source_task, readiness, drift_task, return_exceptions=True)
+        await asyncio.gather(dispatch_task, source_task, readiness, drift_task, trigger_task, return_exceptions=True)
         await health.stop()
         await http.aclose()
         for store in (dead_letters, subscriptions):
@@ -96,6 +101,17 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
             if close is not None:
                 await close()
         m.UP.set(0)
+
+
+def _attach_triggers(config: Config, pipeline: Pipeline, http: Any, dead_letters: Any) -> Any:
+    """The trigger output (bridge/triggers) beside the user updates, when `triggers:` has any."""
+    if not config.triggers:
+        return None
+    from bridge.triggers.output import TriggerOutput
+
+    return pipeline.attach_triggers(lambda done, first_open: TriggerOutput(
+        http, config.onesignal.app_id, config.onesignal.api_key.get_secret_value(), dead_letters, done,
+        first_open, config.delivery.messages_per_second))
 
 
 async def _readiness(ready: Callable[[], tuple[bool, str]]) -> None:

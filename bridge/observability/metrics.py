@@ -94,3 +94,9 @@ DRIFT_CHECKED = Counter(f"{PREFIX}_drift_checked_total", "Users compared with On
 DRIFT_REPAIRED = Counter(f"{PREFIX}_drift_repaired_total",
                          "Drifted users whose database state was sent again (applied or dead-lettered)",
                          registry=REGISTRY)
+
+# Change-triggered sends (bridge/triggers): status sent | retried | dead_lettered.
+MESSAGES = Counter(f"{PREFIX}_messages_total", "Create message requests made by triggers, by outcome",
+                   ["trigger", "status"], registry=REGISTRY)
+CUSTOM_EVENTS = Counter(f"{PREFIX}_custom_events_total", "Custom events sent by triggers, by outcome",
+                        ["trigger", "status"], registry=REGISTRY)

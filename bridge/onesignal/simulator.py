@@ -674,6 +674,9 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
     from bridge.onesignal import simexport
 
     simexport.register(app, sim)  # POST /players/csv_export and the file's download (simexport.py)
+    from bridge.onesignal import simmessages
+
+    simmessages.register(app, sim)  # Create message and Create custom events (simmessages.py)
     from bridge.onesignal import simlegacy
 
     simlegacy.register(app, sim)  # the legacy player model: /api/v1/players, Edit tags (simlegacy.py)

@@ -176,10 +176,14 @@ class PostgresSource:
         from bridge.mapping import TableMapping
 
         compiled = [TableMapping.compile(mp) for mp in config.mappings]
-        return cls(config.source, {tm.table for tm in compiled},
+        columns = {tm.table: tm.columns for tm in compiled}
+        old_columns = {tm.table: tm.old_columns for tm in compiled}
+        for t in getattr(config, "triggers", ()):  # trigger tables (bridge/triggers): their columns too
+            columns[t.table] = columns.get(t.table, frozenset()) | t.columns()
+            old_columns[t.table] = old_columns.get(t.table, frozenset()) | t.old_columns()
+        return cls(config.source, set(columns),
                    requests_per_s=config.delivery.app_requests_per_second,
-                   columns={tm.table: tm.columns for tm in compiled},
-                   old_columns={tm.table: tm.old_columns for tm in compiled})
+                   columns=columns, old_columns=old_columns)
 
     # -- lifecycle -----------------------------------------------------------------------
 

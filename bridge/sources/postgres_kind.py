@@ -20,7 +20,10 @@ BACKFILL_REQUESTS = "onesignal_bridge.backfill_requests"
 
 def needs_full_identity(config: Config) -> list[str]:
     """Tables whose deletes or address changes need the whole old row (REPLICA IDENTITY FULL)."""
-    return [m.table for m in config.mappings if m.on_delete != "ignore" or m.subscriptions]
+    out = [m.table for m in config.mappings if m.on_delete != "ignore" or m.subscriptions]
+    # Triggers with `changed:`, `old:` or on deletes read the old row (bridge/triggers).
+    out += sorted({t.table for t in config.triggers if t.needs_old_row or "delete" in t.on} - set(out))
+    return out
 
 
 class PostgresKind(DatabaseKind):
@@ -35,7 +38,8 @@ class PostgresKind(DatabaseKind):
     def setup(self, config: Config) -> list[Statement]:
         src = config.source
         assert isinstance(src, PostgresSourceConfig)
-        tables = ", ".join([qualified(m.table) for m in config.mappings] + [BACKFILL_REQUESTS])
+        published = dict.fromkeys([m.table for m in config.mappings] + [t.table for t in config.triggers])
+        tables = ", ".join([qualified(t) for t in published] + [BACKFILL_REQUESTS])
         pub = ident(src.publication)
         out = [Statement(
             f"publication {src.publication} for the mapped tables",

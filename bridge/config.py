@@ -358,6 +358,9 @@ class Config(_Strict):
         if self.reconcile.interval_s is not None:
             problems.append("reconcile.interval_s: continuous reconcile reads User Model users and is not "
                             "available in legacy mode yet; remove it")
+        if self.triggers:
+            problems.append("triggers: change-triggered messages use the User Model's Create message; the "
+                            "legacy Create notification (include_external_user_ids) is not wired yet")
         if problems:
             raise ValueError("onesignal.api is legacy: " + "; ".join(problems))
         return self

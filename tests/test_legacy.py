@@ -211,6 +211,16 @@ def test_reconcile_refuses_a_legacy_configuration_and_says_why(tmp_path):
         parse_config(bad)
 
 
+def test_legacy_mode_refuses_triggers_until_the_legacy_create_notification_is_wired():
+    trigger = {"name": "placed", "table": "public.orders", "on": ["insert"], "user": {"external_id": "user_id"},
+               "custom_event": {"name": "order_placed", "payload": {"order_id": "id"}}}
+    cfg = {"onesignal": {"app_id": APP_ID, "api_key": "k", "api": "legacy"},
+           "source": {"kind": "postgres", "dsn": "postgresql://x/y"}, "mappings": MAPPING, "triggers": [trigger]}
+    with pytest.raises(ConfigError, match="triggers: change-triggered messages"):
+        parse_config(cfg)
+    parse_config({**cfg, "onesignal": {"app_id": APP_ID, "api_key": "k"}})  # fine in the User Model
+
+
 # -- the User Model path's crash and outage tests, once in legacy mode -------------------------------
 
 def test_legacy_bridge_killed_mid_stream_loses_no_change(pg_db, sim, bridge):

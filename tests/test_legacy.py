@@ -167,6 +167,9 @@ def test_check_accepts_the_legacy_key_as_basic_and_reports_a_wrong_one(pg_db, si
     out = run_cli("check", "--config", str(bad.config_path))
     assert out.returncode != 0
     assert "rejects the key" in out.stdout + out.stderr
+    probe = run_cli("check", "--config", str(b.config_path), "--live-probe")
+    assert "not for a legacy app" in probe.stdout + probe.stderr, "the live probe makes User Model users"
+    assert not [r for r in sim.requests() if "/users/by/" in r["path"] or r["path"].endswith("/users")]
 
 
 @pytest.mark.parametrize(("change", "complaint"), [

@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", type=Path, help="a checkout of an earlier bridge (git worktree) to run side by side")
     ap.add_argument("--quick", action="store_true", help="50,000 changes, 2 rounds, no docs update")
     ap.add_argument("--profile", type=Path, help="one extra bridge pass under py-spy; raw samples to this file")
+    ap.add_argument("--replica-identity", choices=("full", "default"), default="full",
+                    help="full: as `setup` makes it for on_delete (the old row in every update); default: "
+                         "the primary key only (what deletes need when the identity is the key)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         out = setup.cli("setup", "--config", str(setup.config_path))
         if out.returncode != 0:
             raise RuntimeError(f"setup failed: {out.stdout}\n{out.stderr}")
+        if args.replica_identity == "default":
+            cluster.execute("ALTER TABLE users REPLICA IDENTITY DEFAULT", dbname="bench")
         t0 = time.perf_counter()
         with cluster.connect("bench") as conn:
             conn.autocommit = True
@@ -318,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine_line(info)}.",
         "",
         f"Command: `.venv/bin/python bench/pg_decode.py --changes {args.changes} --users {args.users} "
-        f"--rounds {args.rounds}{' --before ' + str(args.before) if args.before else ''}`. "
+        f"--rounds {args.rounds}{' --before ' + str(args.before) if args.before else ''}"
+        f"{' --replica-identity default' if args.replica_identity == 'default' else ''}`. "
         f"Workload: {written:,} row changes on {args.users} users (transactions that update every user once; "
-        f"REPLICA IDENTITY FULL), "
+        f"REPLICA IDENTITY {args.replica_identity.upper()}), "
         f"{int(wal) / 2**20:.0f} MiB of WAL. Every pass reads a fresh copy of one slot created before the "
         "workload; each round runs every reader once, in a rotating order. The bridge is a process with "
         "default delivery settings, timed from its `streaming from slot` log line to the slot confirmed at "

@@ -4,12 +4,14 @@ after the user's earlier changes, and rejections dead-lettered."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from typing import Any
 
 import httpx
 import psycopg
-from bridgeproc import bridge_config, run_cli, wait_until
+from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
 
 DDL = """
 CREATE TABLE users (id text PRIMARY KEY, email text, plan text);
@@ -161,3 +163,62 @@ def test_an_invalid_aliases_answer_is_dead_lettered_with_the_reason_and_the_stre
     text = wait_until(listed, what="the dead letter")
     assert "trigger=order_shipped" in text and "[invalid_aliases]" in text and "external_id=u1" in text
     assert b.alive()
+
+
+def _debezium(table: str, op: str, row: dict[str, Any] | None, before: dict[str, Any] | None, lsn: int) -> bytes:
+    return json.dumps({"before": before, "after": row, "op": op, "ts_ms": 1700000000000 + lsn,
+                       "source": {"schema": "public", "table": table, "lsn": lsn,
+                                  "ts_ms": 1700000000000 + lsn}}).encode()
+
+
+def test_debezium_u_events_on_kafka_send_each_message_once_across_a_sigkill(kafka_broker, sim, bridge):
+    users_topic = kafka_broker.new_topic("dbserver1.public.users", 1)
+    orders_topic = kafka_broker.new_topic("dbserver1.public.orders", 3)
+    cfg = {
+        "onesignal": {"app_id": APP_ID, "api_key": API_KEY, "base_url": sim.base_url},
+        "source": {"kind": "kafka", "bootstrap_servers": kafka_broker.bootstrap,
+                   "group_id": f"g-{uuid.uuid4().hex[:8]}", "topics": [users_topic, orders_topic],
+                   "dead_letter_topic": f"dlq-{uuid.uuid4().hex[:8]}",
+                   "consumer": {"topic.metadata.refresh.interval.ms": 2000}},
+        "mappings": MAPPINGS,
+        "triggers": TRIGGERS,
+        "delivery": {"flush_interval_ms": 100},
+        "metrics": {"port": 0, "host": "127.0.0.1"},
+    }
+    b = bridge(cfg).start()
+    wait_until(lambda: "assigned" in b.logs(), timeout=30, what="partitions assigned")
+    lsn = 0
+    for i in range(1, 6):
+        lsn += 1
+        kafka_broker.produce(users_topic, _debezium("users", "c", {"id": f"u{i}", "email": f"u{i}@example.com",
+                                                                    "plan": "free"}, None, lsn),
+                             key=json.dumps({"id": f"u{i}"}).encode())
+    wait_until(lambda: len(sim.users()) == 5, timeout=30, what="five users")
+    for i in range(1, 21):
+        lsn += 1
+        paid = {"id": i, "user_id": f"u{i % 5 + 1}", "status": "paid", "total": f"{i}.00"}
+        kafka_broker.produce(orders_topic, _debezium("orders", "c", paid, None, lsn),
+                             key=json.dumps({"id": i}).encode())
+    for i in range(1, 21):
+        lsn += 1
+        paid = {"id": i, "user_id": f"u{i % 5 + 1}", "status": "paid", "total": f"{i}.00"}
+        kafka_broker.produce(orders_topic, _debezium("orders", "u", {**paid, "status": "shipped"}, paid, lsn),
+                             key=json.dumps({"id": i}).encode())
+        lsn += 1  # an update that changes no status: no message
+        kafka_broker.produce(orders_topic, _debezium("orders", "u", {**paid, "status": "shipped", "total": "1.00"},
+                                                     {**paid, "status": "shipped"}, lsn),
+                             key=json.dumps({"id": i}).encode())
+        if i == 10:
+            kafka_broker.flush()
+            b.kill()
+            b.start()
+    kafka_broker.flush()
+    wait_until(lambda: len(_notifications(sim)) >= 20 and len(_events(sim)) >= 20, timeout=90,
+               what="20 messages and 20 events")
+    time.sleep(2.0)
+    messages = _notifications(sim)
+    assert len(messages) == 20 and len(_events(sim)) == 20
+    assert sorted(m["body"]["custom_data"]["order_id"] for m in messages) == list(range(1, 21))
+    for m in messages:
+        i = m["body"]["custom_data"]["order_id"]
+        assert m["body"]["include_aliases"] == {"external_id": [f"u{i % 5 + 1}"]}

@@ -131,7 +131,8 @@ class KafkaDeadLetters:
 class KafkaSource:
     def __init__(self, cfg: KafkaSourceConfig, config: Config) -> None:
         self.cfg = cfg
-        self.tables = {mp.table for mp in config.mappings}
+        # mapped tables and trigger tables (bridge/triggers)
+        self.tables = {mp.table for mp in config.mappings} | {t.table for t in config.triggers}
         self.decoders = decoders_from(config)
         self.connected = False
         self.standby = False  # every member of the group reads its own partitions

@@ -35,10 +35,12 @@ class UserBatch:
     attempt: int = 0
     first_commit_time: float | None = None
     recreate: bool = False  # a change arrived after the deletion: the user exists again
+    renamed_from: UserRef | None = None  # first rename OneSignal's user `renamed_from` to `user`
 
     @property
     def is_empty(self) -> bool:
-        return not (self.delete_user or self.tags or self.properties or self.aliases or self.subscriptions)
+        return not (self.delete_user or self.tags or self.properties or self.aliases or self.subscriptions
+                    or self.renamed_from)
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class _Pending:
     size: int = 1536  # measured: a pending user with a few fields costs about 1.5-2 KiB of heap
     first_commit_time: float | None = None
     recreate: bool = False
+    renamed_from: UserRef | None = None
 
     def merge(self, ch: UserChange) -> int:
         """Apply one change on top; return the growth in estimated bytes."""
@@ -101,7 +104,7 @@ class _Pending:
         return UserBatch(
             self.user, self.delete_user, dict(self.tags), dict(self.properties), dict(self.aliases),
             dict(self.subscriptions), self.seqs, tuple(self.origins), self.changes, self.attempt,
-            self.first_commit_time, self.recreate,
+            self.first_commit_time, self.recreate, self.renamed_from,
         )
 
 
@@ -126,12 +129,22 @@ class Coalescer:
         self._last_sent: dict[UserRef, float] = {}
         self._heap: list[tuple[float, int, UserRef]] = []
         self._tick = 0
+        # Renames that must wait (source order): the old user's batch is in flight, or the new
+        # identity has pending changes of its own. Changes for the users they name wait behind them.
+        self._parked: list[UserChange] = []
+        self._parked_users: set[UserRef] = set()
         self.pending_bytes = 0
         self.coalesced = 0  # changes merged into an already pending user
 
     # -- input ---------------------------------------------------------------------------
 
     def add(self, change: UserChange, now: float) -> None:
+        if self._parked_users and change.user in self._parked_users:
+            self._park(change)
+            return
+        if change.renamed_from is not None:
+            self._rename(change, now)
+            return
         p = self._pending.get(change.user)
         if p is None:
             p = self._pending[change.user] = _Pending(change.user, first_at=now)
@@ -141,6 +154,46 @@ class Coalescer:
         else:
             self.coalesced += 1
             self.pending_bytes += p.merge(change)
+
+    def _park(self, change: UserChange) -> None:
+        self._parked.append(change)
+        self._parked_users.add(change.user)
+        if change.renamed_from is not None:
+            self._parked_users.add(change.renamed_from)
+
+    def _rename(self, change: UserChange, now: float) -> None:
+        """A rename is a point in the user's history: what was pending for the old identity moves
+        under the new one behind the rename (the same OneSignal user; the batch renames first, then
+        applies), a chain a -> b -> c becomes a -> c and a -> b -> a no rename at all. When the old
+        user's batch is in flight, or the new identity has pending changes of its own (another
+        user until the rename), the change waits until those are sent (`release`)."""
+        old, new = change.renamed_from, change.user
+        assert old is not None
+        if (old in self._parked_users or old in self._in_flight or new in self._in_flight
+                or new in self._pending or (old in self._pending and self._pending[old].delete_user)):
+            self._park(change)
+            return
+        p = self._pending.pop(old, None)
+        if p is None:
+            p = _Pending(new, first_at=now, renamed_from=old)
+            self.pending_bytes += p.size
+        else:
+            self.coalesced += 1
+            p.user = new
+            first = p.renamed_from or old
+            p.renamed_from = None if first == new else first
+        self._pending[new] = p
+        self.pending_bytes += p.merge(change)
+        self._schedule(p)
+
+    def release(self, now: float) -> None:
+        """Let waiting renames (and the changes behind them) in again, in source order."""
+        if not self._parked:
+            return
+        parked, self._parked = self._parked, []
+        self._parked_users = set()
+        for change in parked:
+            self.add(change, now)
 
     def requeue(self, batch: UserBatch, not_before: float, now: float) -> None:
         """A batch that failed retriably goes back *under* whatever arrived since it left."""
@@ -157,6 +210,7 @@ class Coalescer:
         p.changes = batch.changes
         p.first_commit_time = batch.first_commit_time
         p.recreate = batch.recreate
+        p.renamed_from = batch.renamed_from
         p.size = 1536 + 8 * len(p.seqs) + 96 * (len(p.tags) + len(p.properties) + len(p.aliases))
         if newer is not None:
             if newer.delete_user:
@@ -243,7 +297,7 @@ class Coalescer:
 
     @property
     def pending_users(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._parked)
 
     @property
     def in_flight_users(self) -> int:

@@ -199,6 +199,7 @@ class MappingConfig(_Strict):
     on_delete: Literal["delete_user", "remove_tags", "ignore"] = "ignore"
     on_truncate: Literal["ignore"] = "ignore"  # a TRUNCATE names no rows: users are left as they are
     on_address_change: Literal["delete", "disable"] = "delete"
+    on_identity_conflict: Literal["dead_letter", "merge"] = "dead_letter"
 
     @field_validator("table")
     @classmethod

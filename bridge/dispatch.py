@@ -22,11 +22,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,14 @@ class Step:
 
 log = logging.getLogger("bridge.dispatch")
 
+
+class _RenameConflict(Exception):
+    """A rename OneSignal refused (409) that the mapping says to dead-letter: the whole batch."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
 AUTH_PROBE_S = 5.0
@@ -93,8 +102,11 @@ class Dispatcher:
         rng: random.Random | None = None,
         subscriptions: SubscriptionState | None = None,
         onesignal: OneSignalConfig | None = None,
+        identity_conflicts: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        # table -> mappings[].on_identity_conflict ("dead_letter" unless "merge")
+        self.identity_conflicts: Mapping[str, str] = identity_conflicts or {}
         self.subscriptions: SubscriptionState = subscriptions or MemorySubscriptionState()
         self.delivery = delivery
         self.dead_letters = dead_letters
@@ -311,7 +323,12 @@ class Dispatcher:
                         "OneSignal answered 404 to DELETE /users/by for a user that exists (replication lag)",
                         status=404, endpoint="DELETE /users/by")
                 if step.after is not None:
-                    more = await step.after(resp)
+                    try:
+                        more = await step.after(resp)
+                    except _RenameConflict as exc:  # nothing of the batch may touch the other user
+                        letters.append(self._rename_letter(batch, step.req, exc.message))
+                        queue.clear()
+                        continue
                     if more:
                         queue.extendleft(reversed(more))
         except errors.ReplicationLag as exc:
@@ -366,6 +383,7 @@ class Dispatcher:
         if created_at is not None and last_at is not None:  # the next batch waits out the post-create delay
             last_at = max(last_at, created_at + self.post_create_delay - self.user_interval)
         self.coalescer.finished(user, last_at)
+        self.coalescer.release(self.clock())  # renames that waited for this user
         self.on_done(batch.seqs)
         self._update_room()
 
@@ -399,9 +417,87 @@ class Dispatcher:
             raise lag
         return None
 
+    # -- renames (issue 15) ----------------------------------------------------------------
+
+    def _rename_steps(self, batch: UserBatch) -> list[Step]:
+        """A renamed row: Create/update alias on the old identity first (the same OneSignal user
+        keeps its onesignal_id, subscriptions and properties), then the rest of the batch for the
+        new identity. Idempotent: the old alias gone and the new one there is a rename done (a
+        retry, or a restart before the checkpoint)."""
+        old, new = batch.renamed_from, batch.user
+        assert old is not None
+        rest = dataclasses.replace(batch, renamed_from=None)
+        req = requests.rename_user(old.label, old.id, new.id)
+
+        async def done() -> list[Step]:
+            self.users.renamed(old, new, self.clock())
+            await self.subscriptions.rename_owner(str(old), str(new))
+            log.info("renamed OneSignal user %s to %s (same user, subscriptions kept)", old, new)
+            return await self._steps(rest)
+
+        async def after_rename(resp: Response) -> list[Step]:
+            if resp.status == 409:
+                return self._identity_conflict(batch, rest, resp)
+            if resp.status != 404:
+                return await done()
+            view = dataclasses.replace(requests.view_user(new.label, new.id), ok_statuses=frozenset({404}))
+
+            async def after_view(seen: Response) -> list[Step]:
+                if seen.status != 404:
+                    return await done()  # renamed before (a retry, or a restart before the checkpoint)
+                now = self.clock()
+                if self.users.young(old, now) or self.users.early(now):
+                    raise errors.ReplicationLag(
+                        f"OneSignal answered 404 to the rename of {old} to {new} for a user created or first "
+                        f"seen moments ago (replication lag)", status=404, endpoint=req.endpoint)
+                self.users.forget(old)  # neither exists: the rest of the batch creates the user
+                return await self._steps(rest)
+            return [Step(view, after=after_view)]
+        return [Step(req, after=after_rename)]
+
+    def _identity_conflict(self, batch: UserBatch, rest: UserBatch, resp: Response) -> list[Step]:
+        """409: the new identity belongs to another OneSignal user. `on_identity_conflict: merge`
+        moves the old user's subscriptions to that user, deletes the emptied old user and applies
+        the change there; otherwise the change is dead-lettered naming both users (neither changes)."""
+        old, new = batch.renamed_from, batch.user
+        assert old is not None
+        table = batch.origins[0].table if batch.origins else ""
+        if self.identity_conflicts.get(table, "dead_letter") != "merge":
+            raise _RenameConflict(
+                f"identity conflict: row renamed from {old} to {new}, but {new} already belongs to another "
+                f"OneSignal user; neither user was changed (merge them by hand, or set "
+                f"on_identity_conflict: merge) ({str(resp.body)[:200]})")
+        view = requests.view_user(old.label, old.id)
+
+        async def after_view(seen: Response) -> list[Step]:
+            body = seen.body if isinstance(seen.body, dict) else {}
+            subs = [s for s in body.get("subscriptions") or [] if isinstance(s, dict) and s.get("id")]
+            steps = [Step(requests.transfer_subscription(str(s["id"]), {new.label: new.id})) for s in subs]
+
+            async def after_delete(_resp: Response) -> list[Step]:
+                log.warning("merged OneSignal user %s into %s (identity conflict on a rename): %d subscription(s) "
+                            "moved, the old user deleted", old, new, len(subs))
+                self.users.forget(old)
+                await self.subscriptions.rename_owner(str(old), str(new))
+                self.users.seen(new, self.clock(), {})
+                return await self._steps(rest)
+            steps.append(Step(requests.delete_user(old.label, old.id), after=after_delete))
+            return steps
+        return [Step(view, after=after_view)]
+
+    def _rename_letter(self, batch: UserBatch, req: Request, message: str) -> DeadLetter:
+        log.warning("dead-lettered the change of user %s: %s", batch.user, message)
+        return DeadLetter.from_origins(
+            batch.origins, field=None, reason="identity_conflict", message=message,
+            position=",".join(o.position for o in batch.origins[:4]), user=str(batch.user),
+            request={"method": req.method, "path": req.path, "body": req.body},
+        )
+
     async def _steps(self, batch: UserBatch) -> list[Step]:
         """The batch's requests, with subscription changes decided against the known state and
         properties sent the way OneSignal documents for a user that does or does not exist."""
+        if batch.renamed_from is not None:
+            return self._rename_steps(batch)
         owner = str(batch.user)
         state = self.subscriptions
         known = None if batch.delete_user else self.users.get(batch.user)
@@ -547,6 +643,7 @@ class Dispatcher:
         now = self.clock()
         self.coalescer.finished(batch.user, now)  # the failed request may have counted too
         self.coalescer.requeue(batch, now + delay, now)
+        self.coalescer.release(now)
         self._update_room()
 
     def _tag_letter(self, batch: UserBatch, req: Request, exc: errors.TagLimitExceeded,

@@ -124,12 +124,15 @@ class UserChange:
     properties: Mapping[str, Any] = field(default_factory=dict)
     aliases: Mapping[str, str | None] = field(default_factory=dict)
     subscriptions: tuple[SubscriptionChange, ...] = ()
+    # The row's identity changed: OneSignal's user `renamed_from` becomes `user` (same onesignal_id,
+    # subscriptions kept) before the rest of the change applies to it. A point in the user's history.
+    renamed_from: UserRef | None = None
 
     def with_seq(self, seq: int) -> UserChange:
         """The same change under another checkpoint token (one event, several changes)."""
         o = self.origin
         return user_change(self.user, origin(o.table, o.key, o.position, seq, o.commit_time), self.tags,
-                           self.properties, self.aliases, self.subscriptions, self.delete_user)
+                           self.properties, self.aliases, self.subscriptions, self.delete_user, self.renamed_from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +169,8 @@ _e_table, _e_op, _e_new, _e_old, _e_key, _e_position, _e_commit_time = _setters(
     ChangeEvent, "table", "op", "new", "old", "key", "position", "commit_time")
 _o_table, _o_key, _o_position, _o_seq, _o_commit_time = _setters(
     Origin, "table", "key", "position", "seq", "commit_time")
-_c_user, _c_origin, _c_delete_user, _c_tags, _c_properties, _c_aliases, _c_subscriptions = _setters(
-    UserChange, "user", "origin", "delete_user", "tags", "properties", "aliases", "subscriptions")
+_c_user, _c_origin, _c_delete_user, _c_tags, _c_properties, _c_aliases, _c_subscriptions, _c_renamed_from = _setters(
+    UserChange, "user", "origin", "delete_user", "tags", "properties", "aliases", "subscriptions", "renamed_from")
 
 
 def change_event(table: str, op: Op, new: Mapping[str, Any] | None, old: Mapping[str, Any] | None,
@@ -197,8 +200,9 @@ def origin(table: str, key: str, position: str, seq: int, commit_time: float | N
 
 def user_change(user: UserRef, origin: Origin, tags: Mapping[str, str | None], properties: Mapping[str, Any],
                 aliases: Mapping[str, str | None], subscriptions: tuple[SubscriptionChange, ...] = (),
-                delete_user: bool = False) -> UserChange:
-    """`UserChange(user, origin, delete_user, tags, properties, aliases, subscriptions)`, faster."""
+                delete_user: bool = False, renamed_from: UserRef | None = None) -> UserChange:
+    """`UserChange(user, origin, delete_user, tags, properties, aliases, subscriptions, renamed_from)`,
+    faster."""
     c = _new(UserChange)
     _c_user(c, user)
     _c_origin(c, origin)
@@ -207,4 +211,5 @@ def user_change(user: UserRef, origin: Origin, tags: Mapping[str, str | None], p
     _c_properties(c, properties)
     _c_aliases(c, aliases)
     _c_subscriptions(c, subscriptions)
+    _c_renamed_from(c, renamed_from)
     return c

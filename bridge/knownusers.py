@@ -70,6 +70,15 @@ class KnownUsers:
         if known is not None:
             known.aliases.pop(label, None)
 
+    def renamed(self, old: UserRef, new: UserRef, now: float) -> None:
+        """OneSignal's user `old` is now `new` (same user): what was learnt of it moves along."""
+        known = self._users.pop(old, None)
+        if known is None:
+            self.seen(new, now, {})
+            return
+        known.aliases.pop(old.label, None)
+        self._put(new, known)
+
     def forget(self, user: UserRef) -> None:
         self._users.pop(user, None)
 

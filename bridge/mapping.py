@@ -419,20 +419,20 @@ class TableMapping:
             subs, rejected = self._subscriptions(event, row, seq)
             if rejected:
                 rejections = (rejections or []) + rejected
-        change = user_change(user, org, tags, props, aliases, subs)
-        # The identity itself changed: the old user is treated like a deleted row.
+        renamed_from: UserRef | None = None
+        # The identity itself changed: the same person under a new identity. OneSignal's user is
+        # renamed in place (same onesignal_id, subscriptions kept), never deleted and re-created.
         if op is Op.UPDATE and old_row is not None:
             old_ident = old_row.get(self.identity_column, UNCHANGED)
             if old_ident is not ident and old_ident is not UNCHANGED and old_ident is not None and not (
-                    type(old_ident) is kind and (kind is str or kind is int) and old_ident == ident):
+                    type(old_ident) is type(ident) and type(ident) in (str, int) and old_ident == ident):
                 try:
                     old_id = alias_id(old_ident)
                 except InvalidValue:  # the old identity was never usable: no OneSignal user has it
                     old_id = user.id
                 if old_id != user.id:
-                    gone = self._on_delete(UserRef(self.label, old_id), org)
-                    if gone is not None:
-                        return _result((gone, change), tuple(rejections) if rejections else ())
+                    renamed_from = UserRef(self.label, old_id)
+        change = user_change(user, org, tags, props, aliases, subs, False, renamed_from)
         return _result((change,), tuple(rejections) if rejections else ())
 
     def _reject(self, event: ChangeEvent, seq: int, fld: str | None, reason: str,

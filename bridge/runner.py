@@ -48,7 +48,9 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
         if config.onesignal.api == "legacy":
             return legacy.LegacyDispatcher(client, config.delivery, dead_letters, done,
                                            missing_user=config.onesignal.legacy_missing_user)
-        return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions)
+        return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions,
+                          onesignal=config.onesignal,
+                          identity_conflicts={mc.table: mc.on_identity_conflict for mc in config.mappings})
 
     # Continuous reconcile (reconcile.interval_s; None when off) watches the pipeline's output.
     drift = reconcile.attach(config, client, dsn, lambda: source.connected and not source.standby)

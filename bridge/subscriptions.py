@@ -31,6 +31,7 @@ class SubscriptionState(Protocol):
     async def record(self, sub: KnownSubscription) -> None: ...
     async def forget(self, channel: str, token: str) -> None: ...
     async def forget_owner(self, owner: str) -> None: ...
+    async def rename_owner(self, old: str, new: str) -> None: ...
 class MemorySubscriptionState:
     def __init__(self) -> None:
         self._by_token: dict[tuple[str, str], KnownSubscription] = {}
@@ -50,6 +51,12 @@ class MemorySubscriptionState:
     async def forget_owner(self, owner: str) -> None:
         for key in [k for k, s in self._by_token.items() if s.owner == owner]:
             del self._by_token[key]
+
+    async def rename_owner(self, old: str, new: str) -> None:
+        """The user was renamed (the same OneSignal user): its subscriptions go with it."""
+        for key, s in list(self._by_token.items()):
+            if s.owner == old:
+                self._by_token[key] = KnownSubscription(s.channel, s.token, new, s.subscription_id, s.enabled)
 
 
 class PostgresSubscriptionState:
@@ -97,6 +104,11 @@ class PostgresSubscriptionState:
 
     async def forget_owner(self, owner: str) -> None:
         await self._run("DELETE FROM onesignal_bridge.subscriptions WHERE owner = %s", (owner,))
+
+    async def rename_owner(self, old: str, new: str) -> None:
+        """The user was renamed (the same OneSignal user): its subscriptions go with it."""
+        await self._run("UPDATE onesignal_bridge.subscriptions SET owner = %s, updated_at = now() WHERE owner = %s",
+                        (new, old))
 
     async def close(self) -> None:
         if self._conn is not None:

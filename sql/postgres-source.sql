@@ -85,6 +85,16 @@ END $$;
 -- public.users: deletes and address changes need the old row
 ALTER TABLE public.users REPLICA IDENTITY FULL;
 
+-- public.orders: a unique identity column other than the primary key needs the old row (renames)
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+      AND a.attnum = i.indkey[0] WHERE i.indrelid = 'public.orders'::regclass
+      AND i.indisunique AND NOT i.indisprimary AND i.indnatts = 1 AND i.indpred IS NULL
+      AND a.attname = 'user_id') THEN
+    ALTER TABLE public.orders REPLICA IDENTITY FULL;
+  END IF;
+END $$;
+
 -- replication slot onesignal_bridge (pgoutput)
 SELECT pg_create_logical_replication_slot('onesignal_bridge', 'pgoutput')
 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'onesignal_bridge');

@@ -261,3 +261,15 @@ class requests:  # noqa: N801 - a namespace of request builders
     def delete_subscription(subscription_id: str) -> Request:
         return _request("DELETE", ("subscriptions", subscription_id), "DELETE /subscriptions",
                         ok_statuses=frozenset({404}))
+
+    @staticmethod
+    def rename_user(label: str, old: str, new: str) -> Request:
+        """Create/update alias on the user's current alias: `label` becomes `new` on the same user
+        (same onesignal_id, subscriptions kept). 404 and 409 are answers the caller reads."""
+        return _request("PATCH", ("users", "by", label, old, "identity"), "PATCH /identity",
+                        {"identity": {label: new}}, ok_statuses=frozenset({404, 409}))
+
+    @staticmethod
+    def transfer_subscription(subscription_id: str, identity: dict[str, str]) -> Request:
+        return _request("PATCH", ("subscriptions", subscription_id, "owner"), "PATCH /subscriptions/owner",
+                        {"identity": identity})

@@ -8,6 +8,7 @@ address changes need the old row, and, with `snapshot: never`, the slot (otherwi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from bridge.config import Config, PostgresSourceConfig
@@ -18,12 +19,36 @@ from bridge.sources.database import DatabaseKind, connect_for_check
 BACKFILL_REQUESTS = "onesignal_bridge.backfill_requests"
 
 
-def needs_full_identity(config: Config) -> list[str]:
-    """Tables whose deletes or address changes need the whole old row (REPLICA IDENTITY FULL)."""
-    out = [m.table for m in config.mappings if m.on_delete != "ignore" or m.subscriptions]
+def needs_full_identity(config: Config, primary_key: Callable[[str], list[str] | None] | None = None) -> list[str]:
+    """Tables whose deletes, address changes or identity changes need the whole old row (REPLICA
+    IDENTITY FULL). A unique identity column that is not the primary key changes without Postgres
+    sending the old value otherwise (a rename needs it); `primary_key(table)` names the table's
+    key columns when its identity column is unique on its own, else None. Without it, only the
+    tables that need it whatever their key."""
+    out = []
+    for m in config.mappings:
+        if m.on_delete != "ignore" or m.subscriptions:
+            out.append(m.table)
+        elif primary_key is not None and (key := primary_key(m.table)) is not None and key != [m.identity_column]:
+            out.append(m.table)
     # Triggers with `changed:`, `old:` or on deletes read the old row (bridge/triggers).
     out += sorted({t.table for t in config.triggers if t.needs_old_row or "delete" in t.on} - set(out))
     return out
+
+
+def _identity_not_key(table: str, column: str) -> str:
+    """REPLICA IDENTITY FULL when `column` is unique on its own (one row, one user) but not the
+    primary key: an update of it is a rename, and Postgres sends its old value only with FULL.
+    Decided in the database: a column that is not unique (orders.user_id) is left alone."""
+    return (
+        "DO $$ BEGIN\n"
+        "  IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid\n"
+        f"      AND a.attnum = i.indkey[0] WHERE i.indrelid = {literal(qualified(table))}::regclass\n"
+        "      AND i.indisunique AND NOT i.indisprimary AND i.indnatts = 1 AND i.indpred IS NULL\n"
+        f"      AND a.attname = {literal(column)}) THEN\n"
+        f"    ALTER TABLE {qualified(table)} REPLICA IDENTITY FULL;\n"
+        "  END IF;\nEND $$;"
+    )
 
 
 class PostgresKind(DatabaseKind):
@@ -55,6 +80,13 @@ class PostgresKind(DatabaseKind):
                 f"{table}: deletes and address changes need the old row",
                 f"ALTER TABLE {qualified(table)} REPLICA IDENTITY FULL;",
             ))
+        full = set(needs_full_identity(config))
+        for mc in config.mappings:
+            if mc.table not in full:
+                out.append(Statement(
+                    f"{mc.table}: a unique identity column other than the primary key needs the old row (renames)",
+                    _identity_not_key(mc.table, mc.identity_column),
+                ))
         if src.snapshot != "never":
             return out  # the first `run` creates the slot itself, exporting its snapshot for the initial read
         out.append(Statement(
@@ -189,7 +221,21 @@ def postgres_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
                     else f"ALTER PUBLICATION {ident(src.publication)} ADD TABLE {', '.join(missing)}; (or run setup)",
                 )
             )
-        for table in needs_full_identity(config):
+        identity_of = {mc.table: mc.identity_column for mc in config.mappings}
+
+        def primary_key(table: str) -> list[str] | None:  # None unless the identity column is unique
+            unique = one("SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+                         " AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND i.indisunique"
+                         " AND i.indnatts = 1 AND i.indpred IS NULL AND a.attname = %s", table, identity_of[table])
+            if unique is None:
+                return None
+            rows = conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+                " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(%s) AND i.indisprimary",
+                (table,)).fetchall()
+            return [r[0] for r in rows]
+
+        for table in needs_full_identity(config, primary_key):
             r = one("SELECT relreplident FROM pg_class WHERE oid = to_regclass(%s)", table)
             if r is None:
                 continue

@@ -1,0 +1,170 @@
+"""Identity changes keep the OneSignal user: rename, never delete (issue 15).
+
+Real Postgres, the bridge as a process, the strict simulator. The app's SDK adds a push
+subscription to the user (as `login(external_id)` does); then the row's identity changes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
+
+AUTH = {"Authorization": f"Key {API_KEY}"}
+DDL = "CREATE TABLE users (id text PRIMARY KEY, member_uuid text UNIQUE, crm_id text, plan text);"
+BY_ID = {"table": "public.users", "identity": {"external_id": "id"}, "aliases": {"crm_id": "crm_id"},
+         "tags": {"plan": "plan"}, "on_delete": "delete_user"}
+BY_UUID = {"table": "public.users", "identity": {"external_id": "member_uuid"}, "aliases": {"crm_id": "crm_id"},
+           "tags": {"plan": "plan"}}
+
+
+def _start(pg_db, sim, bridge, mapping: dict[str, Any], **kw: Any):  # type: ignore[no-untyped-def]
+    pg_db.execute(DDL)
+    b = bridge(bridge_config(pg_db.dsn, sim.base_url, [mapping], **kw))
+    assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+    return b.start()
+
+
+def _app_logs_in(sim, external_id: str, token: str) -> None:  # type: ignore[no-untyped-def]
+    """What the app's SDK does: a push subscription on the user (retried through replication lag)."""
+    path = f"/apps/{APP_ID}/users/by/external_id/{external_id}/subscriptions"
+    body = {"subscription": {"type": "iOSPush", "token": token, "enabled": True}}
+    wait_until(lambda: sim.http.post(path, json=body, headers=AUTH).status_code in (200, 201, 202),
+               timeout=20, what="the app's push subscription")
+
+
+def _push_tokens(user: dict[str, Any] | None) -> set[str]:
+    return {s["token"] for s in (user or {}).get("subscriptions", []) if s["type"] == "iOSPush"}
+
+
+def _no_deletes(sim) -> None:  # type: ignore[no-untyped-def]
+    deletes = [r for r in sim.requests() if r["method"] == "DELETE" and r["endpoint"].endswith("{alias_id}")]
+    assert not deletes, deletes
+
+
+def _synced(sim, external_id: str, **tags: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def ok() -> bool:
+        u = sim.user(external_id)
+        return u is not None and all(u["properties"].get("tags", {}).get(k) == v for k, v in tags.items())
+    wait_until(ok, timeout=30, what=f"user {external_id} with {tags}")
+    u = sim.user(external_id)
+    assert u is not None
+    return u
+
+
+def test_primary_key_change_renames_the_user_keeping_onesignal_id_push_subscription_and_aliases(pg_db, sim, bridge):
+    _start(pg_db, sim, bridge, BY_ID)
+    pg_db.execute("INSERT INTO users VALUES ('old1', NULL, 'crm-1', 'free')")
+    before = _synced(sim, "old1", plan="free")
+    _app_logs_in(sim, "old1", "push-token-1")
+    with psycopg.connect(pg_db.dsn) as conn:  # one transaction: the key and another column change
+        conn.execute("UPDATE users SET id = 'new1' WHERE id = 'old1'")
+        conn.execute("UPDATE users SET plan = 'pro' WHERE id = 'new1'")
+    after = _synced(sim, "new1", plan="pro")
+    assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
+    assert after["identity"]["crm_id"] == "crm-1"
+    assert _push_tokens(after) == {"push-token-1"}
+    assert sim.user("old1") is None
+    assert len(sim.users()) == 1
+    _no_deletes(sim)
+
+
+def test_identity_column_that_is_not_the_key_renames_the_user(pg_db, sim, bridge):
+    _start(pg_db, sim, bridge, BY_UUID)
+    full = pg_db.fetch("SELECT relreplident FROM pg_class WHERE oid = 'public.users'::regclass")
+    assert full == [("f",)], "setup sets REPLICA IDENTITY FULL where the identity is not the primary key"
+    pg_db.execute("INSERT INTO users VALUES ('1', 'uuid-a', 'crm-1', 'free')")
+    before = _synced(sim, "uuid-a", plan="free")
+    _app_logs_in(sim, "uuid-a", "push-token-a")
+    pg_db.execute("UPDATE users SET member_uuid = 'uuid-b', plan = 'pro', crm_id = 'crm-2' WHERE id = '1'")
+    after = _synced(sim, "uuid-b", plan="pro")
+    assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
+    assert after["identity"]["crm_id"] == "crm-2", "a mapped alias whose value changes is updated in place"
+    assert _push_tokens(after) == {"push-token-a"}
+    assert len(sim.users()) == 1
+    _no_deletes(sim)
+
+
+def test_a_chain_of_renames_in_one_flush_window_and_a_rename_back_keep_one_user(pg_db, sim, bridge):
+    _start(pg_db, sim, bridge, BY_ID, delivery={"flush_interval_ms": 1500})
+    pg_db.execute("INSERT INTO users VALUES ('a', NULL, NULL, 'free')")
+    first = _synced(sim, "a", plan="free")
+    _app_logs_in(sim, "a", "push-a")
+    with psycopg.connect(pg_db.dsn) as conn:
+        conn.execute("UPDATE users SET id = 'b', plan = 'mid' WHERE id = 'a'")
+        conn.commit()
+        conn.execute("UPDATE users SET id = 'c', plan = 'pro' WHERE id = 'b'")
+    u = _synced(sim, "c", plan="pro")
+    assert u["identity"]["onesignal_id"] == first["identity"]["onesignal_id"]
+    assert _push_tokens(u) == {"push-a"}
+    pg_db.execute("UPDATE users SET id = 'd' WHERE id = 'c'")
+    _synced(sim, "d")
+    pg_db.execute("UPDATE users SET id = 'c', plan = 'back' WHERE id = 'd'")
+    u = _synced(sim, "c", plan="back")
+    assert u["identity"]["onesignal_id"] == first["identity"]["onesignal_id"]
+    assert _push_tokens(u) == {"push-a"}
+    assert len(sim.users()) == 1
+    _no_deletes(sim)
+
+
+def test_a_rename_onto_an_identity_another_user_holds_is_dead_lettered_naming_both(pg_db, sim, bridge):
+    b = _start(pg_db, sim, bridge, BY_UUID)
+    pg_db.execute("INSERT INTO users VALUES ('1', 'ann', NULL, 'free'), ('2', 'bob', NULL, 'free')")
+    _synced(sim, "ann", plan="free")
+    _synced(sim, "bob", plan="free")
+    pg_db.execute("DELETE FROM users WHERE id = '2'")  # on_delete ignore: OneSignal's bob stays
+    pg_db.execute("UPDATE users SET member_uuid = 'bob', plan = 'pro' WHERE id = '1'")
+    wait_until(lambda: pg_db.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters")[0][0] >= 1,
+               timeout=30, what="dead letter")
+    (message,) = pg_db.fetch("SELECT message FROM onesignal_bridge.dead_letters")[0]
+    assert "external_id=ann" in message and "external_id=bob" in message, message
+    assert sim.user("ann") is not None and sim.user("bob")["properties"]["tags"]["plan"] == "free"
+    assert len(sim.users()) == 2
+    assert b.alive()
+
+
+def test_merge_on_identity_conflict_leaves_one_user_with_both_users_subscriptions(pg_db, sim, bridge):
+    _start(pg_db, sim, bridge, dict(BY_UUID, on_identity_conflict="merge"))
+    pg_db.execute("INSERT INTO users VALUES ('1', 'ann', NULL, 'free'), ('2', 'bob', NULL, 'free')")
+    _synced(sim, "ann", plan="free")
+    _synced(sim, "bob", plan="free")
+    _app_logs_in(sim, "ann", "push-ann")
+    _app_logs_in(sim, "bob", "push-bob")
+    pg_db.execute("DELETE FROM users WHERE id = '2'")
+    pg_db.execute("UPDATE users SET member_uuid = 'bob', plan = 'pro' WHERE id = '1'")
+    u = _synced(sim, "bob", plan="pro")
+    wait_until(lambda: len(sim.users()) == 1, timeout=30, what="one user left")
+    u = sim.user("bob")
+    assert _push_tokens(u) == {"push-ann", "push-bob"}
+
+
+CRASH_RUNS = int(os.environ.get("RENAME_CRASH_RUNS", "3"))
+
+
+@pytest.mark.parametrize("seed", range(CRASH_RUNS))
+def test_sigkill_around_a_rename_ends_with_exactly_one_user_per_row(pg_db, sim, bridge, seed):
+    rng = random.Random(seed)
+    pg_db.execute(DDL)
+    b = bridge(bridge_config(pg_db.dsn, sim.base_url, [BY_ID]))
+    assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+    b.start()
+    rows = [f"u{i}" for i in range(4)]
+    pg_db.execute("INSERT INTO users VALUES " + ",".join(f"('{r}', NULL, NULL, 'free')" for r in rows))
+    for r in rows:
+        _synced(sim, r, plan="free")
+    ids = {r: sim.user(r)["identity"]["onesignal_id"] for r in rows}
+    for r in rows:
+        pg_db.execute(f"UPDATE users SET id = '{r}-x', plan = 'pro' WHERE id = '{r}'")
+    time.sleep(rng.uniform(0.05, 0.6))
+    b.kill()
+    b.start()
+    for r in rows:
+        u = _synced(sim, f"{r}-x", plan="pro")
+        assert u["identity"]["onesignal_id"] == ids[r]
+    assert sorted(u["identity"].get("external_id") for u in sim.users()) == sorted(f"{r}-x" for r in rows)
+    _no_deletes(sim)

@@ -59,6 +59,9 @@ class StaleFilter:
             return change
         users = self._users
         user = change.user
+        if change.renamed_from is not None and change.renamed_from in users:
+            # The same OneSignal user under its new identity: what set its fields goes along.
+            users[user] = users.pop(change.renamed_from)
         seen = users.get(user)
         if seen is None:
             seen = users[user] = _Seen()
@@ -84,6 +87,7 @@ class StaleFilter:
         props = {k: v for k, v in change.properties.items() if k not in stale_props}
         aliases = {k: v for k, v in change.aliases.items() if k not in stale_aliases}
         subs: tuple[SubscriptionChange, ...] = tuple(s for s in change.subscriptions if s.channel not in stale_subs)
-        if not (tags or props or aliases or subs):
+        if not (tags or props or aliases or subs or change.renamed_from):
             return None
-        return user_change(change.user, change.origin, tags, props, aliases, subs, change.delete_user)
+        return user_change(change.user, change.origin, tags, props, aliases, subs, change.delete_user,
+                           change.renamed_from)

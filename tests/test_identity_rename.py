@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import random
 import time
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
 from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
+from pgcluster import PgDb
 
 AUTH = {"Authorization": f"Key {API_KEY}"}
 DDL = "CREATE TABLE users (id text PRIMARY KEY, member_uuid text UNIQUE, crm_id text, plan text);"
@@ -167,4 +169,42 @@ def test_sigkill_around_a_rename_ends_with_exactly_one_user_per_row(pg_db, sim, 
         u = _synced(sim, f"{r}-x", plan="pro")
         assert u["identity"]["onesignal_id"] == ids[r]
     assert sorted(u["identity"].get("external_id") for u in sim.users()) == sorted(f"{r}-x" for r in rows)
+    _no_deletes(sim)
+
+
+# -- outbox (triggers capture the old row) --------------------------------------------------------
+
+
+@pytest.fixture
+def odb(pg_cluster_replica):  # type: ignore[no-untyped-def]
+    name = f"rn_{uuid.uuid4().hex[:8]}"
+    dsn = pg_cluster_replica.create_database(name)
+    try:
+        yield PgDb(name=name, dsn=dsn, cluster=pg_cluster_replica)
+    finally:
+        pg_cluster_replica.drop_database(name)
+
+
+@pytest.mark.parametrize(("mapping", "rename_sql", "old", "new"), [
+    (BY_ID, "UPDATE users SET id = 'new1', plan = 'pro' WHERE id = 'old1'", "old1", "new1"),
+    (BY_UUID, "UPDATE users SET member_uuid = 'uuid-b', plan = 'pro' WHERE id = 'old1'", "uuid-a", "uuid-b"),
+], ids=["primary_key", "identity_column"])
+def test_outbox_identity_change_renames_the_user_keeping_its_push_subscription(
+        odb, sim, bridge, mapping, rename_sql, old, new):  # type: ignore[no-untyped-def]
+    odb.execute(DDL)
+    cfg = bridge_config(odb.dsn, sim.base_url, [mapping])
+    cfg["source"] = {"kind": "outbox", "dsn": odb.dsn, "poll_interval_ms": 200}
+    b = bridge(cfg)
+    out = run_cli("setup", "--config", str(b.config_path))
+    assert out.returncode == 0, out.stderr
+    b.start()
+    odb.execute("INSERT INTO users VALUES ('old1', 'uuid-a', 'crm-1', 'free')")
+    before = _synced(sim, old, plan="free")
+    _app_logs_in(sim, old, "push-outbox")
+    odb.execute(rename_sql)
+    after = _synced(sim, new, plan="pro")
+    assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
+    assert after["identity"]["crm_id"] == "crm-1"
+    assert _push_tokens(after) == {"push-outbox"}
+    assert len(sim.users()) == 1
     _no_deletes(sim)

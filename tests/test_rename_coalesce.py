@@ -71,3 +71,13 @@ def test_a_retried_rename_is_still_a_rename():
     c.requeue(batch, 2.0, 1.0)
     (again,) = c.take_due(5.0, 10)
     assert again.renamed_from == A
+
+
+def test_the_stale_value_filter_follows_a_rename():
+    from bridge.staleness import StaleFilter
+
+    f = StaleFilter()
+    assert f.filter(change(A, 1, plan="newest"), (30,)) is not None
+    renamed = f.filter(change(B, 2, A), (20,))
+    assert renamed is not None and renamed.renamed_from == A, "a rename itself is never stale"
+    assert f.filter(change(B, 3, plan="older"), (25,)) is None, "the field was set later under the old identity"

@@ -6,6 +6,7 @@ subscription to the user (as `login(external_id)` does); then the row's identity
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -206,5 +207,59 @@ def test_outbox_identity_change_renames_the_user_keeping_its_push_subscription(
     assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
     assert after["identity"]["crm_id"] == "crm-1"
     assert _push_tokens(after) == {"push-outbox"}
+    assert len(sim.users()) == 1
+    _no_deletes(sim)
+
+
+# -- Kafka (Debezium key changes) -----------------------------------------------------------------
+
+
+def _kafka_config(kafka_broker, sim, topic: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from bridgeproc import free_port
+
+    return {
+        "onesignal": {"app_id": APP_ID, "api_key": API_KEY, "base_url": sim.base_url},
+        "source": {"kind": "kafka", "bootstrap_servers": kafka_broker.bootstrap,
+                   "group_id": f"g-{uuid.uuid4().hex[:8]}", "topics": [topic], "format": "debezium-json",
+                   "dead_letter_topic": f"dlq-{uuid.uuid4().hex[:8]}",
+                   "consumer": {"topic.metadata.refresh.interval.ms": 2000}},
+        "mappings": [{"table": "public.accounts", "identity": {"external_id": "id"},
+                      "aliases": {"crm_id": "crm_id"}, "tags": {"plan": "plan"}, "on_delete": "delete_user"}],
+        "delivery": {"flush_interval_ms": 50},
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+    }
+
+
+def _debezium(op: str, after: Any, before: Any, lsn: int) -> bytes:
+    return json.dumps({"before": before, "after": after, "op": op,
+                       "source": {"schema": "public", "table": "accounts", "lsn": lsn}}).encode()
+
+
+def test_debezium_key_change_renames_the_user_keeping_its_push_subscription(kafka_broker, sim, bridge):
+    topic = kafka_broker.new_topic("dbserver1.public.accounts", 2)
+    bridge(_kafka_config(kafka_broker, sim, topic)).start()
+    row = {"id": "k1", "crm_id": "crm-1", "plan": "free"}
+    kafka_broker.produce(topic, _debezium("c", row, None, 1), key=b'{"id": "k1"}')
+    before = _synced(sim, "k1", plan="free")
+    _app_logs_in(sim, "k1", "push-kafka")
+    # k1 -> k2: a delete (newkey header) then a create (oldkey header)
+    kafka_broker.produce(topic, _debezium("d", None, row, 2), key=b'{"id": "k1"}',
+                         headers=[("__debezium.newkey", b'{"id": "k2"}')])
+    kafka_broker.produce(topic, _debezium("c", dict(row, id="k2", plan="pro"), None, 3), key=b'{"id": "k2"}',
+                         headers=[("__debezium.oldkey", b'{"id": "k1"}')])
+    after = _synced(sim, "k2", plan="pro")
+    assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
+    assert after["identity"]["crm_id"] == "crm-1" and _push_tokens(after) == {"push-kafka"}
+    # k2 -> k3 as an update whose before and after identities differ
+    kafka_broker.produce(topic, _debezium("u", dict(row, id="k3", plan="vip"), dict(row, id="k2", plan="pro"), 4),
+                         key=b'{"id": "k3"}')
+    after = _synced(sim, "k3", plan="vip")
+    assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
+    assert _push_tokens(after) == {"push-kafka"}
+    # k3 -> k4 where only the create half is seen (the delete went elsewhere): the header names the old key
+    kafka_broker.produce(topic, _debezium("c", dict(row, id="k4", plan="max"), None, 5), key=b'{"id": "k4"}',
+                         headers=[("__debezium.oldkey", b'{"id": "k3"}')])
+    after = _synced(sim, "k4", plan="max")
+    assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
     assert len(sim.users()) == 1
     _no_deletes(sim)

@@ -305,7 +305,7 @@ def test_primary_key_change_keeps_the_user_and_moves_the_identity_as_mapped(kafk
         what="the same user updated",
     )
     assert not any(r["method"] == "DELETE" for r in sim.requests()), "a primary-key change must not delete the user"
-    # id 2 -> 3 and the identity column changes too: the user moves per on_delete
+    # id 2 -> 3 and the identity column changes too: the user is renamed (issue 15)
     kafka_broker.produce(
         topic,
         ev("d", None, {"id": 2, "email": "ada", "plan": "pro"}, 4),
@@ -318,7 +318,8 @@ def test_primary_key_change_keeps_the_user_and_moves_the_identity_as_mapped(kafk
         key=b'{"id": 3}',
         headers=[("__debezium.oldkey", b'{"id": 2}')],
     )
-    wait_until(lambda: sim.user("grace") and sim.user("ada") is None, timeout=30, what="identity moved to grace")
+    wait_until(lambda: sim.user("grace") and sim.user("ada") is None, timeout=30, what="ada renamed to grace")
+    assert len(sim.users()) == 1 and not any(r["method"] == "DELETE" for r in sim.requests())
 
 
 # -- the consumer under an outage and under rebalances ------------------------------------------

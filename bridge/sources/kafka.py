@@ -27,7 +27,8 @@
   headers naming the reason and the source topic, partition and offset; the consumer moves on.
 - A primary-key update arrives as a delete carrying `__debezium.newkey` and a create carrying
   `__debezium.oldkey`: the delete never deletes the user; the create is handled as an update
-  from the old row, so the identity moves only when the identity column itself changed.
+  from the old row (or, when the delete was not seen, from the old key in the header), so when
+  the identity changed the OneSignal user is renamed in place (issue 15).
 - Stale values: events for one user may arrive through different partitions. The pipeline drops
   a value for a (user, field) when an event with a higher source position (`source.lsn`, else
   `ts_ms`) already set it (see `bridge/staleness.py`).
@@ -559,7 +560,9 @@ class KafkaSource:
             return None
         if p.pk_change == "new":
             old = self._pk_old_rows.pop(_key_id(p.table, p.key), None)
-            op = Op.UPDATE  # from the old row: the identity moves only if its column changed
+            if old is None and p.other_key:  # the delete half was not seen here (another partition, a
+                old = dict(p.other_key)      # restart): the old key from the header names the old user
+            op = Op.UPDATE  # from the old row: a changed identity renames the user (issue 15)
         return change_event(p.table, op, p.new, old, p.key, position, p.commit_time)
 
     async def _poison(self, msg: Message, reason: str) -> None:

@@ -263,3 +263,25 @@ def test_debezium_key_change_renames_the_user_keeping_its_push_subscription(kafk
     assert after["identity"]["onesignal_id"] == before["identity"]["onesignal_id"]
     assert len(sim.users()) == 1
     _no_deletes(sim)
+
+
+def test_learned_subscription_ids_follow_the_rename_so_a_later_address_change_retires_the_old_address(
+        pg_db, sim, bridge):
+    pg_db.execute("CREATE TABLE users (id text PRIMARY KEY, email text, plan text)")
+    mapping = {"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"},
+               "subscriptions": {"email": "email"}}
+    b = bridge(bridge_config(pg_db.dsn, sim.base_url, [mapping]))
+    assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+    b.start()
+    pg_db.execute("INSERT INTO users VALUES ('s1', 'a@example.com', 'free')")
+    _synced(sim, "s1", plan="free")
+    pg_db.execute("UPDATE users SET id = 's2', plan = 'pro' WHERE id = 's1'")
+    _synced(sim, "s2", plan="pro")
+    owners = pg_db.fetch("SELECT owner FROM onesignal_bridge.subscriptions")
+    assert owners == [("external_id=s2",)]
+    pg_db.execute("UPDATE users SET email = 'b@example.com' WHERE id = 's2'")
+
+    def emails() -> set[str]:
+        return {s["token"] for s in (sim.user("s2") or {}).get("subscriptions", []) if s["type"] == "Email"}
+    wait_until(lambda: emails() == {"b@example.com"}, timeout=30, what="the old address retired")
+    assert len(sim.users()) == 1

@@ -29,13 +29,15 @@ CREATE TABLE IF NOT EXISTS users (
 );
 CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY, user_id bigint, total numeric(10,2),
     created_at timestamptz DEFAULT now());
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS status text DEFAULT 'paid';
 TRUNCATE users, orders;
 """
 
 STEPS: list[tuple[str, str]] = [
     ("Two users sign up",
-     "INSERT INTO users (id, plan, country, locale, tz, crm_id) VALUES"
-     " (1, 'free', 'FR', 'fr-FR', 'Europe/Paris', 'crm-001'), (2, 'pro', 'US', 'en', 'America/New_York', NULL)"),
+     "INSERT INTO users (id, email, plan, country, locale, tz, crm_id) VALUES"
+     " (1, 'ada@example.com', 'free', 'FR', 'fr-FR', 'Europe/Paris', 'crm-001'),"
+     " (2, NULL, 'pro', 'US', 'en', 'America/New_York', NULL)"),
     ("User 1 upgrades and places an order; user 2 loses its plan (NULL deletes the tag)",
      "UPDATE users SET plan = 'pro' WHERE id = 1; UPDATE users SET plan = NULL WHERE id = 2;"
      " INSERT INTO orders (user_id, total) VALUES (1, 49.90)"),
@@ -43,6 +45,9 @@ STEPS: list[tuple[str, str]] = [
      "UPDATE users SET tz = 'Mars/Olympus_Mons', plan = 'team' WHERE id = 2"),
     ("User 2 is deleted", "DELETE FROM users WHERE id = 2"),
 ]
+
+SHIP = ("User 1's order ships: the order_shipped trigger sends one message (Create message)",
+        "UPDATE orders SET status = 'shipped' WHERE user_id = 1")
 
 
 def _free_port() -> int:
@@ -114,9 +119,17 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
             "mappings": [
                 {"table": "public.users", "identity": {"external_id": "id"}, "aliases": {"crm_id": "crm_id"},
                  "tags": {"plan": "plan", "country": "country", "signup_at": "created_at"},
-                 "properties": {"language": "locale", "timezone_id": "tz"}, "on_delete": "delete_user"},
+                 "properties": {"language": "locale", "timezone_id": "tz"}, "on_delete": "delete_user",
+                 "subscriptions": {"email": "email"}},
                 {"table": "public.orders", "identity": {"external_id": "user_id"},
                  "tags": {"last_order_total": "total", "last_order_at": "created_at"}},
+            ],
+            # One change-triggered message (docs/triggers.md): an order marked shipped tells its user.
+            "triggers": [
+                {"name": "order_shipped", "table": "public.orders", "on": ["update"], "changed": ["status"],
+                 "new": {"status": "shipped"}, "user": {"external_id": "user_id"},
+                 "message": {"contents": {"en": "Your order is on its way"}, "target_channel": "email",
+                             "custom_data": {"order_id": "id", "total": "total"}}},
             ],
             "delivery": {"flush_interval_ms": 200},
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
@@ -144,6 +157,13 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
                 time.sleep(1.5)  # let the per-user rate limit (1 request/s) pass for follow-up calls
                 print("    OneSignal now has:")
                 _show(http.get("/_simulator/users").json()["users"])
+            print(f"\n--- step {len(STEPS) + 1}: {SHIP[0]}\n    SQL: {SHIP[1]}")
+            conn.execute(SHIP[1])
+            sent = _wait(lambda: http.get("/_simulator/notifications").json()["notifications"], 15, "the message")
+            for n in sent:
+                body = n["body"]
+                print(f"    message to {body['include_aliases']} ({body['target_channel']}): {body['contents']},"
+                      f" custom_data {body.get('custom_data')}, idempotency_key {n['idempotency_key']}")
             letters = conn.execute(
                 "SELECT source_table, row_key, message FROM onesignal_bridge.dead_letters"
             ).fetchall()

@@ -285,3 +285,17 @@ def test_learned_subscription_ids_follow_the_rename_so_a_later_address_change_re
         return {s["token"] for s in (sim.user("s2") or {}).get("subscriptions", []) if s["type"] == "Email"}
     wait_until(lambda: emails() == {"b@example.com"}, timeout=30, what="the old address retired")
     assert len(sim.users()) == 1
+
+
+def test_a_delete_and_an_insert_of_another_identity_in_one_transaction_stay_a_delete_and_an_insert(
+        pg_db, sim, bridge):
+    _start(pg_db, sim, bridge, BY_ID)
+    pg_db.execute("INSERT INTO users VALUES ('gone', NULL, NULL, 'free')")
+    before = _synced(sim, "gone", plan="free")
+    with psycopg.connect(pg_db.dsn) as conn:
+        conn.execute("DELETE FROM users WHERE id = 'gone'")
+        conn.execute("INSERT INTO users VALUES ('fresh', NULL, NULL, 'pro')")
+    fresh = _synced(sim, "fresh", plan="pro")
+    wait_until(lambda: sim.user("gone") is None, timeout=30, what="the deleted row's user deleted (on_delete)")
+    assert fresh["identity"]["onesignal_id"] != before["identity"]["onesignal_id"]
+    assert not any(r["endpoint"].endswith("/identity") and r["method"] == "PATCH" for r in sim.requests())

@@ -222,3 +222,34 @@ def test_debezium_u_events_on_kafka_send_each_message_once_across_a_sigkill(kafk
     for m in messages:
         i = m["body"]["custom_data"]["order_id"]
         assert m["body"]["include_aliases"] == {"external_id": [f"u{i % 5 + 1}"]}
+
+
+def test_outbox_source_sends_each_shipped_orders_message_once_across_a_sigkill(pg_db, sim, bridge):
+    pg_db.execute(DDL)
+    cfg = bridge_config(pg_db.dsn, sim.base_url, MAPPINGS)
+    cfg["source"] = {"kind": "outbox", "dsn": pg_db.dsn, "poll_interval_ms": 200}
+    cfg["triggers"] = TRIGGERS
+    b = bridge(cfg)
+    out = run_cli("setup", "--config", str(b.config_path))
+    assert out.returncode == 0, out.stderr
+    b.start()
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        _users(conn, 4)
+        for i in range(1, 13):
+            conn.execute("INSERT INTO orders VALUES (%s, %s, 'paid', %s)", (i, f"u{i % 4 + 1}", f"{i}.25"))
+        wait_until(lambda: len(sim.users()) == 4, timeout=30, what="four users")
+        for i in range(1, 13):
+            conn.execute("UPDATE orders SET status = 'shipped' WHERE id = %s", (i,))
+            conn.execute("UPDATE orders SET note = 'left at the door' WHERE id = %s", (i,))  # no status change
+            if i == 6:
+                b.kill()
+                b.start()
+    wait_until(lambda: len(_notifications(sim)) >= 12 and len(_events(sim)) >= 12, timeout=60,
+               what="12 messages and 12 events")
+    time.sleep(1.5)
+    messages = _notifications(sim)
+    assert len(messages) == 12 and len(_events(sim)) == 12
+    for m in messages:
+        i = m["body"]["custom_data"]["order_id"]
+        assert m["body"]["include_aliases"] == {"external_id": [f"u{i % 4 + 1}"]}
+        assert m["body"]["custom_data"]["total"] == f"{i}.25"

@@ -129,7 +129,9 @@ class OutboxSource:
     def __init__(self, cfg: OutboxSourceConfig, config: Config, dsn: str | None = None) -> None:
         self.cfg = cfg
         self.config = config
-        self.tables_wanted = {mp.table: mp for mp in config.mappings}
+        self.tables_wanted: dict[str, Any] = {mp.table: mp for mp in config.mappings}
+        for t in config.triggers:  # trigger tables (bridge/triggers) need no mapping
+            self.tables_wanted.setdefault(t.table, None)
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
         self.leader = False
@@ -239,7 +241,7 @@ class OutboxSource:
             if not cols:
                 log.warning("mapped table %s does not exist (or is not visible to this role)", name)
             cur = await conn.execute(PRIMARY_KEY_SQL, tuple(name.split(".", 1)))
-            pk = [r[0] for r in await cur.fetchall()] or [mp.identity_column]
+            pk = [r[0] for r in await cur.fetchall()] or ([mp.identity_column] if mp is not None else [])
             tables[name] = TableDecoder(name, cols, pk)
         self._tables = tables
 

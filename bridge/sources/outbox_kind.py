@@ -77,13 +77,16 @@ def setup_statements(config: Config) -> list[Statement]:
     """(why, SQL) to prepare a database for the outbox source: sql/outbox.sql, one trigger pair per
     mapped table, no triggers left on tables no longer mapped, privileges of the bridge's role."""
     out = [Statement("outbox table and capture trigger function (sql/outbox.sql)", OUTBOX_SQL.strip())]
-    for mp in config.mappings:
-        cols = ", ".join(literal(c) for c in captured_columns(mp))
+    captured: dict[str, set[str]] = {mp.table: set(captured_columns(mp)) for mp in config.mappings}
+    for t in config.triggers:  # trigger tables (bridge/triggers): the columns they read too
+        captured.setdefault(t.table, set()).update(t.columns() | t.old_columns())
+    for table, columns in captured.items():
+        cols = ", ".join(literal(c) for c in sorted(columns))
         out.append(Statement(
-            f"{mp.table}: capture triggers (INSERT, UPDATE, DELETE, TRUNCATE)",
-            f"SELECT onesignal_bridge.install_trigger({literal(qualified(mp.table))}, ARRAY[{cols}]::text[]);",
+            f"{table}: capture triggers (INSERT, UPDATE, DELETE, TRUNCATE)",
+            f"SELECT onesignal_bridge.install_trigger({literal(qualified(table))}, ARRAY[{cols}]::text[]);",
         ))
-    mapped = ", ".join(literal(qualified(mp.table)) for mp in config.mappings)
+    mapped = ", ".join(literal(qualified(table)) for table in captured)
     out.append(Statement(
         "no capture triggers on tables that are no longer mapped",
         "DO $$\nDECLARE r record;\nBEGIN\n"

@@ -253,3 +253,20 @@ def test_outbox_source_sends_each_shipped_orders_message_once_across_a_sigkill(p
         i = m["body"]["custom_data"]["order_id"]
         assert m["body"]["include_aliases"] == {"external_id": [f"u{i % 4 + 1}"]}
         assert m["body"]["custom_data"]["total"] == f"{i}.25"
+
+
+def test_check_names_a_missing_trigger_column_and_a_trigger_table_without_the_old_row(pg_db, sim, bridge):
+    pg_db.execute(DDL)
+    cfg = bridge_config(pg_db.dsn, sim.base_url, MAPPINGS)
+    cfg["triggers"] = [TRIGGERS[0], {**TRIGGERS[1], "custom_event": {"name": "x", "payload": {"c": "colour"}}}]
+    b = bridge(cfg)
+    out = run_cli("check", "--config", str(b.config_path))
+    assert out.returncode == 1
+    assert "trigger table public.orders (order_shipped, order_placed): missing columns colour" in out.stdout
+    assert "publication onesignal_bridge does not exist" in out.stdout
+    assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+    out = run_cli("check", "--config", str(b.config_path))
+    assert "table public.orders replica identity is FULL" in out.stdout  # `changed:` needs the old row
+    pg_db.execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
+    out = run_cli("check", "--config", str(b.config_path))
+    assert "[FAIL] table public.orders replica identity is not FULL" in out.stdout

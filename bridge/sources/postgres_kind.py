@@ -210,7 +210,8 @@ def postgres_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
                     "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (src.publication,)
                 )
             }
-            missing = sorted({m.table for m in config.mappings} - covered)
+            missing = sorted({m.table for m in config.mappings} - covered
+                             | ({t.table for t in config.triggers} - covered))
             out.append(
                 Finding(
                     not missing,
@@ -221,6 +222,10 @@ def postgres_checks(config: Config, src: PostgresSourceConfig) -> list[Finding]:
                     else f"ALTER PUBLICATION {ident(src.publication)} ADD TABLE {', '.join(missing)}; (or run setup)",
                 )
             )
+        if config.triggers:  # trigger tables and their columns (bridge/triggers)
+            from bridge.triggers.check import findings as trigger_findings
+
+            out.extend(trigger_findings(conn, config))
         identity_of = {mc.table: mc.identity_column for mc in config.mappings}
 
         def primary_key(table: str) -> list[str] | None:  # None unless the identity column is unique

@@ -200,6 +200,11 @@ class MappingConfig(_Strict):
     on_truncate: Literal["ignore"] = "ignore"  # a TRUNCATE names no rows: users are left as they are
     on_address_change: Literal["delete", "disable"] = "delete"
     on_identity_conflict: Literal["dead_letter", "merge"] = "dead_letter"
+    # When a row's identity value changes: `rename` the OneSignal user (the column is unique: the
+    # same person under a new id), or `move` the row to the other user (a many-to-one column such as
+    # orders.user_id: only the new user is updated, the old one is left as it is). `auto` renames
+    # when the identity column is part of the row's key (primary key), and moves otherwise.
+    on_identity_change: Literal["auto", "rename", "move"] = "auto"
 
     @field_validator("table")
     @classmethod

@@ -289,6 +289,7 @@ class TableMapping:
     on_delete: str
     default_region: str
     on_address_change: str = "delete"
+    on_identity_change: str = "auto"  # auto | rename | move (see MappingConfig)
     columns: frozenset[str] = field(default=frozenset())  # every column the mapping reads
     old_columns: frozenset[str] = field(default=frozenset())  # what it reads of an update's old row
 
@@ -311,6 +312,7 @@ class TableMapping:
             on_delete=m.on_delete,
             default_region=default_region,
             on_address_change=m.on_address_change,
+            on_identity_change=m.on_identity_change,
         )
         for where, label in (("identity", tm.label), *(("aliases", a) for a, _ in tm.aliases)):
             problem = alias_problem(label)
@@ -422,7 +424,9 @@ class TableMapping:
         renamed_from: UserRef | None = None
         # The identity itself changed: the same person under a new identity. OneSignal's user is
         # renamed in place (same onesignal_id, subscriptions kept), never deleted and re-created.
-        if op is Op.UPDATE and old_row is not None:
+        renames = self.on_identity_change == "rename" or (
+            self.on_identity_change == "auto" and self.identity_column in event.key)
+        if op is Op.UPDATE and old_row is not None and renames:
             old_ident = old_row.get(self.identity_column, UNCHANGED)
             if old_ident is not ident and old_ident is not UNCHANGED and old_ident is not None and not (
                     type(old_ident) is type(ident) and type(ident) in (str, int) and old_ident == ident):

@@ -23,7 +23,7 @@ DDL = "CREATE TABLE users (id text PRIMARY KEY, member_uuid text UNIQUE, crm_id 
 BY_ID = {"table": "public.users", "identity": {"external_id": "id"}, "aliases": {"crm_id": "crm_id"},
          "tags": {"plan": "plan"}, "on_delete": "delete_user"}
 BY_UUID = {"table": "public.users", "identity": {"external_id": "member_uuid"}, "aliases": {"crm_id": "crm_id"},
-           "tags": {"plan": "plan"}}
+           "tags": {"plan": "plan"}, "on_identity_change": "rename"}  # unique, not the primary key
 
 
 def _start(pg_db, sim, bridge, mapping: dict[str, Any], **kw: Any):  # type: ignore[no-untyped-def]
@@ -208,6 +208,28 @@ def test_outbox_identity_change_renames_the_user_keeping_its_push_subscription(
     assert after["identity"]["crm_id"] == "crm-1"
     assert _push_tokens(after) == {"push-outbox"}
     assert len(sim.users()) == 1
+    _no_deletes(sim)
+
+
+def test_an_order_moved_to_another_user_never_renames_the_first_user(
+        odb, sim, bridge):  # type: ignore[no-untyped-def]
+    """orders.user_id is many-to-one: the outbox carries the old row, yet a changed user_id is a row
+    moving between users, not a person changing identity (on_identity_change: auto)."""
+    odb.execute("CREATE TABLE orders (id bigint PRIMARY KEY, user_id text NOT NULL, total numeric)")
+    orders = {"table": "public.orders", "identity": {"external_id": "user_id"}, "tags": {"last_total": "total"}}
+    cfg = bridge_config(odb.dsn, sim.base_url, [orders])
+    cfg["source"] = {"kind": "outbox", "dsn": odb.dsn, "poll_interval_ms": 200}
+    b = bridge(cfg)
+    assert run_cli("setup", "--config", str(b.config_path)).returncode == 0
+    b.start()
+    odb.execute("INSERT INTO orders VALUES (1, 'ann', 10), (2, 'ann', 20)")
+    ann = _synced(sim, "ann", last_total="20")
+    odb.execute("UPDATE orders SET user_id = 'bob', total = 30 WHERE id = 1")
+    _synced(sim, "bob", last_total="30")
+    after = sim.user("ann")
+    assert after is not None and after["identity"]["onesignal_id"] == ann["identity"]["onesignal_id"], \
+        "ann keeps her user: an order changing hands is not a rename"
+    assert not [r for r in sim.requests() if r["endpoint"].endswith("/identity") and r["method"] == "PATCH"]
     _no_deletes(sim)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from bridge import schema
 from bridge.coalesce import Coalescer
@@ -170,10 +171,35 @@ def run(config: Config, args: argparse.Namespace) -> int:
             n = conn.execute(q, params).rowcount
             print(f"purged {n} dead letter(s)")
             return 0
+        # A trigger's letters (field "trigger:<name>") send their stored request again (bridge/triggers).
+        q = sql.SQL("SELECT id, field, request FROM onesignal_bridge.dead_letters WHERE replayed_at IS NULL"
+                    " AND field LIKE 'trigger:%%' AND {} ORDER BY id LIMIT %s").format(where)
+        sends = conn.execute(q, [*params, args.limit]).fetchall()
+        failed_sends = _replay_triggers(config, conn, sends) if sends else 0
         q = sql.SQL("SELECT id, source_table, row_key, row_keys FROM onesignal_bridge.dead_letters "
-                    "WHERE replayed_at IS NULL AND {} ORDER BY id LIMIT %s").format(where)
+                    "WHERE replayed_at IS NULL AND (field IS NULL OR field NOT LIKE 'trigger:%%') AND {}"
+                    " ORDER BY id LIMIT %s").format(where)
         letters = conn.execute(q, [*params, args.limit]).fetchall()
-        return asyncio.run(_replay(config, conn, letters))
+        if sends and not letters:
+            return 1 if failed_sends else 0
+        return max(asyncio.run(_replay(config, conn, letters)), 1 if failed_sends else 0)
+
+
+def _replay_triggers(config: Config, conn: psycopg.Connection[Any], sends: list[tuple[int, str, Any]]) -> int:
+    from bridge.triggers.replay import replay
+
+    failed = 0
+    for letter_id, ok, detail, kept in asyncio.run(replay(config, sends)):
+        if not ok:
+            failed += 1
+            if kept is not None:  # the next replay sends under the next key (bridge/triggers/replay.py)
+                conn.execute("UPDATE onesignal_bridge.dead_letters SET request = %s WHERE id = %s",
+                             (Jsonb(kept), letter_id))
+            print(f"#{letter_id} trigger: not replayed: {detail}")
+            continue
+        conn.execute("UPDATE onesignal_bridge.dead_letters SET replayed_at = now() WHERE id = %s", (letter_id,))
+        print(f"#{letter_id} trigger {detail}")
+    return failed
 
 
 async def _replay(config: Config, conn: psycopg.Connection[Any],

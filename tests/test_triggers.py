@@ -13,6 +13,8 @@ import httpx
 import psycopg
 from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
 
+from bridge.triggers.replay import next_key
+
 DDL = """
 CREATE TABLE users (id text PRIMARY KEY, email text, plan text);
 CREATE TABLE orders (id bigint PRIMARY KEY, user_id text, status text, total numeric(8,2), note text);
@@ -270,3 +272,31 @@ def test_check_names_a_missing_trigger_column_and_a_trigger_table_without_the_ol
     pg_db.execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
     out = run_cli("check", "--config", str(b.config_path))
     assert "[FAIL] table public.orders replica identity is not FULL" in out.stdout
+
+
+def test_dlq_replay_sends_a_trigger_dead_letter_once_the_user_can_receive_it_under_a_key_derived_from_its_own(
+        pg_db, sim, bridge):
+    b = _prepare(pg_db, sim, bridge).start()
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO users VALUES ('u1', NULL, 'free')")
+        conn.execute("INSERT INTO orders VALUES (1, 'u1', 'paid', 10)")
+        wait_until(lambda: sim.user("u1"), what="user u1")
+        conn.execute("UPDATE orders SET status = 'shipped' WHERE id = 1")  # no email subscription yet
+    wait_until(lambda: pg_db.fetch("SELECT 1 FROM onesignal_bridge.dead_letters WHERE reason = 'invalid_aliases'"),
+               what="the dead letter")
+    assert run_cli("dlq", "replay", "--config", str(b.config_path)).returncode == 1  # still no subscription
+    assert _notifications(sim) == []
+    pg_db.execute("UPDATE users SET email = 'u1@example.com' WHERE id = 'u1'")
+    wait_until(lambda: any(s.get("type") == "Email" for s in sim.user("u1").get("subscriptions", [])),
+               what="u1's email subscription")
+    out = run_cli("dlq", "replay", "--config", str(b.config_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "order_shipped: sent again" in out.stdout
+    (message,) = _notifications(sim)
+    assert message["body"]["include_aliases"] == {"external_id": ["u1"]}
+    (stored,) = pg_db.fetch("SELECT request FROM onesignal_bridge.dead_letters")[0]
+    # The stored key was answered "created nothing", which OneSignal repeats for that key: the next
+    # key derived from it is the one that can send, and a re-run derives it again.
+    assert message["idempotency_key"] == next_key(stored)["idempotency_key"]
+    again = run_cli("dlq", "replay", "--config", str(b.config_path))
+    assert again.returncode == 0 and len(_notifications(sim)) == 1

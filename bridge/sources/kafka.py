@@ -15,8 +15,9 @@
   checkpoint marker `(topic, partition, offset)`. When the pipeline's low watermark passes a
   marker, that offset is *confirmable*; offsets are committed per partition (offset + 1) every
   second, as soon as the pipeline has caught up (everything handed over done), on revocation,
-  and at shutdown. Records are handed over in batches of up to FEED_BATCH in one synchronous pass
-  (`Sink.offer`), each batch's offsets marked per partition after it. Auto-commit is off:
+  and at shutdown. Records are handed over in batches (at most FEED_BATCH records and about
+  FEED_BATCH_BYTES) in one synchronous pass (`Sink.offer`), each batch's offsets marked per
+  partition after it. Auto-commit is off:
   nothing is committed before it was applied or dead-lettered.
 - Rebalance: on revocation the confirmable offsets of the revoked partitions are committed,
   nothing of them is committed afterwards, and their buffered records are dropped, so unfinished
@@ -62,7 +63,7 @@ log = logging.getLogger("bridge.source.kafka")
 COMMIT_INTERVAL_S = 1.0
 LAG_INTERVAL_S = 5.0
 BATCH = 500
-FEED_BATCH = 500  # records handed to the pipeline in one synchronous pass
+FEED_BATCH, FEED_BATCH_BYTES = 500, 1 << 20  # records handed to the pipeline in one synchronous pass
 PK_CACHE = 10_000
 POLL_S = 0.1  # the consumer thread's longest wait: bounds the latency of commits and pause/resume
 # The buffer between the consumer thread and the pipeline: full at HIGH, room again at LOW.
@@ -203,14 +204,15 @@ class KafkaSource:
         self._room.set()
         return await asyncio.wrap_future(fut)
 
-    def _next_records(self, limit: int) -> list[tuple[int, Message]]:
-        """Up to `limit` of the oldest buffered records (with the assignment each came with), all
-        under one lock; those of partitions no longer assigned are dropped."""
+    def _next_records(self, limit: int, limit_bytes: int) -> list[tuple[int, Message]]:
+        """The oldest buffered records (with the assignment each came with), up to `limit` of them
+        and about `limit_bytes` (at least one), all under one lock; those of partitions no longer
+        assigned are dropped. What the hand-over holds is thus bounded too, beside the buffer."""
         out: list[tuple[int, Message]] = []
         with self._lock:
             buffer, assigned = self._buffer, self._assigned
             taken = 0
-            while buffer and len(out) < limit:
+            while buffer and len(out) < limit and taken < limit_bytes:
                 item = buffer.popleft()
                 msg = item[1]
                 taken += _size(msg)
@@ -269,7 +271,7 @@ class KafkaSource:
         hand_over = self._hand_over
         assigned = self._assigned
         while True:
-            batch = self._next_records(FEED_BATCH)
+            batch = self._next_records(FEED_BATCH, FEED_BATCH_BYTES)
             if batch:
                 # Offsets are marked once per partition per batch, after the batch's events: the
                 # marker of its last record covers the records before it (commits are per second).

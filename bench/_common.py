@@ -99,7 +99,7 @@ def machine(pg_bindir: str | os.PathLike[str] | None = None) -> dict[str, str]:
         info["confluent_kafka"] = "?"
     if pg_bindir is None:
         try:
-            from bridge.localpg import find_bindir
+            from bridge.devtools.localpg import find_bindir
 
             pg_bindir = find_bindir()
         except Exception:  # pragma: no cover
@@ -153,14 +153,14 @@ def write_section(key: str, title: str, body: str, path: Path = DOC) -> None:
 
 SIM_LAUNCH = (
     "import sys\n"
-    "from bridge.onesignal import simulator as s\n"
+    "from bridge.devtools import simulator as s\n"
     "s.REQUEST_LOG_SIZE = int(sys.argv[1])\n"
     "sys.exit(s.main(sys.argv[2:]))\n"
 )
 
 
 class Simulator:
-    """`bridge.onesignal.simulator` in its own process (documented limits: 1,000 writes/s per app,
+    """`bridge.devtools.simulator` in its own process (documented limits: 1,000 writes/s per app,
     1 per user per second), its request log sized to hold every request of a run."""
 
     def __init__(self, workdir: Path, log_size: int = 2_000_000, api_key: str = API_KEY) -> None:
@@ -420,7 +420,7 @@ class Stack:
     def __init__(self, workdir: Path, *, pg_settings: dict[str, Any] | None = None,
                  delivery: dict[str, Any] | None = None, mappings: list[dict[str, Any]] | None = None,
                  sim_log_size: int = 2_000_000) -> None:
-        from bridge.localpg import PgCluster
+        from bridge.devtools.localpg import PgCluster
 
         self.workdir = workdir
         self.cluster = PgCluster(settings=pg_settings or {})

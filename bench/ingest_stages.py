@@ -69,7 +69,7 @@ def capture_pg(changes: int) -> list[memoryview]:
     import pg_decode as P
     from _common import BridgeRun
 
-    from bridge.localpg import PgCluster
+    from bridge.devtools.localpg import PgCluster
 
     cluster = PgCluster(settings={"max_replication_slots": 20, "max_wal_senders": 20})
     cluster.start()

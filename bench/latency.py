@@ -5,7 +5,7 @@ flush interval + 250 ms at 1,000 changes/s.
     .venv/bin/python bench/latency.py            # 5 rounds; updates docs/BENCHMARKS.md
     .venv/bin/python bench/latency.py --quick    # 1 round, <= 1,000 changes per rate; prints only
 
-Real processes: a private Postgres cluster, the OneSignal simulator (`bridge.onesignal.simulator`,
+Real processes: a private Postgres cluster, the OneSignal simulator (`bridge.devtools.simulator`,
 documented limits: 1,000 writes/s per app, 1 per user per second) and `python -m bridge run` with
 the default delivery settings (flush_interval_ms 200, app_requests_per_second 900).
 

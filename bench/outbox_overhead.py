@@ -3,7 +3,7 @@
     .venv/bin/python bench/outbox_overhead.py            # ~5 minutes; updates docs/BENCHMARKS.md
     .venv/bin/python bench/outbox_overhead.py --quick    # 2 runs of 3 s each, prints only
 
-A private Postgres cluster (bridge.localpg.PgCluster, wal_level=replica) holds `users` (100,000
+A private Postgres cluster (bridge.devtools.localpg.PgCluster, wal_level=replica) holds `users` (100,000
 rows, the columns of the example mapping plus an unmapped 200-byte column). pgbench runs a custom
 script: one UPDATE of a mapped column of a random user per transaction, `-M prepared`, at 1 and 4
 clients. Three variants run interleaved (none, trigger, none, trigger, ...) so that drift of the
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.localpg import PgCluster  # noqa: E402
+from bridge.devtools.localpg import PgCluster  # noqa: E402
 from bridge.sources.outbox_kind import OUTBOX_SQL  # noqa: E402
 
 ROWS = 100_000

@@ -8,7 +8,7 @@ stream to /dev/null. Target: ratio >= 0.5 (the longer goal 0.8).
     .venv/bin/python bench/pg_decode.py --quick               # 50,000 changes, 2 rounds; prints only
     .venv/bin/python bench/pg_decode.py --profile FILE        # also one py-spy'd pass of the bridge (needs py-spy)
 
-Everything runs as processes on loopback: a private cluster (bridge.localpg.PgCluster), the
+Everything runs as processes on loopback: a private cluster (bridge.devtools.localpg.PgCluster), the
 OneSignal simulator (bench/_common.Simulator: documented limits, 1,000 writes/s per app, 1 per user
 per second) and `python -m bridge run` with default delivery settings (flush 200 ms, 900 requests/s).
 
@@ -60,7 +60,7 @@ from _common import (  # noqa: E402
     write_section,
 )
 
-from bridge.localpg import PgCluster  # noqa: E402
+from bridge.devtools.localpg import PgCluster  # noqa: E402
 
 DDL = """
 CREATE TABLE users (

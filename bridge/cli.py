@@ -106,14 +106,14 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
-    from bridge.onesignal import simulator
+    from bridge.devtools import simulator
 
-    return simulator.run(args)  # every flag of bridge/onesignal/simflags.py passes through
+    return simulator.run(args)  # every flag of bridge/devtools/simflags.py passes through
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
-    from bridge.demo import run_demo
+    from bridge.devtools.demo import run_demo
 
     return run_demo(args.dir, keep=args.keep)
 
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_teardown)
 
     sim = sub.add_parser("simulator", help="serve a local OneSignal API (in-memory) for development and tests")
-    from bridge.onesignal.simflags import add_arguments as add_simulator_arguments
+    from bridge.devtools.simflags import add_arguments as add_simulator_arguments
 
     add_simulator_arguments(sim)  # --host --port --api-key --app-id, --strict/--lenient and each point
     sim.set_defaults(func=cmd_simulator)

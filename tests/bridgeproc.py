@@ -56,7 +56,7 @@ class Simulator:
             [
                 sys.executable,
                 "-m",
-                "bridge.onesignal.simulator",
+                "bridge.devtools.simulator",
                 "--port",
                 str(self.port),
                 "--api-key",

@@ -1,5 +1,5 @@
 """Legacy player-model apps (issue 19), end to end: real Postgres, the bridge as a process, the
-simulator's legacy calls (bridge/onesignal/simlegacy.py). Players are set up the way an app's old
+simulator's legacy calls (bridge/devtools/simlegacy.py). Players are set up the way an app's old
 SDK does it (`POST /api/v1/players`); the bridge edits their tags by external user id
 (https://documentation.onesignal.com/reference/edit-tags-with-external-user-id)."""
 

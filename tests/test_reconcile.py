@@ -18,7 +18,7 @@ import httpx
 import pytest
 from bridgeproc import API_KEY, APP_ID, bridge_config, run_cli, wait_until
 
-from bridge.onesignal.simexport import COLUMNS
+from bridge.devtools.simexport import COLUMNS
 
 DDL = "CREATE TABLE users (id bigint PRIMARY KEY, plan text, country text, email text);"
 MAPPING = [{"table": "public.users", "identity": {"external_id": "id"},

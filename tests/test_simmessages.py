@@ -1,4 +1,4 @@
-"""The simulator's Create message and Create custom events (bridge/onesignal/simmessages.py), over HTTP."""
+"""The simulator's Create message and Create custom events (bridge/devtools/simmessages.py), over HTTP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from bridge.onesignal.simulator import build_app
+from bridge.devtools.simulator import build_app
 
 API_KEY = "os_v2_app_simmessages_test_key"
 APP = "3f1c2b8e-0000-4000-8000-0000000000ee"

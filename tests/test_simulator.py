@@ -23,9 +23,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from bridge.onesignal.simstate import LENIENT, SimError, SimState, tag_limit_message
-from bridge.onesignal.simulator import ACCESS_DENIED, ViewLimiter, WriteLimiter, build_app
-from bridge.onesignal.simulator import LENIENT as LENIENT_SETTINGS
+from bridge.devtools.simstate import LENIENT, SimError, SimState, tag_limit_message
+from bridge.devtools.simulator import ACCESS_DENIED, ViewLimiter, WriteLimiter, build_app
+from bridge.devtools.simulator import LENIENT as LENIENT_SETTINGS
 
 API_KEY = "os_v2_app_simulatortestkeydonotleak"
 APP_ID = "0b7f2c4e-1111-4a2b-9c3d-5e6f7a8b9c0d"
@@ -827,7 +827,7 @@ def _free_port() -> int:
 async def test_module_runs_as_a_server_until_sigterm_and_never_logs_the_key() -> None:
     port = _free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server must run while this test awaits it
-        [sys.executable, "-m", "bridge.onesignal.simulator", "--port", str(port), "--api-key", API_KEY],
+        [sys.executable, "-m", "bridge.devtools.simulator", "--port", str(port), "--api-key", API_KEY],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from bridge.onesignal.simulator import Simulator
+    from bridge.devtools.simulator import Simulator
 
 LEGACY_PREFIX = "/api/v1/"
 _EDIT_TAGS = "/api/v1/apps/{app_id}/users/{alias_id:[^/]+}"  # `alias_id`: the request log names the user

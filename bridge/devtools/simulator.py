@@ -19,7 +19,7 @@ restores the kinder behaviour of earlier versions; each point is also a flag of 
 `POST /_simulator/config` changes them at run time (`POST /_simulator/reset` restores the
 start-up settings).
 
-Run it: `python -m bridge.onesignal.simulator --port 8089 [--api-key KEY] [--lenient]`.
+Run it: `python -m bridge.devtools.simulator --port 8089 [--api-key KEY] [--lenient]`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.onesignal.simflags import add_arguments
-from bridge.onesignal.simstate import Rules, SimError, SimState
+from bridge.devtools.simflags import add_arguments
+from bridge.devtools.simstate import Rules, SimError, SimState
 
-log = logging.getLogger("bridge.onesignal.simulator")
+log = logging.getLogger("bridge.devtools.simulator")
 
 REQUEST_LOG_SIZE = 100_000
 # The text OneSignal's edge answers for a missing or wrong key (the SDK's error catalog).
@@ -671,13 +671,13 @@ def build_app(*, api_key: str | None = None, app_id: str | None = None, app_rate
         web.get("/_simulator/config", sim.control_get_config, allow_head=False),
         web.post("/_simulator/config", sim.control_set_config),
     ])
-    from bridge.onesignal import simexport
+    from bridge.devtools import simexport
 
     simexport.register(app, sim)  # POST /players/csv_export and the file's download (simexport.py)
-    from bridge.onesignal import simmessages
+    from bridge.devtools import simmessages
 
     simmessages.register(app, sim)  # Create message and Create custom events (simmessages.py)
-    from bridge.onesignal import simlegacy
+    from bridge.devtools import simlegacy
 
     simlegacy.register(app, sim)  # the legacy player model: /api/v1/players, Edit tags (simlegacy.py)
     return app

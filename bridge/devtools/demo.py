@@ -91,7 +91,7 @@ def run_demo(workdir: str = ".demo", keep: bool = False) -> int:
     dsn = os.environ.get("DEMO_DATABASE_URL")
     try:
         if dsn is None:
-            from bridge.localpg import PgCluster
+            from bridge.devtools.localpg import PgCluster
 
             print("==> starting a private Postgres (wal_level=logical)")
             cluster = PgCluster("logical").start()

@@ -99,7 +99,7 @@ def register(app: web.Application, sim: Any) -> None:
             return ValueError
 
     async def create_message(request: web.Request) -> web.Response:
-        from bridge.onesignal.simulator import ACCESS_DENIED, RATE_LIMIT_BODY
+        from bridge.devtools.simulator import ACCESS_DENIED, RATE_LIMIT_BODY
 
         s = current()
         if not sim._authorized(request):
@@ -161,7 +161,7 @@ def register(app: web.Application, sim: Any) -> None:
         return _json(answer, 200)
 
     async def create_events(request: web.Request) -> web.Response:
-        from bridge.onesignal.simulator import RATE_LIMIT_BODY
+        from bridge.devtools.simulator import RATE_LIMIT_BODY
 
         s = current()  # authorization and the app id were checked by the simulator's middleware
         wait = s["event_rate"].take()

@@ -118,7 +118,7 @@ def register(app: web.Application, sim: Any) -> None:
     app[EXPORTS_KEY] = exports
 
     async def start(request: web.Request) -> web.Response:
-        from bridge.onesignal.simulator import ACCESS_DENIED
+        from bridge.devtools.simulator import ACCESS_DENIED
 
         if not sim._authorized(request):  # the simulator's own key check (Key <key>, constant time)
             return _json({"errors": [ACCESS_DENIED]}, 403)

@@ -197,7 +197,8 @@ def run_bridge(root: Path, bootstrap: str, sim: Simulator, ends: dict[int, int],
         if profile_to is not None:
             from pg_decode import profiler
 
-            spy = subprocess.Popen([profiler(), "record", "-r", "200", "-f", "raw", "-o", str(profile_to),
+            spy = subprocess.Popen([profiler(), "record", "-r", "200", "--threads", "-f", "raw",
+                                        "-o", str(profile_to),
                                     "-p", str(b.proc.pid)],  # type: ignore[union-attr]
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

@@ -189,7 +189,8 @@ def run_bridge(root: Path, cluster: PgCluster, sim: Simulator, slot: str, endpos
         b.start(watch=("streaming from slot",))
         try:
             if profile_to is not None:
-                spy = subprocess.Popen([profiler(), "record", "-r", "200", "-f", "raw", "-o", str(profile_to),
+                spy = subprocess.Popen([profiler(), "record", "-r", "200", "--threads", "-f", "raw",
+                                        "-o", str(profile_to),
                                         "-p", str(b.proc.pid)],  # type: ignore[union-attr]
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + timeout

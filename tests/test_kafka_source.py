@@ -270,6 +270,7 @@ def test_primary_key_change_keeps_the_user_and_moves_the_identity_as_mapped(kafk
             "identity": {"external_id": "email"},
             "tags": {"plan": "plan"},
             "on_delete": "delete_user",
+            "on_identity_change": "rename",  # one account per email: a new email is the same person
         }
     ]
     bridge(_config(kafka_broker, sim, [topic], mappings)).start()

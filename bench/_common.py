@@ -26,6 +26,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
 
 import httpx  # noqa: E402
 from bridgeproc import API_KEY, APP_ID, BridgeProcess, free_port, wait_until  # noqa: E402,F401
+from bridgeproc import Simulator as TestSimulator  # noqa: E402
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 PY = sys.executable
@@ -151,63 +152,12 @@ def write_section(key: str, title: str, body: str, path: Path = DOC) -> None:
 # The OneSignal simulator as a process, with a request log large enough for a whole run
 
 
-SIM_LAUNCH = (
-    "import sys\n"
-    "from bridge.devtools import simulator as s\n"
-    "s.REQUEST_LOG_SIZE = int(sys.argv[1])\n"
-    "sys.exit(s.main(sys.argv[2:]))\n"
-)
-
-
-class Simulator:
-    """`bridge.devtools.simulator` in its own process (documented limits: 1,000 writes/s per app,
-    1 per user per second), its request log sized to hold every request of a run."""
+class Simulator(TestSimulator):
+    """The tests' simulator process (tests/bridgeproc.py: strict, documented limits of 1,000
+    writes/s per app and 1 per user per second), its request log sized to hold a whole run."""
 
     def __init__(self, workdir: Path, log_size: int = 2_000_000, api_key: str = API_KEY) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / f"simulator-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PY, "-c", SIM_LAUNCH, str(log_size), "--port", str(self.port), "--api-key", api_key],
-            stdout=self._log, stderr=self._log, cwd=ROOT,
-        )
-        self.http = httpx.Client(base_url=self.base_url, timeout=60)
-        wait_until(self._up, 20, what="simulator to listen")
-
-    def _up(self) -> bool:
-        try:
-            return self.http.get("/_simulator/stats").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stats(self) -> dict[str, Any]:
-        return self.http.get("/_simulator/stats").json()
-
-    def requests(self) -> list[dict[str, Any]]:
-        return self.http.get("/_simulator/requests").json()["requests"]
-
-    def users(self) -> list[dict[str, Any]]:
-        return self.http.get("/_simulator/users").json()["users"]
-
-    def faults(self, **kw: Any) -> None:
-        self.http.post("/_simulator/faults", json=kw).raise_for_status()
-
-    def clear_faults(self) -> None:
-        self.http.delete("/_simulator/faults").raise_for_status()
-
-    def reset(self) -> None:
-        self.http.post("/_simulator/reset").raise_for_status()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.http.close()
-        self._log.close()
+        super().__init__(api_key, log_dir=workdir, request_log_size=log_size, timeout_s=60)
 
 
 def bridge_config(dsn: str, sim_url: str, mappings: list[dict[str, Any]], metrics_port: int, *,

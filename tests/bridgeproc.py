@@ -44,14 +44,16 @@ class Simulator:
     the whole suite runs against it. `config(...)` changes a setting for one test (e.g. a shorter
     replication lag); `reset()` (the `sim` fixture) restores the start-up settings."""
 
-    def __init__(self, api_key: str = API_KEY, extra: list[str] | None = None) -> None:
+    def __init__(self, api_key: str = API_KEY, extra: list[str] | None = None, *,
+                 log_dir: Path | None = None, request_log_size: int | None = None,
+                 timeout_s: float = 10) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = (
-            open(ROOT / ".pytest_cache" / f"simulator-{self.port}.log", "w+")
-            if (ROOT / ".pytest_cache").exists()
-            else subprocess.DEVNULL
-        )
+        log_dir = log_dir or (ROOT / ".pytest_cache" if (ROOT / ".pytest_cache").exists() else None)
+        self.log_path = log_dir / f"simulator-{self.port}.log" if log_dir is not None else None
+        self.log = open(self.log_path, "w+") if self.log_path is not None else subprocess.DEVNULL
+        if request_log_size is not None:
+            extra = ["--request-log-size", str(request_log_size), *(extra or [])]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -70,8 +72,8 @@ class Simulator:
             stderr=self.log,
             cwd=ROOT,
         )
-        self.http = httpx.Client(base_url=self.base_url, timeout=10)
-        wait_until(self._up, 15, what="simulator to listen")
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        wait_until(self._up, 20, what="simulator to listen")
 
     def _up(self) -> bool:
         try:

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only this app id; another one is answered 403 like a mismatched key (default: any)")
     parser.add_argument("--app-rate-per-s", type=int, default=1000)
     parser.add_argument("--user-interval-s", type=float, default=1.0)
+    parser.add_argument("--request-log-size", type=int, default=100_000, metavar="N",
+                        help="requests kept for GET /_simulator/requests (benchmarks keep a whole run)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="preset", action="store_const", const="strict",
                       help="OneSignal's less convenient reading of every point (the default): "

@@ -748,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Serve with parsed flags (see `add_arguments`)."""
+    global REQUEST_LOG_SIZE
+    REQUEST_LOG_SIZE = args.request_log_size
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings_from_args(args)
     log.info("OneSignal simulator settings (%s base): %s", args.preset,

@@ -121,9 +121,15 @@ def _merge_sub(older: SubscriptionChange | None, newer: SubscriptionChange) -> S
 class Coalescer:
     """Pending user changes and the schedule of when each user may be sent next."""
 
-    def __init__(self, flush_interval_s: float = 0.2, user_interval_s: float = 1.0) -> None:
+    def __init__(self, flush_interval_s: float = 0.2, user_interval_s: float = 1.0,
+                 idle_debounce_s: float | None = None) -> None:
         self.flush_interval_s = flush_interval_s
         self.user_interval_s = user_interval_s
+        # A user with no request in the last user interval is due after this short debounce (the
+        # rest of its transaction), not after the flush window: nothing is gained by waiting, and
+        # a hot user is still held to its interval. None: the flush window for everyone.
+        self.idle_debounce_s = flush_interval_s if idle_debounce_s is None else min(idle_debounce_s,
+                                                                                       flush_interval_s)
         self._pending: dict[UserRef, _Pending] = {}
         self._in_flight: set[UserRef] = set()
         self._last_sent: dict[UserRef, float] = {}
@@ -241,8 +247,9 @@ class Coalescer:
     # -- output --------------------------------------------------------------------------
 
     def _due(self, p: _Pending) -> float:
-        due = max(p.first_at + self.flush_interval_s, p.not_before)
         last = self._last_sent.get(p.user)
+        idle = last is None or last + self.user_interval_s <= p.first_at
+        due = max(p.first_at + (self.idle_debounce_s if idle else self.flush_interval_s), p.not_before)
         if last is not None:
             due = max(due, last + self.user_interval_s)
         return due

@@ -278,6 +278,9 @@ class MappingConfig(_Strict):
 
 class DeliveryConfig(_Strict):
     flush_interval_ms: int = Field(default=200, ge=0)
+    # A user with nothing sent in the last second goes out after this debounce instead of the
+    # flush window (first change out at once); hot users are still held to 1 request/s.
+    idle_debounce_ms: int = Field(default=5, ge=0)
     app_requests_per_second: float = Field(default=900, gt=0)
     user_requests_per_second: float = Field(default=1.0, gt=0, le=1.0)
     max_pending_users: int = Field(default=100_000, gt=0)

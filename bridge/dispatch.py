@@ -114,7 +114,8 @@ class Dispatcher:
         self.clock = clock
         self.rng = rng or random.Random()
         self.user_interval = 1.0 / delivery.user_requests_per_second + USER_SPACING_MARGIN_S
-        self.coalescer = Coalescer(delivery.flush_interval_ms / 1000.0, self.user_interval)
+        self.coalescer = Coalescer(delivery.flush_interval_ms / 1000.0, self.user_interval,
+                                   delivery.idle_debounce_ms / 1000.0)
         self.bucket = TokenBucket(delivery.app_requests_per_second)
         self.slots = asyncio.Semaphore(delivery.max_in_flight)
         self.auth_error: errors.AuthError | None = None

@@ -402,3 +402,23 @@ def test_no_user_is_taken_before_its_flush_window_or_its_rate_limit(
                 assert now >= last_sent[batch.user] + 1.0
             last_sent[batch.user] = now
             c.finished(batch.user, last_request_at=now)
+
+
+def test_a_lone_change_to_an_idle_user_is_due_after_the_debounce_not_the_flush_window() -> None:
+    c = Coalescer(flush_interval_s=0.2, user_interval_s=1.0, idle_debounce_s=0.005)
+    c.add(change(ALICE, tags={"plan": "pro"}), now=10.0)
+    assert c.take_due(10.004, 10) == [], "the rest of its transaction may still come"
+    (batch,) = c.take_due(10.006, 10)
+    assert batch.tags == {"plan": "pro"}, "out long before the 200 ms flush window would have ended"
+
+
+def test_a_hot_user_is_still_held_to_its_interval_and_coalesced() -> None:
+    c = Coalescer(flush_interval_s=0.2, user_interval_s=1.0, idle_debounce_s=0.005)
+    c.add(change(ALICE, tags={"n": "1"}), now=10.0)
+    (first,) = c.take_due(10.01, 10)
+    c.finished(first.user, 10.05)  # its response arrived at 10.05
+    for i in range(2, 6):
+        c.add(change(ALICE, i, tags={"n": str(i)}), now=10.1 + i / 100)
+    assert c.take_due(11.0, 10) == [], "1 request/s per user: not before 11.05"
+    (second,) = c.take_due(11.06, 10)
+    assert second.tags == {"n": "5"} and second.changes == 4, "the changes of the hot second are merged"

@@ -8,6 +8,7 @@ version in the database (for kinds that keep their tables there) and the OneSign
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import psycopg
 
@@ -36,6 +37,19 @@ def _schema_check(dsn: str) -> Finding | None:
     return Finding(False, what, f"run {fix}" if fix else "")
 
 
+async def _waiting_out_429(call: Callable[[], Awaitable[object]], attempts: int = 4) -> None:
+    """`call()`, again after each 429 (its Retry-After, else 1, 2, 4 s; at most 10 s), up to
+    `attempts` times: `check` may run right after another reader used the app's budget."""
+    for attempt in range(attempts):
+        try:
+            await call()
+            return
+        except errors.RateLimited as exc:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(min(exc.retry_after if exc.retry_after_given else 2.0 ** attempt, 10.0))
+
+
 async def _legacy_check(config: Config) -> Finding:
     """Legacy mode: the key is the app's legacy REST API key, sent as `Basic`. A harmless legacy
     call, Edit tags with external user id with no tags for an id no player has: 404 (or 200)
@@ -47,14 +61,8 @@ async def _legacy_check(config: Config) -> Finding:
     http, client = make_client(os_cfg, min(os_cfg.request_timeout_s, 10.0), 2)
     where = f"OneSignal's legacy API at {os_cfg.legacy_base_url}"
     try:
-        for attempt in range(4):
-            try:
-                await client.send(requests.legacy_edit_tags("onesignal-bridge-check", {}, missing_ok=True))
-                break
-            except errors.RateLimited as exc:
-                if attempt == 3:
-                    raise
-                await asyncio.sleep(min(exc.retry_after if exc.retry_after_given else 2.0 ** attempt, 10.0))
+        await _waiting_out_429(lambda: client.send(
+            requests.legacy_edit_tags("onesignal-bridge-check", {}, missing_ok=True)))
         return Finding(True, f"{where} accepts the legacy REST API key")
     except errors.AuthError as exc:
         return Finding(False, f"{where} rejects the key for app {os_cfg.app_id} ({exc.status})",
@@ -74,14 +82,8 @@ async def _onesignal_check(config: Config) -> Finding:
     http = build_http_client(os_cfg.base_url, min(os_cfg.request_timeout_s, 10.0), 2)
     client = OneSignalClient(http, os_cfg.app_id, os_cfg.api_key.get_secret_value())
     try:
-        for attempt in range(4):  # View user: about 1 request/s per app; a 429 is waited out
-            try:
-                await client.view_user("external_id", "onesignal-bridge-check")
-                break
-            except errors.RateLimited as exc:
-                if attempt == 3:
-                    raise
-                await asyncio.sleep(min(exc.retry_after if exc.retry_after_given else 2.0 ** attempt, 10.0))
+        # View user: about 1 request/s per app; a 429 is waited out
+        await _waiting_out_429(lambda: client.view_user("external_id", "onesignal-bridge-check"))
         return Finding(True, f"OneSignal at {os_cfg.base_url} accepts the API key")
     except errors.NotFound:
         return Finding(True, f"OneSignal at {os_cfg.base_url} accepts the API key")

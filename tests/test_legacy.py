@@ -124,6 +124,7 @@ def test_deleted_row_with_remove_tags_clears_the_mapped_tags_and_keeps_the_sdks_
     pg_db.execute("DELETE FROM users WHERE id = 7")
     wait_until(lambda: _players(sim, "7")[0]["tags"] == {"app_version": "4.2", "level": "9"},
                what="the mapped tags removed, the SDK's own kept")
+    assert len(_players(sim, "7")) == 1, "the player itself stays: only a user deletion could remove it"
 
 
 def test_row_without_a_player_is_dead_lettered_with_the_reason_and_replayed_once_a_player_exists(

@@ -1,7 +1,9 @@
 """Dispatcher: the asyncio shell around the coalescer that sends due users' batches to OneSignal.
 
-- App-wide token bucket (`delivery.app_requests_per_second`), per-user spacing (1 request/s, kept
-  by the coalescer's schedule and between the requests of one batch), a cap on in-flight requests.
+- App-wide budget (`delivery.app_requests_per_second`): a window of answered requests that no
+  server-side second can exceed whatever the queueing (`AnsweredWindow`), and a token bucket that
+  paces; per-user spacing (1 request/s from the previous answer, kept by the coalescer's schedule
+  and between the requests of one batch); a cap on in-flight requests.
 - 429: the user waits at least `Retry-After` (without the header: 1 s doubling per attempt, at most
   60 s). 5xx, timeouts, connection errors: the batch goes back into the coalescer with exponential
   backoff and full jitter, with no limit in time, without blocking other users. 400/409: the
@@ -22,13 +24,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from bridge.coalesce import Coalescer, UserBatch
@@ -39,7 +39,7 @@ from bridge.knownusers import KnownUsers
 from bridge.observability import metrics as m
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, Request, Response, requests
-from bridge.onesignal.ratelimit import TokenBucket
+from bridge.onesignal.ratelimit import AnsweredWindow, TokenBucket
 from bridge.plan import (
     SUBSCRIPTION_TYPES,
     answered_enabled,
@@ -49,31 +49,12 @@ from bridge.plan import (
     unapplied,
     without_tags,
 )
+from bridge.renames import RenameConflict, RenameSteps, rename_letter
+from bridge.steps import After, Step, request_letter, tag_letter
 from bridge.subscriptions import KnownSubscription, MemorySubscriptionState, SubscriptionState
-
-After = Callable[[Response], Awaitable["list[Step] | None"]]
-
-
-@dataclass(slots=True)
-class Step:
-    """One request of a batch: sent unless `check` says no; `after` learns from the answer and may
-    return requests that must follow it (first in line)."""
-
-    req: Request
-    check: Callable[[], Awaitable[bool]] | None = None
-    after: After | None = None
-    tags_refused: bool = False  # a retry after the tag-limit 400: deletions go too if refused again
-    exists_confirmed: bool = False  # an Update user right after a Create user answered 202
 
 log = logging.getLogger("bridge.dispatch")
 
-
-class _RenameConflict(Exception):
-    """A rename OneSignal refused (409) that the mapping says to dead-letter: the whole batch."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
@@ -91,7 +72,7 @@ def backoff(attempt: int, rng: random.Random) -> float:
     return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** min(attempt, 16))))
 
 
-class Dispatcher:
+class Dispatcher(RenameSteps):
     def __init__(
         self,
         client: OneSignalClient,
@@ -117,6 +98,7 @@ class Dispatcher:
         self.coalescer = Coalescer(delivery.flush_interval_ms / 1000.0, self.user_interval,
                                    delivery.idle_debounce_ms / 1000.0)
         self.bucket = TokenBucket(delivery.app_requests_per_second)
+        self.window = AnsweredWindow(max(1, int(delivery.app_requests_per_second)))
         self.slots = asyncio.Semaphore(delivery.max_in_flight)
         self.auth_error: errors.AuthError | None = None
         window = onesignal.consistency_window_s if onesignal else _ONESIGNAL_DEFAULTS["consistency_window_s"]
@@ -290,7 +272,7 @@ class Dispatcher:
                     last_at = self.clock()
                     recreate = self._not_found(batch, step, exc)
                     if recreate is None:
-                        letters.append(self._letter(batch, step.req, exc))
+                        letters.append(request_letter(batch, step.req, exc))
                     else:
                         queue.appendleft(recreate)
                     continue
@@ -298,13 +280,13 @@ class Dispatcher:
                     last_at = self.clock()
                     dropped, retry = without_tags(step.req, deletions=step.tags_refused)
                     if dropped:
-                        letters.append(self._tag_letter(batch, step.req, exc, dropped))
+                        letters.append(tag_letter(batch, step.req, exc, dropped))
                     if retry is not None:  # everything else in the request still applies
                         queue.appendleft(Step(retry, after=step.after, tags_refused=True))
                     continue
                 except (errors.Conflict, errors.Rejected) as exc:
                     last_at = self.clock()
-                    letters.append(self._letter(batch, step.req, exc))
+                    letters.append(request_letter(batch, step.req, exc))
                     continue
                 last_at = self.clock()
                 if resp.status == 404 and self._may_lag(user, step.req, last_at):
@@ -326,8 +308,8 @@ class Dispatcher:
                 if step.after is not None:
                     try:
                         more = await step.after(resp)
-                    except _RenameConflict as exc:  # nothing of the batch may touch the other user
-                        letters.append(self._rename_letter(batch, step.req, exc.message))
+                    except RenameConflict as exc:  # nothing of the batch may touch the other user
+                        letters.append(rename_letter(batch, step.req, exc.message))
                         queue.clear()
                         continue
                     if more:
@@ -417,82 +399,6 @@ class Dispatcher:
         if self._may_lag(user, req, self.clock()):
             raise lag
         return None
-
-    # -- renames (issue 15) ----------------------------------------------------------------
-
-    def _rename_steps(self, batch: UserBatch) -> list[Step]:
-        """A renamed row: Create/update alias on the old identity first (the same OneSignal user
-        keeps its onesignal_id, subscriptions and properties), then the rest of the batch for the
-        new identity. Idempotent: the old alias gone and the new one there is a rename done (a
-        retry, or a restart before the checkpoint)."""
-        old, new = batch.renamed_from, batch.user
-        assert old is not None
-        rest = dataclasses.replace(batch, renamed_from=None)
-        req = requests.rename_user(old.label, old.id, new.id)
-
-        async def done() -> list[Step]:
-            self.users.renamed(old, new, self.clock())
-            await self.subscriptions.rename_owner(str(old), str(new))
-            log.info("renamed OneSignal user %s to %s (same user, subscriptions kept)", old, new)
-            return await self._steps(rest)
-
-        async def after_rename(resp: Response) -> list[Step]:
-            if resp.status == 409:
-                return self._identity_conflict(batch, rest, resp)
-            if resp.status != 404:
-                return await done()
-            view = dataclasses.replace(requests.view_user(new.label, new.id), ok_statuses=frozenset({404}))
-
-            async def after_view(seen: Response) -> list[Step]:
-                if seen.status != 404:
-                    return await done()  # renamed before (a retry, or a restart before the checkpoint)
-                now = self.clock()
-                if self.users.young(old, now) or self.users.early(now):
-                    raise errors.ReplicationLag(
-                        f"OneSignal answered 404 to the rename of {old} to {new} for a user created or first "
-                        f"seen moments ago (replication lag)", status=404, endpoint=req.endpoint)
-                self.users.forget(old)  # neither exists: the rest of the batch creates the user
-                return await self._steps(rest)
-            return [Step(view, after=after_view)]
-        return [Step(req, after=after_rename)]
-
-    def _identity_conflict(self, batch: UserBatch, rest: UserBatch, resp: Response) -> list[Step]:
-        """409: the new identity belongs to another OneSignal user. `on_identity_conflict: merge`
-        moves the old user's subscriptions to that user, deletes the emptied old user and applies
-        the change there; otherwise the change is dead-lettered naming both users (neither changes)."""
-        old, new = batch.renamed_from, batch.user
-        assert old is not None
-        table = batch.origins[0].table if batch.origins else ""
-        if self.identity_conflicts.get(table, "dead_letter") != "merge":
-            raise _RenameConflict(
-                f"identity conflict: row renamed from {old} to {new}, but {new} already belongs to another "
-                f"OneSignal user; neither user was changed (merge them by hand, or set "
-                f"on_identity_conflict: merge) ({str(resp.body)[:200]})")
-        view = requests.view_user(old.label, old.id)
-
-        async def after_view(seen: Response) -> list[Step]:
-            body = seen.body if isinstance(seen.body, dict) else {}
-            subs = [s for s in body.get("subscriptions") or [] if isinstance(s, dict) and s.get("id")]
-            steps = [Step(requests.transfer_subscription(str(s["id"]), {new.label: new.id})) for s in subs]
-
-            async def after_delete(_resp: Response) -> list[Step]:
-                log.warning("merged OneSignal user %s into %s (identity conflict on a rename): %d subscription(s) "
-                            "moved, the old user deleted", old, new, len(subs))
-                self.users.forget(old)
-                await self.subscriptions.rename_owner(str(old), str(new))
-                self.users.seen(new, self.clock(), {})
-                return await self._steps(rest)
-            steps.append(Step(requests.delete_user(old.label, old.id), after=after_delete))
-            return steps
-        return [Step(view, after=after_view)]
-
-    def _rename_letter(self, batch: UserBatch, req: Request, message: str) -> DeadLetter:
-        log.warning("dead-lettered the change of user %s: %s", batch.user, message)
-        return DeadLetter.from_origins(
-            batch.origins, field=None, reason="identity_conflict", message=message,
-            position=",".join(o.position for o in batch.origins[:4]), user=str(batch.user),
-            request={"method": req.method, "path": req.path, "body": req.body},
-        )
 
     async def _steps(self, batch: UserBatch) -> list[Step]:
         """The batch's requests, with subscription changes decided against the known state and
@@ -623,9 +529,9 @@ class Dispatcher:
 
     async def _send(self, req: Request) -> Response:
         """Send one request (the per-user interval starts when its answer arrived)."""
-        async with self.slots:
-            # The app-wide token is taken right before the request leaves, never before a wait
-            # for a slot: requests that queued must not leave back to back past the limit.
+        # The answered window keeps every second at OneSignal under the app budget by construction
+        # (see AnsweredWindow); the token bucket, taken last, paces what leaves.
+        async with self.slots, self.window.place():
             await self.bucket.acquire()
             t0 = time.perf_counter()
             status = "error"
@@ -646,36 +552,6 @@ class Dispatcher:
         self.coalescer.requeue(batch, now + delay, now)
         self.coalescer.release(now)
         self._update_room()
-
-    def _tag_letter(self, batch: UserBatch, req: Request, exc: errors.TagLimitExceeded,
-                    dropped: dict[str, Any]) -> DeadLetter:
-        """The tags OneSignal refused for its per-user tag limit, as one dead letter naming it."""
-        shown = ", ".join(sorted(dropped))
-        log.warning("dead-lettered tags %s of user %s: the app allows at most %d tags per user (%s)",
-                    shown, batch.user, exc.limit, exc.detail)
-        return DeadLetter.from_origins(
-            batch.origins,
-            field=None,
-            reason=exc.reason,
-            message=(f"user {batch.user}: tags {shown} not applied: OneSignal's tag limit is {exc.limit} tags "
-                     f"per user ({exc.detail}); the user's other changes were applied"),
-            position=",".join(o.position for o in batch.origins[:4]),
-            user=str(batch.user),
-            request={"method": req.method, "path": req.path, "body": {"properties": {"tags": dropped}}},
-        )
-
-    def _letter(self, batch: UserBatch, req: Request, exc: errors.OneSignalError) -> DeadLetter:
-        positions = ",".join(o.position for o in batch.origins[:4])
-        log.warning("dead-lettered %s %s for user %s: %s", req.method, req.endpoint, batch.user, exc)
-        return DeadLetter.from_origins(
-            batch.origins,
-            field=None,
-            reason=exc.reason,
-            message=f"user {batch.user}: {exc}",
-            position=positions,
-            user=str(batch.user),
-            request={"method": req.method, "path": req.path, "body": req.body},
-        )
 
     async def dead_letter(self, letters: list[DeadLetter]) -> None:
         """Store `letters` durably (retrying while the store is down) and count them."""

@@ -193,21 +193,23 @@ class WriteLimiter:
         self.user_interval_s = user_interval_s
         self._window: deque[float] = deque()
         self._last: OrderedDict[str, float] = OrderedDict()
+        self.refused = {"app": 0, "user": 0}  # 429s by the limit that refused (both when both did)
 
     def admit(self, keys: Iterable[str], now: float) -> float | None:
         """Record and return None when the write is accepted, else the seconds to wait."""
         keys = list(keys)
         self._prune(now)
-        waits = [0.0]
+        app_wait = user_wait = 0.0
         if self.app_rate_per_s > 0 and len(self._window) >= self.app_rate_per_s:
-            waits.append(1.0 - (now - self._window[0]))
+            app_wait = 1.0 - (now - self._window[0])
         for key in keys:
             last = self._last.get(key)
             if last is not None:
-                waits.append(self.user_interval_s - (now - last))
-        wait = max(waits)
-        if wait > 0:
-            return wait
+                user_wait = max(user_wait, self.user_interval_s - (now - last))
+        if app_wait > 0 or user_wait > 0:
+            self.refused["app"] += app_wait > 0
+            self.refused["user"] += user_wait > 0
+            return max(app_wait, user_wait)
         self._window.append(now)
         self.touch(keys, now)
         return None
@@ -260,6 +262,7 @@ class Faults:
     error_rate: float = 0.0
     status: int = 503
     latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0  # plus a uniform 0..jitter: arrivals reorder and bunch
     timeout_rate: float = 0.0
     hold_s: float = 30.0
     paths: re.Pattern[str] | None = None
@@ -270,6 +273,7 @@ class Faults:
 
     def public(self) -> dict[str, Any]:
         return {"error_rate": self.error_rate, "status": self.status, "latency_ms": self.latency_ms,
+                "latency_jitter_ms": self.latency_jitter_ms,
                 "timeout_rate": self.timeout_rate, "hold_s": self.hold_s,
                 "paths": self.paths.pattern if self.paths else None}
 
@@ -294,7 +298,7 @@ def parse_faults(body: Any) -> Faults:
         problems.append("status must be an HTTP error status (400-599)")
     else:
         faults.status = status
-    for key in ("latency_ms", "hold_s"):
+    for key in ("latency_ms", "latency_jitter_ms", "hold_s"):
         value = body.get(key, getattr(faults, key))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             problems.append(f"{key} must be a non-negative number")
@@ -423,8 +427,8 @@ class Simulator:
             return _http_error(exc)
 
     async def _inject(self, request: web.Request, faults: Faults) -> web.StreamResponse | None:
-        if faults.latency_ms:
-            await asyncio.sleep(faults.latency_ms / 1000)
+        if faults.latency_ms or faults.latency_jitter_ms:
+            await asyncio.sleep((faults.latency_ms + faults.rng.uniform(0.0, faults.latency_jitter_ms)) / 1000)
         if faults.timeout_rate and faults.rng.random() < faults.timeout_rate:
             await self._hold(request, faults.hold_s)
             return web.Response(status=504)
@@ -568,7 +572,8 @@ class Simulator:
 
     async def control_stats(self, request: web.Request) -> web.Response:
         return _json({"total_requests": self.total_requests, "by_endpoint": dict(self.by_endpoint),
-                      "by_status": dict(self.by_status), "rate_limited": self.rate_limited})
+                      "by_status": dict(self.by_status), "rate_limited": self.rate_limited,
+                      "rate_limited_by": dict(self.writes.refused)})
 
     async def control_requests(self, request: web.Request) -> web.Response:
         return _json({"requests": list(self.requests)})

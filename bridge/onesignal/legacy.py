@@ -28,9 +28,10 @@ import httpx
 
 from bridge.coalesce import UserBatch
 from bridge.config import OneSignalConfig
-from bridge.dispatch import Dispatcher, Step
+from bridge.dispatch import Dispatcher
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, Request, Response, build_http_client, requests
+from bridge.steps import Step
 
 log = logging.getLogger("bridge.legacy")
 

@@ -80,7 +80,12 @@ def wait_idle(stack: Stack, written: int, timeout: float) -> float:
 
 def run_once(stack: Stack, args: argparse.Namespace, rng: random.Random) -> dict:
     ticks = zipf_ticks(args.users, args.changes, args.seconds, args.zipf_s, rng)
+    # Every round starts from nothing on both sides: a simulator that forgot its users behind the
+    # back of a bridge that remembers them measures 404 recovery, not the workload.
+    stack.stop_bridge()
     stack.sim.reset()
+    stack.start_bridge()
+    time.sleep(1.0)
     before = try_scrape(stack.metrics_port) or {}
     base = before.get("onesignal_bridge_changes_total", 0)
     refused_before = stack.sim.stats().get("rate_limited_by", {})

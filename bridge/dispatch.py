@@ -110,37 +110,34 @@ class Dispatcher(RenameSteps):
         self._room = asyncio.Event()
         self._room.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # tasks waiting out their user's spacing between two requests of a batch: they hold no
+        # request slot, so they do not count against max_in_flight (a batch that needs a second
+        # request a second or two later must not stall every other user)
+        self._resting = 0
         self._stopping = False
         self._probe_at = 0.0
 
     # -- input side (called by the pipeline) -------------------------------------------
 
     def submit(self, change: UserChange) -> None:
-        before = self.coalescer.coalesced
         self.coalescer.add(change, self.clock())
-        if self.coalescer.coalesced != before:
-            m.COALESCED.inc()
-        self._update_room()
-        self._wake.set()
+        self.settle()
 
     # The pipeline's fast path (issue 16): many changes in one synchronous pass, then one
     # `settle()` before the event loop runs again (the dispatcher cannot run in between anyway).
-    _quiet_coalesced = 0
+    _coalesced_counted = 0
 
     def submit_quiet(self, change: UserChange) -> None:
-        """`submit` without its per-change metric updates and wake-up: the caller calls
-        `settle()` after the pass. `has_room()` stays exact (it reads the coalescer)."""
-        c = self.coalescer
-        before = c.coalesced
-        c.add(change, self.clock())
-        if c.coalesced != before:
-            self._quiet_coalesced += 1
+        """`submit` without its metric update and wake-up: the caller calls `settle()` after the
+        pass. `has_room()` stays exact (it reads the coalescer)."""
+        self.coalescer.add(change, self.clock())
 
     def settle(self) -> None:
         """What `submit` does after each change, once for all the `submit_quiet` calls before."""
-        if self._quiet_coalesced:
-            m.COALESCED.inc(self._quiet_coalesced)
-            self._quiet_coalesced = 0
+        coalesced = self.coalescer.coalesced
+        if coalesced != self._coalesced_counted:
+            m.COALESCED.inc(coalesced - self._coalesced_counted)
+            self._coalesced_counted = coalesced
         self._update_room()
         self._wake.set()
 
@@ -181,7 +178,7 @@ class Dispatcher(RenameSteps):
         next_forget = 0.0
         while not self._stopping:
             now = self.clock()
-            free = self.delivery.max_in_flight - len(self._tasks)
+            free = self.delivery.max_in_flight - (len(self._tasks) - self._resting)
             if self.auth_error is not None:
                 free = 1 if (not self._tasks and now >= self._probe_at) else 0
             if free > 0:
@@ -265,7 +262,12 @@ class Dispatcher(RenameSteps):
                         gap = max(gap, created_at + self.post_create_delay - last_at)
                     wait = last_at + gap - self.clock()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        self._resting += 1
+                        self._wake.set()  # a slot is free for another user meanwhile
+                        try:
+                            await asyncio.sleep(wait)
+                        finally:
+                            self._resting -= 1
                 try:
                     resp = await self._send(step.req)
                 except errors.NotFound as exc:

@@ -1,6 +1,7 @@
 """OneSignal's app-wide write limit (1,000 requests per trailing second at the server) is kept by
 construction: whatever the latency, queueing or stalls between the bridge and OneSignal, no
-second at the server receives more requests than `delivery.app_requests_per_second` (issue 16)."""
+second at the server receives more requests than `delivery.app_requests_per_second` (issue 16).
+And the request slots (`delivery.max_in_flight`) go to requests, not to batches waiting."""
 
 from __future__ import annotations
 
@@ -154,3 +155,39 @@ async def test_a_budget_equal_to_the_limit_gets_no_429_when_arrivals_bunch(tight
     assert statuses.count(429) == 0, f"{statuses.count(429)} of {len(statuses)} requests were refused"
     assert sorted(done) == list(range(120))
     assert len(sim.by_external_id()) == 120
+
+
+# -- request slots -----------------------------------------------------------------------------------
+
+async def test_a_batch_waiting_out_its_users_spacing_does_not_hold_a_request_slot(sim):
+    """A user deleted outside the bridge: its update answers 404 and its Create user must wait a
+    second (1 request/s per user). Meanwhile the only request slot serves another user."""
+    sim.config(replication_lag_ms=0)
+    done: list[int] = []
+    http = build_http_client(sim.base_url, 5.0)
+    one_slot = DeliveryConfig(flush_interval_ms=0, max_in_flight=1)
+    dispatcher = Dispatcher(OneSignalClient(http, APP_ID, API_KEY), one_slot, MemoryDeadLetters(), done.extend,
+                            onesignal=OneSignalConfig(app_id=APP_ID, api_key=API_KEY, post_create_delay_s=0))
+    runner = asyncio.create_task(dispatcher.run())
+
+    def change(uid: str, n: int, plan: str) -> UserChange:
+        return UserChange(UserRef("external_id", uid), Origin("public.users", f"id={n}", "0/1", n), tags={"plan": plan})
+    try:
+        dispatcher.submit(change("gone", 1, "a"))
+        assert await dispatcher.flush_all(10.0)
+        sim.reset()  # OneSignal no longer has the user; the bridge still knows it
+        sim.config(replication_lag_ms=0)
+        await asyncio.sleep(1.1)  # past the user's spacing: its next update leaves at once
+        dispatcher.submit(change("gone", 2, "b"))
+        await asyncio.sleep(0.2)  # its update answered 404; its Create user waits out the second
+        dispatcher.submit(change("other", 3, "a"))
+        assert await dispatcher.flush_all(10.0)
+    finally:
+        runner.cancel()
+        await http.aclose()
+    log = sim.requests()
+    first = {(r["user"], r["status"]): r["time"] for r in reversed(log)}
+    assert ("gone", 404) in first, log
+    assert first[("other", 200)] < first[("gone", 200)], f"the other user waited for the slot: {log}"
+    assert sorted(done) == [1, 2, 3]
+    assert sim.user("gone")["properties"]["tags"] == {"plan": "b"}

@@ -17,7 +17,7 @@ from bridge.sources.pg_rows import _Table
 
 def general(t: _Table, data: memoryview) -> Any:
     src = source()
-    mk, _, old_kind, old, new = po.row_message(data, 25, t.old_keep)
+    mk, _, old_kind, old, new = po.row_message(data, 25)
     return src._event(t, mk, old_kind, old, new, data)
 
 

@@ -26,7 +26,7 @@ from bridge.sources import pgoutput as po
 from bridge.sources.pgtypes import PgType, converter_for
 
 
-class _Memo(dict[str, Any]):
+class _Memo(dict[Any, Any]):
     """Text -> value for one column whose conversion costs more than a dict lookup and gives an
     immutable value (timestamps, dates, booleans, uuids): rows repeat those values (a user's
     signup time). Emptied when full. (Numerics are not memoised: `Decimal(text)` is about as
@@ -34,11 +34,11 @@ class _Memo(dict[str, Any]):
 
     __slots__ = ("convert",)
 
-    def __init__(self, convert: Callable[[str], Any]) -> None:
+    def __init__(self, convert: Callable[[Any], Any]) -> None:
         super().__init__()
         self.convert = convert
 
-    def __missing__(self, text: str) -> Any:
+    def __missing__(self, text: Any) -> Any:
         value = self.convert(text)
         if len(self) >= 4096:
             self.clear()
@@ -79,21 +79,21 @@ _EVENT_SLOTS = tuple(ChangeEvent.__dict__[f].__set__
                      for f in ("table", "op", "new", "old", "key", "position", "commit_time"))
 
 
-def _tuple_code(ncols: int, wanted: dict[int, str | None], raw: frozenset[int], skip_unchanged: bool) -> list[str]:
+def _tuple_code(ncols: int, wanted: dict[int, str], raw: frozenset[int]) -> list[str]:
     """Lines that read TupleData at `p` (int16 count, then the columns) into `v{i}` for the wanted
-    columns (converted by `c{i}` when it is not None; `r{i}` keeps the bytes of those in `raw`,
-    None for NULL) and leave `p` after it. `skip_unchanged`: an unwanted unchanged TOAST column is
-    passed over (else it goes the general way)."""
+    columns (`wanted[i]`: the expression of the value, `{}` standing for its bytes; `r{i}` keeps
+    the bytes of those in `raw`, None for NULL) and leave `p` after it. An unchanged TOAST value,
+    even in a column not wanted, goes the general way (which then reads the whole old row)."""
     lines = [f"if _u16(buf, p)[0] != {ncols}: raise _Slow", "p += 2"]
     for i in range(ncols):
         lines.append("k = buf[p]")
         if i not in wanted:
             lines += ["if k == 116: p += 5 + _u32(buf, p + 1)[0]",
-                      f"elif k == 110{' or k == 117' if skip_unchanged else ''}: p += 1",
+                      "elif k == 110: p += 1",
                       "else: raise _Slow"]
             continue
         text = "buf[s:p]" if i not in raw else f"r{i}"
-        value = f"{text}.decode()" if wanted[i] is None else f"c{i}({text}.decode())"
+        value = wanted[i].format(text)
         lines += ["if k == 116:", "    s = p + 5", "    p = s + _u32(buf, p + 1)[0]"]
         if i in raw:
             lines.append(f"    r{i} = buf[s:p]")
@@ -119,27 +119,40 @@ def _old_tuple_code(ncols: int, keep: frozenset[int]) -> list[str]:
     return lines
 
 
+def _value_code(i: int, conv: Callable[[str], Any] | None, env: dict[str, Any]) -> str:
+    """The expression of column `i`'s value from its text bytes (`{}`), its helpers put in `env`:
+    text decoded; an int parsed from the bytes as they are; a memoised conversion looked up by the
+    bytes (a memo of its own, so a repeated value costs one dict lookup); any other converted."""
+    if conv is None:
+        return "{}.decode()"
+    if conv is int:
+        env["_int"] = int
+        return "_int({})"
+    memo = getattr(conv, "__self__", None)
+    if isinstance(memo, _Memo):
+        convert = memo.convert
+        env[f"m{i}"] = _Memo(lambda raw: convert(raw.decode()))
+        return f"m{i}[{{}}]"
+    env[f"c{i}"] = conv
+    return f"c{i}({{}}.decode())"
+
+
 def _compile_events(name: str, ncols: int, plan: _Plan, old_plan: _Plan, key_idx: list[int],
                     names: list[str]) -> tuple[Callable[..., ChangeEvent], Callable[..., ChangeEvent]]:
     """`insert_event(buf, position, commit_time)` and `update_event(...)` for one relation: `buf`
     is the whole `w` CopyData as bytes (the message at offset 25)."""
-    wanted = {i: (None if conv is None else f"c{i}") for i, _, conv in plan}
     old_idx = frozenset(i for i, _, _ in old_plan)
     env: dict[str, Any] = {"_u16": struct.Struct("!H").unpack_from, "_u32": struct.Struct("!I").unpack_from,
                            "_Slow": _Slow, "_new": object.__new__, "_CE": ChangeEvent, "_table": name,
                            "_INSERT": Op.INSERT, "_UPDATE": Op.UPDATE}
     for n, setter in enumerate(_EVENT_SLOTS):
         env[f"_s{n}"] = setter
-    for i, _, conv in plan:
-        if conv is not None:
-            env[f"c{i}"] = conv
+    wanted = {i: _value_code(i, conv, env) for i, _, conv in plan}
     new_display = "{" + ", ".join(f"{nm!r}: v{i}" for i, nm, _ in plan) + "}"
     key_display = "{" + ", ".join(f"{names[i]!r}: v{i}" for i in key_idx) + "}"
 
     def old_value(i: int) -> str:
-        conv = wanted[i]
-        converted = f"o{i}.decode()" if conv is None else f"{conv}(o{i}.decode())"
-        return f"v{i} if o{i} == r{i} else (None if o{i} is None else {converted})"
+        return f"v{i} if o{i} == r{i} else (None if o{i} is None else {wanted[i].format(f'o{i}')})"
 
     old_display = "{" + ", ".join(f"{nm!r}: {old_value(i)}" for i, nm, _ in old_plan) + "}"
 
@@ -150,7 +163,7 @@ def _compile_events(name: str, ncols: int, plan: _Plan, old_plan: _Plan, key_idx
     def block(lines: list[str], indent: int) -> str:
         return "".join(" " * indent + line + "\n" for line in lines)
 
-    new_only = _tuple_code(ncols, wanted, frozenset(), False) + ["if p != len(buf): raise _Slow"]
+    new_only = _tuple_code(ncols, wanted, frozenset()) + ["if p != len(buf): raise _Slow"]
     source = (
         "def insert_event(buf, position, commit_time):\n"
         "    if buf[30] != 78: raise _Slow\n"
@@ -166,7 +179,7 @@ def _compile_events(name: str, ncols: int, plan: _Plan, old_plan: _Plan, key_idx
         + block(_old_tuple_code(ncols, old_idx), 4)
         + "    if buf[p] != 78: raise _Slow\n"
         "    p += 1\n"
-        + block(_tuple_code(ncols, wanted, old_idx, False) + ["if p != len(buf): raise _Slow"]
+        + block(_tuple_code(ncols, wanted, old_idx) + ["if p != len(buf): raise _Slow"]
                 + event("_UPDATE", old_display), 4)
     )
     exec(compile(source, f"<pgoutput {name}>", "exec"), env)  # noqa: S102 - names are repr()'d literals
@@ -179,8 +192,8 @@ class _Table:
     Only mapped and key columns are read (`columns`: the rest would be converted for nothing);
     text columns need no conversion, and the converted ones go through a per-column memo."""
 
-    __slots__ = ("name", "names", "key_idx", "key_names", "wanted", "row", "old_row", "old_keep",
-                 "insert_event", "update_event")
+    __slots__ = ("name", "names", "key_idx", "key_names", "wanted", "row", "old_row", "insert_event",
+                 "update_event")
 
     def __init__(self, rel: po.Relation, primary_key: list[str] | None = None,
                  columns: frozenset[str] | None = None, old_columns: frozenset[str] | None = None) -> None:
@@ -205,17 +218,14 @@ class _Table:
         #: `row(values)`: {column: value} of the wanted columns of a decoded tuple.
         self.row = _row_builder(plan)
         # What an update's whole old row (REPLICA IDENTITY FULL) is read for: the key and the columns
-        # the mapping compares or retires (the identity, subscription addresses). The rest of it is
-        # not even decoded (pgoutput.row_message's old_keep), unless the new row has an unchanged
-        # TOAST value to take from it.
-        self.old_keep: tuple[bool, ...] | None = None
-        self.old_row = self.row
+        # the mapping compares or retires (the identity, subscription addresses); the rest of it is
+        # not decoded, unless the new row has an unchanged TOAST value to take from it.
         old_plan = plan
         if old_columns is not None and columns is not None:
             old_wanted = set(old_columns) | set(self.key_names)
-            self.old_keep = tuple(n in old_wanted for n in self.names)
             old_plan = [c for c in plan if c[1] in old_wanted]
-            self.old_row = _row_builder(old_plan)
+        #: `old_row(values)`: {column: value} of what is read of an update's whole old row.
+        self.old_row = _row_builder(old_plan) if old_plan is not plan else self.row
         #: `insert_event(buf, position, commit_time)`, `update_event(...)`: the fast path (module doc).
         self.insert_event, self.update_event = _compile_events(self.name, len(self.names), plan, old_plan,
                                                                self.key_idx, self.names)

@@ -253,30 +253,14 @@ class PostgresSource:
 
         snap = Snapshot(self.dsn, self.cfg.slot, sorted(self.tables), self.cfg.snapshot_chunk_size,
                         self._requests_per_s)
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            if not await snap.load(conn, fresh):
-                return
-        self.snapshot = snap
-        sink.on_confirm(snap.on_confirm)
-        self._saver = asyncio.create_task(self._snapshot_saver())
-        await snap.read(sink, snapshot_name, self._stop)
+        if await snap.start(sink, fresh):
+            self.snapshot = snap
+            await snap.read(sink, snapshot_name, self._stop)
 
     async def _save_snapshot_progress(self) -> None:
         snap = getattr(self, "snapshot", None)
         if snap is not None:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-                await snap.save(conn)
-
-    async def _snapshot_saver(self) -> None:
-        snap = self.snapshot
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            while True:
-                await snap.save(conn)
-                if snap.complete:
-                    log.info("snapshot complete: %s",
-                             ", ".join(f"{t} {p.rows_done} rows" for t, p in snap.progress.items()))
-                    return
-                await asyncio.sleep(0.5)
+            await snap.save_now()
 
     async def _start_replication(self, pg: Any) -> None:
         pub = self.cfg.publication.replace("'", "''")
@@ -352,13 +336,15 @@ class PostgresSource:
         backfills = self.backfills
         on_change = backfills.on_change
         chunks = getattr(backfills, "open_chunks", True)  # (a stand-in without it: call on_change always)
+        position, commit_time = self._tx_pos, self._tx_commit_time
+        peek, self._peek = self._peek, None
         handled = 0
         try:
             while handled < DRAIN_BUDGET:
-                if self._peek is not None:
-                    (n, data), self._peek = self._peek, None
-                else:
+                if peek is None:
                     n, data = get(1)
+                else:
+                    (n, data), peek = peek, None
                 if n == 0:
                     return None
                 handled += 1
@@ -374,15 +360,15 @@ class PostgresSource:
                         if table is None:
                             continue
                         if table.name == BACKFILL_REQUESTS:
-                            mk, _, old_kind, old, new = row_message(data, 25, table.old_keep)
+                            mk, _, old_kind, old, new = row_message(data, 25)
                             if new is not None and mk != 0x44:
                                 backfills.on_request(table.row(new))
                             continue
                         try:  # the compiled decoder of the relation (pg_rows), for inserts and updates
                             event = (table.update_event if mk == 0x55 else table.insert_event if mk == 0x49
-                                     else _slow)(bytes(data), self._tx_pos, self._tx_commit_time)
+                                     else _slow)(bytes(data), position, commit_time)
                         except Exception:  # noqa: BLE001 - anything: the general path decodes it again and says what is wrong
-                            mk, _, old_kind, old, new = row_message(data, 25, table.old_keep)
+                            mk, _, old_kind, old, new = row_message(data, 25)
                             event = event_of(table, mk, old_kind, old, new, data)
                         if chunks:
                             on_change(table.name, event.key)
@@ -393,8 +379,8 @@ class PostgresSource:
                         begin = po.decode(data[25:])
                         assert isinstance(begin, po.Begin)
                         self._in_tx = True
-                        self._tx_pos = po.lsn_to_str(begin.final_lsn)
-                        self._tx_commit_time = begin.commit_time
+                        self._tx_pos = position = po.lsn_to_str(begin.final_lsn)
+                        self._tx_commit_time = commit_time = begin.commit_time
                     elif mk == 0x43:  # Commit
                         commit = po.decode(data[25:])
                         assert isinstance(commit, po.Commit)
@@ -466,16 +452,11 @@ class PostgresSource:
             if old_kind == 0x4B:  # 'K': only the key columns are real
                 old = {k: v for k, v in table.row(old_values).items() if v is not None}
             elif UNCHANGED in new_values:  # unchanged TOAST in new: the whole old row has the value
-                if table.old_keep is not None and data is not None:
-                    old_values = po.row_message(data, 25)[3]  # every column this time
-                    assert old_values is not None
                 old = table.row(old_values)
                 new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None else v)
                        for k, v in new.items()}
-            elif table.old_keep is not None:
+            else:  # the key and what mapping reads of an old row (see pg_rows._Table)
                 old = table.old_row(old_values)
-            else:
-                old = table.row(old_values)
             return change_event(table.name, Op.UPDATE, new, old, table.key(new), self._tx_pos,
                                 self._tx_commit_time)
         if mk == 0x49:  # Insert

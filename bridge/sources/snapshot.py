@@ -50,6 +50,7 @@ class Snapshot:
         self.requests_per_s = requests_per_s
         self.progress: dict[str, TableProgress] = {}
         self._dirty = False
+        self._saver: asyncio.Task[None] | None = None  # saves progress while rows remain (start)
 
     # -- progress ----------------------------------------------------------------------
 

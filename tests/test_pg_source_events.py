@@ -49,7 +49,7 @@ def frame(msg: po.Message) -> memoryview:
 
 def event_of(src: PostgresSource, t: _Table, msg: po.Message) -> Any:
     data = frame(msg)
-    mk, _, old_kind, old, new = po.row_message(data, 25, t.old_keep)
+    mk, _, old_kind, old, new = po.row_message(data, 25)
     return src._event(t, mk, old_kind, old, new, data)
 
 

@@ -303,6 +303,9 @@ class Backfills:
     def __init__(self, dsn: str, tables: set[str], sink: Any, *, resume_interrupted: bool = True) -> None:
         self.dsn, self.tables, self.sink = dsn, tables, sink
         self._chunks: dict[str, _Chunk] = {}
+        #: The chunks being read (the same dict): empty most of the time, and `on_change` then has
+        #: nothing to do, so the stream reader does not call it.
+        self.open_chunks = self._chunks
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._resumer: asyncio.Task[None] | None = None
         if resume_interrupted:

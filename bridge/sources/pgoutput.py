@@ -322,42 +322,6 @@ def _columns(
     return tuple(values), pos
 
 
-def _some_columns(
-    buf: bytes,
-    pos: int,
-    ncols: int,
-    keep: tuple[bool, ...],
-    _u32: Callable[..., tuple[int]] = _unpack_u32,
-    _unchanged: Any = UNCHANGED,
-) -> tuple[TupleValues, int]:
-    """`_columns`, decoding only the columns whose `keep` flag is set (the others read as None;
-    a column past the end of `keep` is kept)."""
-    values: list[Any] = []
-    append = values.append
-    n = len(keep)
-    for i in range(ncols):
-        kind = buf[pos]
-        if kind == 0x74:  # 't' text
-            start = pos + 5
-            pos = start + _u32(buf, pos + 1)[0]
-            append(buf[start:pos].decode() if i >= n or keep[i] else None)
-        elif kind == 0x6E:  # 'n' null
-            append(None)
-            pos += 1
-        elif kind == 0x75:  # 'u' unchanged TOAST
-            append(_unchanged)
-            pos += 1
-        elif kind == 0x62:  # 'b' binary
-            start = pos + 5
-            pos = start + _u32(buf, pos + 1)[0]
-            append(buf[start:pos] if i >= n or keep[i] else None)
-        else:
-            raise DecodeError(f"unknown tuple column kind {chr(kind)!r} at offset {pos}")
-    if pos > len(buf):
-        raise DecodeError(f"a column runs {pos - len(buf)} bytes past the end of the message")
-    return tuple(values), pos
-
-
 def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     end = buf.find(b"\0", pos)
     if end < 0:
@@ -419,13 +383,11 @@ def _row_parts(
     buf: bytes,
     kind: int,
     pos: int,
-    old_keep: tuple[bool, ...] | None = None,
     _head: Callable[..., tuple[int, int, int]] = _OID_KIND_NCOLS.unpack_from,
     _oid_kind: Callable[..., tuple[int, int]] = _OID_KIND.unpack_from,
 ) -> tuple[int, int, TupleValues | None, TupleValues | None]:
     """The body of an Insert, Update or Delete (message type `kind`) at `pos`:
-    ``(relation oid, old kind byte or 0, old values or None, new values or None)``. With
-    `old_keep`, an Update's whole old row ('O') is decoded only where it is set."""
+    ``(relation oid, old kind byte or 0, old values or None, new values or None)``."""
     if kind == 0x49:  # Insert
         oid, tk, ncols = _head(buf, pos)
         if tk != _N:
@@ -438,12 +400,7 @@ def _row_parts(
         oid, tk = _oid_kind(buf, pos)
         old_kind = 0
         old: TupleValues | None = None
-        if tk == _O and old_keep is not None:
-            old_kind = tk
-            old, pos = _some_columns(buf, pos + 7, _unpack_u16(buf, pos + 5)[0], old_keep)
-            tk = buf[pos]
-            pos += 1
-        elif tk == _K or tk == _O:
+        if tk == _K or tk == _O:
             old_kind = tk
             old, pos = _tuple(buf, pos + 5)
             tk = buf[pos]
@@ -465,16 +422,13 @@ def _row_parts(
     return oid, tk, old, None
 
 
-def row_message(buf: bytes | bytearray | memoryview, pos: int, old_keep: tuple[bool, ...] | None = None
+def row_message(buf: bytes | bytearray | memoryview, pos: int
                 ) -> tuple[int, int, int, TupleValues | None, TupleValues | None]:
     """Decode the Insert, Update or Delete message at ``buf[pos:]`` (protocol version 1) without
     building a message object: ``(type byte, relation oid, old kind byte, old values, new values)``,
     the old kind being ``ord('K')``, ``ord('O')`` or 0 (no old tuple). For a reader of the hot
-    path: pass the whole ``w`` CopyData and ``pos=25``.
-
-    ``old_keep`` (a flag per column of the relation): an Update's whole old row (REPLICA IDENTITY
-    FULL) is decoded only for the columns flagged; the others read as None. A reader that needs
-    only some of the old row's columns (the key, the identity) skips decoding the rest.
+    path: pass the whole ``w`` CopyData and ``pos=25``. (The `postgres` source's hot path is
+    :mod:`bridge.sources.pg_rows`, which decodes only the columns it needs; this is its general path.)
 
     Raises :class:`DecodeError` like :func:`decode` (which builds its Insert, Update and Delete
     from this)."""
@@ -484,7 +438,7 @@ def row_message(buf: bytes | bytearray | memoryview, pos: int, old_keep: tuple[b
         kind = buf[pos]
         if kind != 0x55 and kind != 0x49 and kind != 0x44:
             raise DecodeError(f"not an Insert, Update or Delete message (type {chr(kind)!r})")
-        return (kind, *_row_parts(buf, kind, pos + 1, old_keep))
+        return (kind, *_row_parts(buf, kind, pos + 1))
     except DecodeError as exc:
         name = _NAMES.get(buf[pos], "row") if len(buf) > pos else "row"
         raise DecodeError(f"malformed {name} message ({len(buf) - pos} bytes): {exc}") from None

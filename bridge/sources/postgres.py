@@ -30,7 +30,7 @@ from bridge.sources.backfill import PREFIX as BACKFILL_PREFIX
 from bridge.sources.backfill import REQUESTS_TABLE as BACKFILL_REQUESTS
 from bridge.sources.backfill import Backfills
 from bridge.sources.database import Leadership, clean, reconnecting
-from bridge.sources.pgtypes import PgType, converter_for
+from bridge.sources.pg_rows import _Slow, _Table
 
 log = logging.getLogger("bridge.source.postgres")
 
@@ -54,94 +54,6 @@ _BUDGET_SPENT = _LetOthersRun()
 STANDBY_POLL_S = 1.0
 LOCK_PREFIX = "onesignal_bridge:"
 HEARTBEAT_PREFIX = "onesignal_bridge_heartbeat"
-
-
-class _Memo(dict[str, Any]):
-    """Text -> value for one column whose conversion costs more than a dict lookup and gives an
-    immutable value (timestamps, dates, booleans, uuids): rows repeat those values (a user's
-    signup time). Emptied when full. (Numerics are not memoised: `Decimal(text)` is about as
-    cheap as a miss.)"""
-
-    __slots__ = ("convert",)
-
-    def __init__(self, convert: Callable[[str], Any]) -> None:
-        super().__init__()
-        self.convert = convert
-
-    def __missing__(self, text: str) -> Any:
-        value = self.convert(text)
-        if len(self) >= 4096:
-            self.clear()
-        self[text] = value
-        return value
-
-
-# Converters whose values are immutable and cost more than a dict lookup: memoised per column.
-_MEMOISED = frozenset((PgType.TIMESTAMPTZ, PgType.TIMESTAMP, PgType.DATE, PgType.BOOL, PgType.UUID))
-
-
-def _row_builder(columns: list[tuple[int, str, Callable[[str], Any] | None]]
-                 ) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
-    """A function `values -> {name: value}` for the given (index, name, converter) columns: one
-    dict display, compiled once per relation (the hot path runs it for every row). A value is
-    converted only when it is text; None (NULL), UNCHANGED (TOAST) and bytes stay as they are."""
-    env: dict[str, Any] = {"_str": str}
-    items = []
-    for n, (i, name, convert) in enumerate(columns):
-        if convert is None:
-            items.append(f"{name!r}: values[{i}]")
-        else:
-            env[f"_c{n}"] = convert
-            items.append(f"{name!r}: _c{n}(values[{i}]) if type(values[{i}]) is _str else values[{i}]")
-    source = "def row(values):\n    return {" + ", ".join(items) + "}\n"
-    exec(compile(source, "<pgoutput row>", "exec"), env)  # noqa: S102 - names are repr()'d literals
-    fn: Callable[[tuple[Any, ...]], dict[str, Any]] = env["row"]
-    return fn
-
-
-class _Table:
-    """A relation as announced by a Relation message, with its value converters resolved.
-
-    Only mapped and key columns are read (`columns`: the rest would be converted for nothing);
-    text columns need no conversion, and the converted ones go through a per-column memo."""
-
-    __slots__ = ("name", "names", "key_idx", "key_names", "wanted", "row", "old_row", "old_keep")
-
-    def __init__(self, rel: po.Relation, primary_key: list[str] | None = None,
-                 columns: frozenset[str] | None = None, old_columns: frozenset[str] | None = None) -> None:
-        self.name = f"{rel.namespace}.{rel.name}"
-        self.names = [c.name for c in rel.columns]
-        if primary_key:  # REPLICA IDENTITY FULL flags every column as key: name rows by their PK
-            self.key_idx = [self.names.index(k) for k in primary_key if k in self.names]
-        else:
-            self.key_idx = [i for i, c in enumerate(rel.columns) if c.is_key]
-        self.key_names = [self.names[i] for i in self.key_idx]
-        keep = None if columns is None else set(columns) | set(self.key_names)
-        self.wanted = [i for i, n in enumerate(self.names) if keep is None or n in keep]
-        plan: list[tuple[int, str, Callable[[str], Any] | None]] = []
-        for i in self.wanted:
-            col = rel.columns[i]
-            conv: Callable[[str], Any] | None = converter_for(col.type_oid)
-            if conv is str:
-                conv = None  # text stays as it came
-            elif col.type_oid in _MEMOISED:
-                conv = _Memo(conv).__getitem__  # type: ignore[arg-type]
-            plan.append((i, col.name, conv))
-        #: `row(values)`: {column: value} of the wanted columns of a decoded tuple.
-        self.row = _row_builder(plan)
-        # What an update's whole old row (REPLICA IDENTITY FULL) is read for: the key and the columns
-        # the mapping compares or retires (the identity, subscription addresses). The rest of it is
-        # not even decoded (pgoutput.row_message's old_keep), unless the new row has an unchanged
-        # TOAST value to take from it.
-        self.old_keep: tuple[bool, ...] | None = None
-        self.old_row = self.row
-        if old_columns is not None and columns is not None:
-            old_wanted = set(old_columns) | set(self.key_names)
-            self.old_keep = tuple(n in old_wanted for n in self.names)
-            self.old_row = _row_builder([c for c in plan if c[1] in old_wanted])
-
-    def key(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {name: row.get(name) for name in self.key_names}
 
 
 def _now_us_since_2000() -> int:
@@ -341,30 +253,14 @@ class PostgresSource:
 
         snap = Snapshot(self.dsn, self.cfg.slot, sorted(self.tables), self.cfg.snapshot_chunk_size,
                         self._requests_per_s)
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            if not await snap.load(conn, fresh):
-                return
-        self.snapshot = snap
-        sink.on_confirm(snap.on_confirm)
-        self._saver = asyncio.create_task(self._snapshot_saver())
-        await snap.read(sink, snapshot_name, self._stop)
+        if await snap.start(sink, fresh):
+            self.snapshot = snap
+            await snap.read(sink, snapshot_name, self._stop)
 
     async def _save_snapshot_progress(self) -> None:
         snap = getattr(self, "snapshot", None)
         if snap is not None:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-                await snap.save(conn)
-
-    async def _snapshot_saver(self) -> None:
-        snap = self.snapshot
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            while True:
-                await snap.save(conn)
-                if snap.complete:
-                    log.info("snapshot complete: %s",
-                             ", ".join(f"{t} {p.rows_done} rows" for t, p in snap.progress.items()))
-                    return
-                await asyncio.sleep(0.5)
+            await snap.save_now()
 
     async def _start_replication(self, pg: Any) -> None:
         pub = self.cfg.publication.replace("'", "''")
@@ -439,13 +335,16 @@ class PostgresSource:
         event_of = self._event
         backfills = self.backfills
         on_change = backfills.on_change
+        chunks = getattr(backfills, "open_chunks", True)  # (a stand-in without it: call on_change always)
+        position, commit_time = self._tx_pos, self._tx_commit_time
+        peek, self._peek = self._peek, None
         handled = 0
         try:
             while handled < DRAIN_BUDGET:
-                if self._peek is not None:
-                    (n, data), self._peek = self._peek, None
-                else:
+                if peek is None:
                     n, data = get(1)
+                else:
+                    (n, data), peek = peek, None
                 if n == 0:
                     return None
                 handled += 1
@@ -460,13 +359,19 @@ class PostgresSource:
                         table = relations.get(oid_at(data, 26)[0])
                         if table is None:
                             continue
-                        mk, _, old_kind, old, new = row_message(data, 25, table.old_keep)
                         if table.name == BACKFILL_REQUESTS:
+                            mk, _, old_kind, old, new = row_message(data, 25)
                             if new is not None and mk != 0x44:
                                 backfills.on_request(table.row(new))
                             continue
-                        event = event_of(table, mk, old_kind, old, new, data)
-                        on_change(table.name, event.key)
+                        try:  # the compiled decoder of the relation (pg_rows), for inserts and updates
+                            event = (table.update_event if mk == 0x55 else table.insert_event if mk == 0x49
+                                     else _slow)(bytes(data), position, commit_time)
+                        except Exception:  # noqa: BLE001 - anything: the general path decodes it again and says what is wrong
+                            mk, _, old_kind, old, new = row_message(data, 25)
+                            event = event_of(table, mk, old_kind, old, new, data)
+                        if chunks:
+                            on_change(table.name, event.key)
                         pending = offer(event)
                         if pending is not None:
                             return pending
@@ -474,8 +379,8 @@ class PostgresSource:
                         begin = po.decode(data[25:])
                         assert isinstance(begin, po.Begin)
                         self._in_tx = True
-                        self._tx_pos = po.lsn_to_str(begin.final_lsn)
-                        self._tx_commit_time = begin.commit_time
+                        self._tx_pos = position = po.lsn_to_str(begin.final_lsn)
+                        self._tx_commit_time = commit_time = begin.commit_time
                     elif mk == 0x43:  # Commit
                         commit = po.decode(data[25:])
                         assert isinstance(commit, po.Commit)
@@ -547,16 +452,11 @@ class PostgresSource:
             if old_kind == 0x4B:  # 'K': only the key columns are real
                 old = {k: v for k, v in table.row(old_values).items() if v is not None}
             elif UNCHANGED in new_values:  # unchanged TOAST in new: the whole old row has the value
-                if table.old_keep is not None and data is not None:
-                    old_values = po.row_message(data, 25)[3]  # every column this time
-                    assert old_values is not None
                 old = table.row(old_values)
                 new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None else v)
                        for k, v in new.items()}
-            elif table.old_keep is not None:
+            else:  # the key and what mapping reads of an old row (see pg_rows._Table)
                 old = table.old_row(old_values)
-            else:
-                old = table.row(old_values)
             return change_event(table.name, Op.UPDATE, new, old, table.key(new), self._tx_pos,
                                 self._tx_commit_time)
         if mk == 0x49:  # Insert
@@ -634,6 +534,11 @@ class PostgresSource:
             except psycopg.Error as exc:
                 log.debug("status update failed: %s", clean(exc))
                 return
+
+
+def _slow(buf: bytes, position: str, commit_time: float | None) -> ChangeEvent:
+    """Deletes take the general path (see pg_rows)."""
+    raise _Slow
 
 
 async def _put_all(sink: Sink, events: Iterable[ChangeEvent]) -> None:

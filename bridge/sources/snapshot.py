@@ -50,6 +50,7 @@ class Snapshot:
         self.requests_per_s = requests_per_s
         self.progress: dict[str, TableProgress] = {}
         self._dirty = False
+        self._saver: asyncio.Task[None] | None = None  # saves progress while rows remain (start)
 
     # -- progress ----------------------------------------------------------------------
 
@@ -105,6 +106,32 @@ class Snapshot:
     @property
     def complete(self) -> bool:
         return all(tp.done for tp in self.progress.values())
+
+    # -- wiring (what the `postgres` source calls) ---------------------------------------
+
+    async def start(self, sink: Any, fresh: bool) -> bool:
+        """Load progress; when rows remain, follow the pipeline's confirmations and save them as they
+        come (every 0.5 s until complete). False when there is nothing to read."""
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            if not await self.load(conn, fresh):
+                return False
+        sink.on_confirm(self.on_confirm)
+        self._saver = asyncio.create_task(self._keep_saving())
+        return True
+
+    async def save_now(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await self.save(conn)
+
+    async def _keep_saving(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                await self.save(conn)
+                if self.complete:
+                    log.info("snapshot complete: %s",
+                             ", ".join(f"{t} {p.rows_done} rows" for t, p in self.progress.items()))
+                    return
+                await asyncio.sleep(0.5)
 
     # -- reading -----------------------------------------------------------------------
 

@@ -86,21 +86,21 @@ class _Pending:
         elif self.delete_user:
             self.recreate = True
         grown = 8
-        new_tags = ch.tags
-        if new_tags:
-            tags = self.tags
-            if not tags:  # every name is new
-                grown += 64 * len(new_tags) + sum(map(len, new_tags))
-            elif not new_tags.keys() <= tags.keys():
-                grown += sum(64 + len(k) for k in new_tags if k not in tags)
-            tags.update(new_tags)
-            grown += sum(map(len, filter(None, new_tags.values())))  # values are str or None
+        tags = self.tags
+        for k, v in ch.tags.items():
+            if k not in tags:
+                grown += 64 + len(k)
+            tags[k] = v
+            if v:
+                grown += len(v)
         if ch.properties:
             self.properties.update(ch.properties)
             grown += 64 * len(ch.properties)
         if ch.aliases:
-            self.aliases.update(ch.aliases)
-            grown += 64 * len(ch.aliases) + sum(map(len, ch.aliases))
+            aliases = self.aliases
+            for k, a in ch.aliases.items():
+                aliases[k] = a
+                grown += 64 + len(k)
         if ch.subscriptions:
             subs = self.subscriptions
             for sub in ch.subscriptions:

@@ -14,7 +14,7 @@ building a change.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,25 +155,33 @@ class Rejection:
 
 
 # -- fast builders (the hot path) ------------------------------------------------------------------
-# Same objects as the constructors make (no __post_init__ runs in either). Each is built as an
-# instance of a plain (not frozen) twin class with the same slots, whose ordinary `__init__`
-# stores the fields at the cost of attribute stores, and then takes its real class: CPython allows
-# `__class__` assignment between classes of the same slot layout, and the object is from then on
-# exactly the frozen dataclass (type, equality, hashing, pickling, immutability). About a third of
-# the cost of setting the slots through their descriptors, a quarter of a frozen `__init__`.
+# Same objects as the constructors make (no __post_init__ runs in either). Each is allocated as an
+# instance of a plain (not frozen) twin class with the same slots, its fields stored as ordinary
+# attribute stores, and then given its real class: CPython allows `__class__` assignment between
+# classes of the same slot layout, and from then on the object is exactly the frozen dataclass
+# (type, equality, hashing, pickling, immutability). About half the cost of setting the slots
+# through their descriptors, a quarter of a frozen dataclass's `__init__`.
+
+_new = object.__new__
 
 
-def _twin(cls: type, init: Callable[..., None]) -> type:
-    """A mutable class with `cls`'s slots (in the same order, so the layouts match) and `init`."""
-    slots = cls.__dict__["__slots__"]
-    twin = type(f"_{cls.__name__}Builder", (), {"__slots__": slots, "__init__": init})
-    probe: Any = object.__new__(twin)
+def _twin(cls: type) -> Any:
+    """A mutable class with `cls`'s slots, in the same order (so the layouts match)."""
+    twin = type(f"_{cls.__name__}Builder", (), {"__slots__": cls.__dict__["__slots__"]})
+    probe: Any = _new(twin)
     probe.__class__ = cls  # fails at import, not on the hot path, should the layouts ever differ
     return twin
 
 
-def _event_init(e: Any, table: str, op: Op, new: Mapping[str, Any] | None, old: Mapping[str, Any] | None,
-                key: Mapping[str, Any], position: str, commit_time: float | None) -> None:
+_EventBuilder = _twin(ChangeEvent)
+_OriginBuilder = _twin(Origin)
+_ChangeBuilder = _twin(UserChange)
+
+
+def change_event(table: str, op: Op, new: Mapping[str, Any] | None, old: Mapping[str, Any] | None,
+                 key: Mapping[str, Any], position: str, commit_time: float | None = None) -> ChangeEvent:
+    """`ChangeEvent(table, op, new, old, key, position, commit_time)`, faster."""
+    e = _new(_EventBuilder)
     e.table = table
     e.op = op
     e.new = new
@@ -181,45 +189,18 @@ def _event_init(e: Any, table: str, op: Op, new: Mapping[str, Any] | None, old: 
     e.key = key
     e.position = position
     e.commit_time = commit_time
-
-
-def _origin_init(o: Any, table: str, key: str, position: str, seq: int, commit_time: float | None) -> None:
-    o.table = table
-    o.key = key
-    o.position = position
-    o.seq = seq
-    o.commit_time = commit_time
-
-
-def _change_init(c: Any, user: UserRef, origin: Origin, tags: Mapping[str, str | None], properties: Mapping[str, Any],
-                 aliases: Mapping[str, str | None], subscriptions: tuple[SubscriptionChange, ...],
-                 delete_user: bool, renamed_from: UserRef | None) -> None:
-    c.user = user
-    c.origin = origin
-    c.delete_user = delete_user
-    c.tags = tags
-    c.properties = properties
-    c.aliases = aliases
-    c.subscriptions = subscriptions
-    c.renamed_from = renamed_from
-
-
-_EventBuilder = _twin(ChangeEvent, _event_init)
-_OriginBuilder = _twin(Origin, _origin_init)
-_ChangeBuilder = _twin(UserChange, _change_init)
-
-
-def change_event(table: str, op: Op, new: Mapping[str, Any] | None, old: Mapping[str, Any] | None,
-                 key: Mapping[str, Any], position: str, commit_time: float | None = None) -> ChangeEvent:
-    """`ChangeEvent(table, op, new, old, key, position, commit_time)`, faster."""
-    e = _EventBuilder(table, op, new, old, key, position, commit_time)
     e.__class__ = ChangeEvent
     return e  # type: ignore[no-any-return]  # a ChangeEvent since the line above
 
 
 def origin(table: str, key: str, position: str, seq: int, commit_time: float | None) -> Origin:
     """`Origin(table, key, position, seq, commit_time)`, faster."""
-    o = _OriginBuilder(table, key, position, seq, commit_time)
+    o = _new(_OriginBuilder)
+    o.table = table
+    o.key = key
+    o.position = position
+    o.seq = seq
+    o.commit_time = commit_time
     o.__class__ = Origin
     return o  # type: ignore[no-any-return]  # an Origin since the line above
 
@@ -229,6 +210,14 @@ def user_change(user: UserRef, origin: Origin, tags: Mapping[str, str | None], p
                 delete_user: bool = False, renamed_from: UserRef | None = None) -> UserChange:
     """`UserChange(user, origin, delete_user, tags, properties, aliases, subscriptions, renamed_from)`,
     faster."""
-    c = _ChangeBuilder(user, origin, tags, properties, aliases, subscriptions, delete_user, renamed_from)
+    c = _new(_ChangeBuilder)
+    c.user = user
+    c.origin = origin
+    c.delete_user = delete_user
+    c.tags = tags
+    c.properties = properties
+    c.aliases = aliases
+    c.subscriptions = subscriptions
+    c.renamed_from = renamed_from
     c.__class__ = UserChange
     return c  # type: ignore[no-any-return]  # a UserChange since the line above

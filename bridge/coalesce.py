@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.events import UNCHANGED, Origin, SubscriptionChange, UserChange, UserRef
@@ -43,27 +43,37 @@ class UserBatch:
                     or self.renamed_from)
 
 
-@dataclass(slots=True)
 class _Pending:
-    user: UserRef
-    first_at: float
-    delete_user: bool = False
-    tags: dict[str, str | None] = field(default_factory=dict)
-    properties: dict[str, Any] = field(default_factory=dict)
-    aliases: dict[str, str | None] = field(default_factory=dict)
-    subscriptions: dict[str, SubscriptionChange] = field(default_factory=dict)
-    seqs: array[int] = field(default_factory=lambda: array("q"))
-    origins: list[Origin] = field(default_factory=list)
-    changes: int = 0
-    attempt: int = 0
-    not_before: float = 0.0
-    size: int = 1536  # measured: a pending user with a few fields costs about 1.5-2 KiB of heap
-    first_commit_time: float | None = None
-    recreate: bool = False
-    renamed_from: UserRef | None = None
+    """One user's pending changes, merged in place (mutable, private to the coalescer); `freeze`
+    makes the `UserBatch` that leaves the stage."""
+
+    __slots__ = ("user", "first_at", "delete_user", "tags", "properties", "aliases", "subscriptions", "seqs",
+                 "origins", "changes", "attempt", "not_before", "size", "first_commit_time", "recreate",
+                 "renamed_from")
+
+    def __init__(self, user: UserRef, first_at: float, attempt: int = 0, not_before: float = 0.0,
+                 renamed_from: UserRef | None = None) -> None:
+        self.user = user
+        self.first_at = first_at
+        self.delete_user = False
+        self.tags: dict[str, str | None] = {}
+        self.properties: dict[str, Any] = {}
+        self.aliases: dict[str, str | None] = {}
+        self.subscriptions: dict[str, SubscriptionChange] = {}
+        self.seqs: array[int] = array("q")
+        self.origins: list[Origin] = []
+        self.changes = 0
+        self.attempt = attempt
+        self.not_before = not_before
+        self.size = 1536  # measured: a pending user with a few fields costs about 1.5-2 KiB of heap
+        self.first_commit_time: float | None = None
+        self.recreate = False
+        self.renamed_from = renamed_from
 
     def merge(self, ch: UserChange) -> int:
-        """Apply one change on top; return the growth in estimated bytes."""
+        """Apply one change on top; return the growth in estimated bytes (64 per new tag plus its
+        name, every tag value's length, 64 per property, 64 plus the label per alias, 128 per
+        subscription, 8 per change)."""
         before = self.size
         if ch.delete_user:
             self.delete_user = True
@@ -75,29 +85,38 @@ class _Pending:
             self.recreate = False
         elif self.delete_user:
             self.recreate = True
+        grown = 8
+        tags = self.tags
         for k, v in ch.tags.items():
-            if k not in self.tags:
-                self.size += 64 + len(k)
-            self.tags[k] = v
-            self.size += len(v) if v else 0
-        for k, v in ch.properties.items():
-            self.properties[k] = v
-            self.size += 64
-        for k, a in ch.aliases.items():
-            self.aliases[k] = a
-            self.size += 64 + len(k)
-        for sub in ch.subscriptions:
-            self.subscriptions[sub.channel] = _merge_sub(self.subscriptions.get(sub.channel), sub)
-            self.size += 128
-        self.seqs.append(ch.origin.seq)
-        self.size += 8
-        if len(self.origins) < MAX_ORIGINS:
-            self.origins.append(ch.origin)
-        elif self.origins:
-            self.origins[-1] = ch.origin  # keep the first few and the latest
+            if k not in tags:
+                grown += 64 + len(k)
+            tags[k] = v
+            if v:
+                grown += len(v)
+        if ch.properties:
+            self.properties.update(ch.properties)
+            grown += 64 * len(ch.properties)
+        if ch.aliases:
+            aliases = self.aliases
+            for k, a in ch.aliases.items():
+                aliases[k] = a
+                grown += 64 + len(k)
+        if ch.subscriptions:
+            subs = self.subscriptions
+            for sub in ch.subscriptions:
+                subs[sub.channel] = _merge_sub(subs.get(sub.channel), sub)
+            grown += 128 * len(ch.subscriptions)
+        origin = ch.origin
+        self.seqs.append(origin.seq)
+        origins = self.origins
+        if len(origins) < MAX_ORIGINS:
+            origins.append(origin)
+        else:
+            origins[-1] = origin  # keep the first few and the latest
         if self.first_commit_time is None:
-            self.first_commit_time = ch.origin.commit_time
+            self.first_commit_time = origin.commit_time
         self.changes += 1
+        self.size += grown
         return self.size - before
 
     def freeze(self) -> UserBatch:

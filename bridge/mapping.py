@@ -52,6 +52,9 @@ MAX_TAG_VALUE_BYTES = 1024
 _FLOAT_WORDS = {math.inf: "Infinity", -math.inf: "-Infinity"}  # as Postgres prints float8
 
 
+Tags = dict[str, str | None]  # tags or aliases: None deletes
+
+
 class InvalidValue(ValueError):
     """A column value OneSignal would reject; the message says what is expected."""
 
@@ -331,91 +334,58 @@ class TableMapping:
         object.__setattr__(self, "_users", _Memo(lambda v: UserRef(label, alias_id(v))))
         object.__setattr__(self, "_alias_ids", _Memo(alias_id))
         object.__setattr__(self, "_formats", {p: _Memo(PROPERTY_FORMATS[p]) for p, _ in self.properties})
+        # The per-row plan (see _compile_fields) and what decides a rename, resolved once.
+        object.__setattr__(self, "_fields", _compile_fields(self))
+        object.__setattr__(self, "_renames_always", self.on_identity_change == "rename")
+        object.__setattr__(self, "_renames_auto", self.on_identity_change == "auto")
 
     # -- the mapping itself -------------------------------------------------------------
 
     def map(self, event: ChangeEvent, seq: int = 0) -> MappingResult:
-        """What `event` means for OneSignal users; `seq` is the event's checkpoint token.
+        """What `event` means for OneSignal users; `seq` is the event's checkpoint token."""
+        out = self.map_one(event, seq)
+        return _result((out,)) if type(out) is UserChange else out  # type: ignore[return-value]  # the other type
 
-        The hot path (one call per row): str and int values go through the memos (a user's id,
-        a plan, a language repeat from row to row); everything else formats as `tag_value`,
-        `alias_id` and `PROPERTY_FORMATS` say. A rejected value is never memoised."""
+    def map_one(self, event: ChangeEvent, seq: int = 0) -> UserChange | MappingResult:
+        """`map` for the hot path (one call per row): the change itself when the row means exactly
+        one change and nothing of it was rejected (most rows), else the `MappingResult`.
+
+        The row's tags, properties and aliases go through the table's compiled plan (`_fields`):
+        str and int values through the memos (a user's id, a plan, a language repeat from row to
+        row), everything else formatted as `tag_value`, `alias_id` and `PROPERTY_FORMATS` say. A
+        row with a value the plan cannot take is mapped again field by field (`_fields_checked`),
+        which names each rejected value. A rejected value is never memoised."""
         op = event.op
         if op is Op.TRUNCATE:
             return EMPTY
-        key = render_key(event.key)
-        org = origin(event.table, key, event.position, seq, event.commit_time)
         if op is Op.DELETE:
+            org = origin(event.table, render_key(event.key), event.position, seq, event.commit_time)
             return self._map_delete(event, org, seq)
 
         row = event.new or {}
         old_row = event.old
-        ident = row.get(self.identity_column, UNCHANGED)
+        idcol = self.identity_column
+        ident = row.get(idcol, UNCHANGED)
         if ident is UNCHANGED and old_row is not None:
-            ident = old_row.get(self.identity_column, UNCHANGED)
+            ident = old_row.get(idcol, UNCHANGED)
         if ident is UNCHANGED or ident is None:
             why = "is NULL" if ident is None else "is missing from the change"
-            return _result((), (self._reject(event, seq, self.identity_column,
-                f"identity column {self.identity_column} {why}: the row cannot be matched to a OneSignal "
+            return _result((), (self._reject(event, seq, idcol,
+                f"identity column {idcol} {why}: the row cannot be matched to a OneSignal "
                 f"user; fill it in (or filter such rows out of the publication)",
                 _jsonable(row)),))
         kind = type(ident)
         try:
             user = self._users[ident] if kind is str or kind is int else UserRef(self.label, alias_id(ident))  # type: ignore[attr-defined]
         except InvalidValue as exc:
-            return _result((), (self._reject(event, seq, self.identity_column, f"identity: {exc}", _jsonable(row)),))
+            return _result((), (self._reject(event, seq, idcol, f"identity: {exc}", _jsonable(row)),))
 
         rejections: list[Rejection] | None = None
-        tags: dict[str, str | None] = {}
-        for tag, col in self.tags:
-            v = row.get(col, UNCHANGED)
-            if v is UNCHANGED:
-                continue
-            kind = type(v)
-            if kind is str and len(v) <= _SHORT_TAG:  # what tag_value returns for it
-                tags[tag] = v
-            elif v is None:
-                tags[tag] = None
-            elif kind is _datetime:
-                tags[tag] = _DATETIME_TAGS[v]
-            elif (kind is _Decimal or kind is int) and len(text := str(v)) <= _SHORT_TAG:
-                tags[tag] = text
-            else:
-                try:
-                    tags[tag] = tag_value(v)
-                except InvalidValue as exc:
-                    rejections = rejections or []
-                    rejections.append(self._reject(event, seq, col, f"tag {tag}: {_shown(v)} {exc}",
-                                                   {col: _jsonable_value(v)}))
-        props: dict[str, Any] = {}
-        if self.properties:
-            formats = self._formats  # type: ignore[attr-defined]
-            for prop, col in self.properties:
-                v = row.get(col, UNCHANGED)
-                if v is UNCHANGED or v is None:
-                    continue
-                try:
-                    props[prop] = formats[prop][v] if type(v) is str else PROPERTY_FORMATS[prop](v)
-                except InvalidValue as exc:
-                    rejections = rejections or []
-                    rejections.append(self._reject(event, seq, col, f"property {prop}: {exc}",
-                                                   {col: _jsonable_value(v)}))
-        aliases: dict[str, str | None] = {}
-        for label, col in self.aliases:
-            v = row.get(col, UNCHANGED)
-            if v is UNCHANGED:
-                continue
-            if v is None:
-                if op is not Op.UPDATE:
-                    continue  # a new row never had the alias: deleting it would cost a call for nothing
-                aliases[label] = None
-                continue
-            kind = type(v)
-            try:
-                aliases[label] = self._alias_ids[v] if kind is str or kind is int else alias_id(v)  # type: ignore[attr-defined]
-            except InvalidValue as exc:
-                rejections = rejections or []
-                rejections.append(self._reject(event, seq, col, f"alias {label}: {exc}", {col: _jsonable_value(v)}))
+        fields = self._fields(row, op is Op.UPDATE)  # type: ignore[attr-defined]
+        if fields is not None:
+            tags, props, aliases = fields
+        else:
+            tags, props, aliases, rejections = self._fields_checked(event, row, seq)
         subs: tuple[SubscriptionChange, ...] = ()
         if self.subscriptions:
             subs, rejected = self._subscriptions(event, row, seq)
@@ -424,10 +394,9 @@ class TableMapping:
         renamed_from: UserRef | None = None
         # The identity itself changed: the same person under a new identity. OneSignal's user is
         # renamed in place (same onesignal_id, subscriptions kept), never deleted and re-created.
-        renames = self.on_identity_change == "rename" or (
-            self.on_identity_change == "auto" and self.identity_column in event.key)
-        if op is Op.UPDATE and old_row is not None and renames:
-            old_ident = old_row.get(self.identity_column, UNCHANGED)
+        if op is Op.UPDATE and old_row is not None and (
+                self._renames_always or (self._renames_auto and idcol in event.key)):  # type: ignore[attr-defined]
+            old_ident = old_row.get(idcol, UNCHANGED)
             if old_ident is not ident and old_ident is not UNCHANGED and old_ident is not None and not (
                     type(old_ident) is type(ident) and type(ident) in (str, int) and old_ident == ident):
                 try:
@@ -436,8 +405,47 @@ class TableMapping:
                     old_id = user.id
                 if old_id != user.id:
                     renamed_from = UserRef(self.label, old_id)
+        org = origin(event.table, render_key(event.key), event.position, seq, event.commit_time)
         change = user_change(user, org, tags, props, aliases, subs, False, renamed_from)
-        return _result((change,), tuple(rejections) if rejections else ())
+        if rejections:
+            return _result((change,), tuple(rejections))
+        return change
+
+    def _fields_checked(self, event: ChangeEvent, row: Mapping[str, Any], seq: int
+                        ) -> tuple[Tags, dict[str, Any], Tags, list[Rejection]]:
+        """The row's tags, properties and aliases field by field, with a `Rejection` for each value
+        OneSignal would refuse (the row's other fields still sync)."""
+        rejections: list[Rejection] = []
+        tags: Tags = {}
+        for tag, col in self.tags:
+            v = row.get(col, UNCHANGED)
+            if v is not UNCHANGED:
+                try:
+                    tags[tag] = None if v is None else tag_value(v)
+                except InvalidValue as exc:
+                    rejections.append(self._reject(event, seq, col, f"tag {tag}: {_shown(v)} {exc}",
+                                                   {col: _jsonable_value(v)}))
+        props: dict[str, Any] = {}
+        for prop, col in self.properties:
+            v = row.get(col, UNCHANGED)
+            if v is not UNCHANGED and v is not None:
+                try:
+                    props[prop] = PROPERTY_FORMATS[prop](v)
+                except InvalidValue as exc:
+                    rejections.append(self._reject(event, seq, col, f"property {prop}: {exc}",
+                                                   {col: _jsonable_value(v)}))
+        aliases: Tags = {}
+        for label, col in self.aliases:
+            v = row.get(col, UNCHANGED)
+            if v is None and event.op is Op.UPDATE:
+                aliases[label] = None  # (a new row never had the alias: deleting it would cost a call)
+            elif v is not UNCHANGED and v is not None:
+                try:
+                    aliases[label] = alias_id(v)
+                except InvalidValue as exc:
+                    rejections.append(self._reject(event, seq, col, f"alias {label}: {exc}",
+                                                   {col: _jsonable_value(v)}))
+        return tags, props, aliases, rejections
 
     def _reject(self, event: ChangeEvent, seq: int, fld: str | None, reason: str,
                 payload: Mapping[str, Any] | None = None) -> Rejection:
@@ -507,6 +515,60 @@ _Decimal = decimal.Decimal
 # Equal datetimes (the same instant) have the same unix seconds: memoised (a user's signup time
 # comes with every change of the user).
 _DATETIME_TAGS = _Memo(lambda v: str(unix_seconds(v)))
+
+
+_Fields = tuple[Tags, dict[str, Any], Tags]  # tags, properties, aliases
+
+
+def _compile_fields(tm: TableMapping) -> Callable[[Mapping[str, Any], bool], _Fields | None]:
+    """The table's per-row plan: `fields(row, is_update)` -> (tags, properties, aliases), or None
+    when a value is one OneSignal would reject (the caller then maps the row field by field, which
+    says why). Generated once per table mapping, with the column and field names as constants: the
+    same steps as `TableMapping._fields_checked`, unrolled, so a row costs one `get` per mapped
+    column and one store per value. Names are repr()'d literals; values never reach the source."""
+    env: dict[str, Any] = {
+        "U": UNCHANGED, "str": str, "int": int, "len": len, "type": type, "InvalidValue": InvalidValue,
+        "datetime": _datetime, "Decimal": _Decimal, "DT": _DATETIME_TAGS, "SHORT": _SHORT_TAG,
+        "tag_value": tag_value, "alias_id": alias_id, "ALIAS": tm._alias_ids,  # type: ignore[attr-defined]
+    }
+    lines = ["def fields(row, update, {}):", " get = row.get", " try:", "  tags = {}"]
+    for tag, col in tm.tags:
+        t = repr(tag)
+        lines += [
+            f"  v = get({col!r}, U)",
+            "  if v is not U:",
+            "   k = type(v)",
+            f"   if k is str and len(v) <= SHORT: tags[{t}] = v",
+            f"   elif v is None: tags[{t}] = None",
+            f"   elif k is datetime: tags[{t}] = DT[v]",
+            f"   elif (k is Decimal or k is int) and len(x := str(v)) <= SHORT: tags[{t}] = x",
+            f"   else: tags[{t}] = tag_value(v)",
+        ]
+    lines.append("  props = {}")
+    for i, (prop, col) in enumerate(tm.properties):
+        env[f"MEMO{i}"] = tm._formats[prop]  # type: ignore[attr-defined]
+        env[f"FORMAT{i}"] = PROPERTY_FORMATS[prop]
+        lines += [
+            f"  v = get({col!r}, U)",
+            "  if v is not U and v is not None:",
+            f"   props[{prop!r}] = MEMO{i}[v] if type(v) is str else FORMAT{i}(v)",
+        ]
+    lines.append("  aliases = {}")
+    for label, col in tm.aliases:
+        a = repr(label)
+        lines += [
+            f"  v = get({col!r}, U)",
+            "  if v is not U:",
+            "   if v is None:",
+            f"    if update: aliases[{a}] = None",  # a new row never had the alias: nothing to delete
+            f"   elif type(v) is str or type(v) is int: aliases[{a}] = ALIAS[v]",
+            f"   else: aliases[{a}] = alias_id(v)",
+        ]
+    lines += ["  return tags, props, aliases", " except InvalidValue:", "  return None"]
+    # The constants as default arguments: local variables in the function, the cheapest loads.
+    lines[0] = lines[0].format(", ".join(f"{name}={name}" for name in env))
+    exec(compile("\n".join(lines), f"<mapping {tm.table}>", "exec"), env)  # noqa: S102 - names are repr()'d literals
+    return env["fields"]  # type: ignore[no-any-return]  # the function defined just above
 
 
 _PAYLOAD_TEXT = 2048  # a dead letter keeps at most this much of a long text value

@@ -23,7 +23,7 @@ from bridge.checkpoint import Watermark
 from bridge.config import Config
 from bridge.deadletter import DeadLetter
 from bridge.events import ChangeEvent, Op, Rejection, UserChange
-from bridge.mapping import Mapper
+from bridge.mapping import Mapper, MappingResult
 from bridge.observability import metrics as m
 from bridge.ports import DoneCallback, Output
 from bridge.staleness import StaleFilter
@@ -154,7 +154,17 @@ class Pipeline:
         if tm is None:
             watermark.complete(seq)
             return None
-        result = tm.map(event, seq)
+        result = tm.map_one(event, seq)
+        if type(result) is UserChange:  # the usual row: one change, nothing rejected
+            change = self.stale.filter(result, order) if order else result
+            if change is None:  # nothing of it is current
+                watermark.complete(seq)
+                return None
+            if self.output.has_room():
+                self._submit(change)
+                return None
+            return self._finish((change,), (), [])
+        assert isinstance(result, MappingResult)
         changes = result.changes
         rejections = result.rejections
         if order and changes:

@@ -43,6 +43,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer
 
 from bridge.config import ColumnSpec, Config, KafkaSourceConfig
 from bridge.deadletter import DeadLetter, DeadLetterStore
+from bridge.errors import SourceError
 from bridge.events import ChangeEvent, Op, change_event
 from bridge.observability import metrics as m
 from bridge.ports import BackfillRequest, Finding, Sink, Source, Statement
@@ -112,7 +113,8 @@ class KafkaDeadLetters:
             ])
         remaining = await asyncio.to_thread(self.producer.flush, 30)
         if remaining:
-            raise RuntimeError(f"{remaining} dead letter(s) not acknowledged by Kafka")
+            raise SourceError(f"{remaining} dead letter(s) not acknowledged by Kafka within 30s; check that the "
+                              f"brokers are up and that this client may write to {self.topic}")
 
 
 class KafkaSource:
@@ -296,7 +298,9 @@ class KafkaSource:
         self.producer.produce(self.dead_letter_topic, key=msg.key(), value=msg.value(), headers=headers)
         remaining = await asyncio.to_thread(self.producer.flush, 30)
         if remaining:
-            raise RuntimeError("the dead-letter topic did not acknowledge a poison record; not moving on")
+            raise SourceError(f"the dead-letter topic {self.dead_letter_topic} did not acknowledge the poison record "
+                              f"{topic}[{partition}]@{offset} within 30s, so the source does not move past it; check "
+                              f"that the brokers are up and that this client may write to that topic")
         m.DEAD_LETTERS.labels(topic, "poison").inc()
 
 

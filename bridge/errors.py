@@ -5,7 +5,8 @@
 BridgeError
  ├── ConfigError          the configuration file is wrong           (never retriable)
  ├── SourceError          the source database or broker failed      (retriable)
- │    └── SourceSetupError  publication/slot/privileges missing     (not retriable)
+ │    ├── SourceSetupError  publication/slot/privileges missing     (not retriable)
+ │    └── KafkaConsumerError  the Kafka consumer thread ended       (as librdkafka says)
  └── onesignal.errors.OneSignalError   an API call failed (see there)
 ```
 """
@@ -32,6 +33,15 @@ class SourceError(BridgeError):
 
 class SourceSetupError(SourceError):
     retriable = False
+
+
+class KafkaConsumerError(SourceError):
+    """The thread that owns the Kafka consumer ended (a fatal librdkafka error, a subscription the
+    broker or librdkafka refused...): the `kafka` source stops and the process exits non-zero, to be
+    restarted; nothing that was not applied has been committed. `retriable` as librdkafka says (a
+    refused topic pattern is not; a fatal broker error may clear on a restart)."""
+
+    retriable = True
 
 
 # -- one line per failure, for the command line -------------------------------------------------

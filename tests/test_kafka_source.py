@@ -506,3 +506,7 @@ def test_a_consumer_thread_failure_ends_the_process_non_zero_and_says_why(kafka_
     logs = b.logs()
     assert rc != 0, logs[-3000:]
     assert "consumer thread failed" in logs and "Failed to set subscription" in logs, logs[-3000:]
+    # the last line is the operator's: a typed error saying what happened and what to do
+    last = logs.strip().splitlines()[-1]
+    assert last.startswith("run: the Kafka consumer thread failed: KafkaException"), last
+    assert "Nothing that was not applied was committed" in last and "source.topic_pattern" in last, last

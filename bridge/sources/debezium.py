@@ -49,6 +49,7 @@ The public names of all three are importable from here.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -127,11 +128,15 @@ def parse_record(
     decoders: Mapping[str, Mapping[str, ColumnSpec]] | None = None,
     heartbeat_prefix: str = "__debezium-heartbeat",
     key_cache: dict[Any, dict[str, Any]] | None = None,
+    unordered_keys: Mapping[str, str] | None = None,
 ) -> ParsedMessage:
     """Parse one Kafka record; raise :class:`PoisonMessage` when it can never be parsed.
 
     `key_cache`: a dict the caller keeps across records, to parse each distinct record key once
-    (a user's events share its key); the key dicts it returns are shared, read them only."""
+    (a user's events share its key); the key dicts it returns are shared, read them only.
+    `unordered_keys`: {table: column}; a change of that table whose record key is exactly that
+    column gets an empty `source_order` (one partition holds all the events of a key, in order:
+    there is nothing to compare, so the source position is not read)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if heartbeat_prefix and topic.startswith(heartbeat_prefix):
@@ -140,9 +145,25 @@ def parse_record(
     # name alone: a table named "transaction" has a topic ending the same way.
     pk_change, other_key = _pk_change(headers) if headers else (None, None)
     if fmt == "debezium-json" and value:
-        usual = _parse_usual(topic, key, value, decoders, pk_change, other_key, key_cache)
+        usual = _parse_usual(topic, key, value, decoders, pk_change, other_key, key_cache, unordered_keys)
         if usual is not None:
             return usual
+    parsed = _parse_general(topic, key, value, fmt, decoders, pk_change, other_key, key_cache)
+    if (unordered_keys and parsed.source_order and parsed.kind == "change"
+            and _unordered(parsed.key, parsed.table, unordered_keys)):
+        return replace(parsed, source_order=())
+    return parsed
+
+
+def _unordered(key: Mapping[str, Any], table: str | None, unordered_keys: Mapping[str, str]) -> bool:
+    return len(key) == 1 and table is not None and unordered_keys.get(table) in key
+
+
+def _parse_general(topic: str, key: bytes | None, value: bytes | None, fmt: str,
+                   decoders: Mapping[str, Mapping[str, ColumnSpec]] | None, pk_change: str | None,
+                   other_key: dict[str, Any] | None, key_cache: dict[Any, dict[str, Any]] | None,
+                   ) -> ParsedMessage:
+    """Every record `_parse_usual` does not take."""
 
     obj = None if value is None or len(value) == 0 else _load(value, f"topic {topic}: value")
     schema: Mapping[str, Any] | None = None
@@ -199,7 +220,8 @@ _ROW_OPS = {"c": Op.INSERT, "u": Op.UPDATE, "d": Op.DELETE, "r": Op.SNAPSHOT}
 
 def _parse_usual(topic: str, key: bytes | None, value: bytes, decoders: Mapping[str, Mapping[str, ColumnSpec]] | None,
                  pk_change: str | None, other_key: dict[str, Any] | None,
-                 key_cache: dict[Any, dict[str, Any]] | None) -> ParsedMessage | None:
+                 key_cache: dict[Any, dict[str, Any]] | None,
+                 unordered_keys: Mapping[str, str] | None = None) -> ParsedMessage | None:
     """The usual record, fast: a schemaless envelope of a row change (c, u, d, r) whose `source`
     names the table, decoded straight into typed fields (msgspec checks the types and skips the
     fields nobody reads). Returns None for anything else (a schema wrapper, another op, a field of
@@ -216,11 +238,18 @@ def _parse_usual(topic: str, key: bytes | None, value: bytes, decoders: Mapping[
     if the_op is not Op.DELETE and env.after is None:
         return None  # the general parser says what is wrong
     table = f"{src.schema}.{src.table}"
-    order = _order(src.lsn, src.sequence, env.ts_ms if src.ts_ms is msgspec.UNSET else src.ts_ms)
-    commit = _commit_time(src.ts_us, src.ts_ns, None if src.ts_ms is msgspec.UNSET else src.ts_ms, src.ts_usec)
+    k = _parse_key(key, table, decoders, key_cache)
+    ts_ms = src.ts_ms
+    if unordered_keys and len(k) == 1 and unordered_keys.get(table) in k:
+        order: tuple[Any, ...] = ()
+    else:
+        order = _order(src.lsn, src.sequence, env.ts_ms if ts_ms is msgspec.UNSET else ts_ms)
+    if src.ts_us is None and src.ts_ns is None and type(ts_ms) is int:  # the usual source block
+        commit: float | None = ts_ms / 1e3
+    else:
+        commit = _commit_time(src.ts_us, src.ts_ns, None if ts_ms is msgspec.UNSET else ts_ms, src.ts_usec)
     specs = decoders.get(table) if decoders else None
     before = None if env.before is None else _decode_row(env.before, None, specs, f"{table} before")
-    k = _parse_key(key, table, decoders, key_cache)
     if the_op is Op.DELETE:
         if before is None:
             old = dict(k) if k else None

@@ -543,7 +543,8 @@ async def test_stats_count_requests_by_endpoint_status_and_rate_limiting(start_s
     assert stats == {"total_requests": 3, "rate_limited": 1,
                      "by_endpoint": {"POST /apps/{app_id}/users": 2,
                                      "GET /apps/{app_id}/users/by/{alias_label}/{alias_id}": 1},
-                     "by_status": {"200": 1, "429": 1, "404": 1}}
+                     "by_status": {"200": 1, "429": 1, "404": 1},
+                     "rate_limited_by": {"app": 0, "user": 1}}, "the second create hit the per-user limit"
 
 
 async def test_reset_forgets_users_stats_and_the_request_log(sim: Sim) -> None:

@@ -228,6 +228,7 @@ class KafkaSource:
                     last[tp] = offset
                 for (topic, partition), offset in last.items():
                     sink.mark((topic, partition, offset))
+                thread.release()
                 await _LET_OTHERS_RUN
                 continue
             thread.check()

@@ -95,6 +95,9 @@ class ConsumerThread:
         self._buffer: deque[tuple[int, list[Message], int]] = deque()  # fetched, not yet handed over
         self._buffered = 0  # records in _buffer
         self._buffer_bytes = 0
+        # the batch the event loop took and is still handing over: it counts as buffered until
+        # `release()`, so a batch that waits for room keeps the partitions paused
+        self._in_hand = (0, 0)
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self.exited = False
         self.commit_soon = False  # set by the loop when it caught up: commit at the next turn
@@ -156,9 +159,15 @@ class ConsumerThread:
             generation, msgs, nbytes = self._buffer.popleft()
             self._buffered -= len(msgs)
             self._buffer_bytes -= nbytes
+            self._in_hand = (len(msgs), nbytes)
+        return generation, msgs
+
+    def release(self) -> None:
+        """The batch `take()` returned is handed over: it no longer counts as buffered."""
+        with self.lock:
+            self._in_hand = (0, 0)
             if self._full and self._buffered <= BUFFER_LOW and self._buffer_bytes <= BUFFER_LOW_BYTES:
                 self.room.set()
-        return generation, msgs
 
     def has_buffered(self) -> bool:
         with self.lock:
@@ -297,7 +306,7 @@ class ConsumerThread:
         has drained to LOW they are resumed."""
         now = time.monotonic()
         with self.lock:
-            n, nbytes = self._buffered, self._buffer_bytes
+            n, nbytes = self._buffered + self._in_hand[0], self._buffer_bytes + self._in_hand[1]
             if not self._full and (n >= BUFFER_HIGH or nbytes >= BUFFER_HIGH_BYTES):
                 self._full, self._full_since = True, now
             elif self._full and n <= BUFFER_LOW and nbytes <= BUFFER_LOW_BYTES:

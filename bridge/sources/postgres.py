@@ -292,26 +292,33 @@ class PostgresSource:
         readable = asyncio.Event()
         loop.add_reader(pg.socket, readable.set)
         self._in_tx = False
+        self._budget = DRAIN_BUDGET
         try:
             while True:
                 pending = self._handle_buffered(pg, sink)
                 if pending is not None:  # the hand-over to finish, or the budget spent
+                    self._budget = DRAIN_BUDGET
                     await pending
                 elif not self._drained:  # nothing was buffered: wait for the socket
                     readable.clear()
                     pg.consume_input()
                     if self._drain_nothing_more(pg):
+                        self._budget = DRAIN_BUDGET
                         try:
                             await asyncio.wait_for(readable.wait(), timeout=self.cfg.status_interval_s)
                         except TimeoutError:
                             pass
                         pg.consume_input()
                 else:
+                    # libpq ran out of complete messages mid-budget: take in what the socket has
+                    # and go on. The budget spans these passes, so a stream that arrives faster
+                    # than it is handled still lets the dispatcher, /metrics and /healthz run.
                     pg.consume_input()
         finally:
             loop.remove_reader(pg.socket)
 
     _drained = 0  # messages the last _handle_buffered handled
+    _budget = DRAIN_BUDGET  # messages left before the reader must let the event loop run
     _peek: tuple[int, Any] | None = None  # a CopyData taken by _drain_nothing_more, handled next
 
     def _drain_nothing_more(self, pg: Any) -> bool:
@@ -339,8 +346,9 @@ class PostgresSource:
         position, commit_time = self._tx_pos, self._tx_commit_time
         peek, self._peek = self._peek, None
         handled = 0
+        budget = self._budget
         try:
-            while handled < DRAIN_BUDGET:
+            while handled < budget:
                 if peek is None:
                     n, data = get(1)
                 else:
@@ -406,6 +414,7 @@ class PostgresSource:
             return _BUDGET_SPENT
         finally:
             self._drained = handled
+            self._budget = budget - handled
 
     def _other(self, xlog: tuple[int, int, int, memoryview], sink: Sink) -> Awaitable[None] | None:
         """The pgoutput messages that come once per relation or rarely: Relation, Truncate,

@@ -1,19 +1,27 @@
 """OneSignal client: what goes over the wire, and every documented failure as a typed error.
 
-Requests are answered by `httpx.MockTransport` handlers; nothing leaves the process.
+Each request is answered by a handler (an `httpx.Request` in, an `httpx.Response` out), reached
+two ways: through an `httpx.MockTransport` (the client's httpx path, which the CLI's one-off
+clients take), and over real HTTP on loopback through the client the bridge runs
+(`build_http_client`: the direct aiohttp path). Every test runs both ways unless it is marked
+`mock_only` (a handler that raises httpx's own exceptions has no wire equivalent; the real
+timeouts and refused connections are tested on the wire below).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from bridge.onesignal import errors
-from bridge.onesignal.client import OneSignalClient, Request, UnroutableRequest, requests
+from bridge.onesignal.client import OneSignalClient, Request, UnroutableRequest, build_http_client, requests
 
 API_KEY = "os_v2_app_s3cr3tk3yDONOTPRINTs3cr3t"
 APP_ID = "2d5e1c1a-0000-4000-8000-000000000001"
@@ -21,7 +29,68 @@ APP_ID = "2d5e1c1a-0000-4000-8000-000000000001"
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
+class WireServer:
+    """A real HTTP server on loopback, in its own thread and event loop, that answers every
+    request with the current test's handler (the request it saw, as the handler's input)."""
+
+    def __init__(self) -> None:
+        self.handler: Handler = lambda r: httpx.Response(500)
+        self.loop = asyncio.new_event_loop()
+        self.url = ""
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        assert ready.wait(10), "the test HTTP server did not start"
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        port = runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        ready.set()
+        self.loop.run_forever()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        seen = httpx.Request(request.method, self.url + request.raw_path, headers=list(request.headers.items()),
+                             content=await request.read())
+        resp = self.handler(seen)
+        headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-length", "content-encoding")}
+        return web.Response(status=resp.status_code, body=resp.content, headers=headers)
+
+
+_SERVER: WireServer | None = None
+_MODE = {"over": "mock"}
+_OPEN: list[httpx.AsyncClient] = []
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "over" in metafunc.fixturenames:
+        modes = ["mock"] if metafunc.definition.get_closest_marker("mock_only") else ["mock", "wire"]
+        metafunc.parametrize("over", modes, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+async def over(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """Which way the test's requests go: `mock` (httpx MockTransport) or `wire` (real HTTP)."""
+    _MODE["over"] = getattr(request, "param", "mock")
+    yield _MODE["over"]
+    while _OPEN:
+        await _OPEN.pop().aclose()
+
+
 def client_for(handler: Handler) -> OneSignalClient:
+    global _SERVER
+    if _MODE["over"] == "wire":
+        if _SERVER is None:
+            _SERVER = WireServer()
+        _SERVER.handler = handler
+        http = build_http_client(_SERVER.url, 5.0)
+        _OPEN.append(http)
+        return OneSignalClient(http, APP_ID, API_KEY)
     http = httpx.AsyncClient(base_url="https://api.onesignal.com", transport=httpx.MockTransport(handler))
     return OneSignalClient(http, APP_ID, API_KEY)
 
@@ -124,6 +193,7 @@ async def test_request_made_by_hand_with_a_dot_segment_in_its_path_is_never_sent
     assert seen == []
 
 
+@pytest.mark.mock_only
 async def test_url_that_httpx_would_build_elsewhere_is_never_sent() -> None:
     # A base URL with a query string: httpx appends the path to the query, so the request
     # would reach "/" whatever the segments are.
@@ -277,6 +347,7 @@ async def test_other_4xx_are_rejections_that_are_not_retried(status: int) -> Non
 # -- transport failures ----------------------------------------------------------------------
 
 
+@pytest.mark.mock_only
 @pytest.mark.parametrize(
     ("raised", "reason"),
     [
@@ -317,9 +388,78 @@ async def test_api_key_never_appears_in_an_error_even_when_the_server_echoes_it(
     assert_secret_free(exc)
 
 
+@pytest.mark.mock_only
 async def test_api_key_never_appears_in_a_transport_error() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError(f"failed sending {request.headers['authorization']}")
 
     exc = await failure(handler)
     assert_secret_free(exc)
+
+
+# -- the bridge's own client, over real HTTP -------------------------------------------------
+
+
+@pytest.mark.mock_only
+async def test_a_refused_connection_is_a_retriable_transport_error_without_the_key() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    http = build_http_client(f"http://127.0.0.1:{port}", 2.0)
+    try:
+        with pytest.raises(errors.TransportError) as info:
+            await OneSignalClient(http, APP_ID, API_KEY).view_user("external_id", "ada")
+    finally:
+        await http.aclose()
+    exc = info.value
+    assert exc.retriable and exc.reason == "connection" and exc.endpoint == "GET /users/by"
+    assert exc.__cause__ is None
+    assert_secret_free(exc)
+
+
+@pytest.mark.mock_only
+async def test_an_answer_later_than_the_request_timeout_is_a_retriable_timeout() -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http = build_http_client(f"http://127.0.0.1:{runner.addresses[0][1]}", 0.3)
+    try:
+        with pytest.raises(errors.TransportError) as info:
+            await OneSignalClient(http, APP_ID, API_KEY).create_user({"external_id": "ada"})
+    finally:
+        await http.aclose()
+        await runner.cleanup()
+    assert info.value.retriable and info.value.reason == "timeout"
+    assert_secret_free(info.value)
+
+
+@pytest.mark.mock_only
+async def test_a_base_url_below_a_path_prefix_keeps_the_prefix_on_the_wire() -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({}, status=202)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http = build_http_client(f"http://127.0.0.1:{runner.addresses[0][1]}/onesignal/v1", 5.0)
+    try:
+        await OneSignalClient(http, APP_ID, API_KEY).update_user("external_id", "a+b%é", {"tags": {"x": "1"}})
+    finally:
+        await http.aclose()
+        await runner.cleanup()
+    assert seen == [f"/onesignal/v1/apps/{APP_ID}/users/by/external_id/a%2Bb%25%C3%A9"]

@@ -1,16 +1,26 @@
-"""An httpx transport that sends requests over aiohttp's connection pool.
+"""The bridge's HTTP wire: aiohttp's connection pool, spoken to directly or as an httpx transport.
 
-httpx stays the client interface (request building, `MockTransport` in tests); the wire goes
-through aiohttp, whose pool stays fast at the concurrency the dispatcher runs (measured on the
-2-core reference machine against the simulator, 64 requests in flight: httpcore's pool ≈60
-requests/s, aiohttp ≈780/s; see docs/BENCHMARKS.md). HTTP/1.1 with keep-alive.
+The OneSignal client sends through `AiohttpTransport.exchange` (a method, a finished URL, bytes,
+headers): no per-request httpx request or response objects, which cost about three times what
+aiohttp itself does (measured against the simulator: ~350 µs of CPU per request through httpx on
+aiohttp, ~105 µs through aiohttp alone; docs/BENCHMARKS.md). The same transport also serves as an
+`httpx.AsyncBaseTransport`, so an `httpx.AsyncClient` (the CLI's one-off calls, tests with
+`MockTransport`) goes over the same pool. aiohttp's pool stays fast at the concurrency the
+dispatcher runs (64 requests in flight: httpcore's pool ≈60 requests/s, aiohttp's ≈780/s).
+HTTP/1.1 with keep-alive.
+
+Failures are raised as httpx's exception types (`ReadTimeout`, `ConnectError`, `ReadError`)
+on both paths, so one mapping (`errors.from_exception`) turns them into the bridge's errors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import aiohttp
 import httpx
 import yarl
+from aiohttp.typedefs import LooseHeaders
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -28,28 +38,42 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         return self._session
 
+    def timeout(self, total: float) -> aiohttp.ClientTimeout:
+        """A whole-request deadline of `total` seconds, connecting within the connect timeout."""
+        return aiohttp.ClientTimeout(total=total, sock_connect=min(total, self._connect_timeout))
+
+    async def exchange(self, method: str, url: yarl.URL, body: bytes | None,
+                       headers: LooseHeaders, timeout: aiohttp.ClientTimeout,
+                       ) -> tuple[int, Mapping[str, str], bytes]:
+        """Send one request and read its whole answer: (status, headers, body).
+
+        `url` is sent exactly as it is (build it with `encoded=True`: yarl would otherwise
+        decode %2E and remove the dot segments that makes, re-routing the request). Redirects
+        are not followed. Raises httpx.ReadTimeout, httpx.ConnectError or httpx.ReadError."""
+        try:
+            async with self._get_session().request(method, url, data=body, headers=headers,
+                                                   timeout=timeout, allow_redirects=False) as resp:
+                return resp.status, resp.headers, await resp.read()
+        except TimeoutError:
+            raise httpx.ReadTimeout("OneSignal did not answer in time") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc.os_error or exc)) from None
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(type(exc).__name__) from None
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
-        total = timeouts.get("read") or 30.0
-        timeout = aiohttp.ClientTimeout(total=total, sock_connect=timeouts.get("connect") or self._connect_timeout)
-        body = request.content if request.content else None
+        timeout = aiohttp.ClientTimeout(total=timeouts.get("read") or 30.0,
+                                        sock_connect=timeouts.get("connect") or self._connect_timeout)
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"]
         try:
-            async with self._get_session().request(
-                # encoded=True: send the path exactly as httpx built it (yarl would otherwise
-                # decode %2E and remove the dot segments it makes, re-routing the request).
-                request.method, yarl.URL(str(request.url), encoded=True), data=body,
-                headers=[(k, v) for k, v in request.headers.multi_items() if k.lower() != "host"],
-                timeout=timeout, allow_redirects=False,
-            ) as resp:
-                content = await resp.read()
-                return httpx.Response(resp.status, headers=list(resp.headers.items()), content=content,
-                                      request=request)
-        except TimeoutError:
-            raise httpx.ReadTimeout("OneSignal did not answer in time", request=request) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc.os_error or exc), request=request) from None
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError(type(exc).__name__, request=request) from None
+            status, got, content = await self.exchange(
+                request.method, yarl.URL(str(request.url), encoded=True), request.content or None,
+                headers, timeout)
+        except httpx.TransportError as exc:
+            exc.request = request
+            raise
+        return httpx.Response(status, headers=list(got.items()), content=content, request=request)
 
     async def aclose(self) -> None:
         if self._session is not None:

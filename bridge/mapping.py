@@ -7,23 +7,18 @@ an unchanged TOAST column changes nothing. A value OneSignal would reject become
 identities and alias values that are not usable in a URL path (`client.alias_problem`: empty,
 `.`/`..`, `/?#&=`, whitespace, control characters, over 128 characters), timestamps and dates
 with no unix-seconds value (`infinity`, BC, after 9999), and tag values over
-`MAX_TAG_VALUE_BYTES` (see docs/configuration.md, "Values and limits").
+`MAX_TAG_VALUE_BYTES` (see docs/configuration.md, "Values and limits"). How each value is
+formatted and checked is `bridge/values.py`; the per-row field plan generated from a table's
+mapping is `bridge/fieldplan.py`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import decimal
-import functools
-import json
 import math
-import re
-import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from bridge import addresses
 from bridge.config import ColumnSpec, Config, MappingConfig, SubscriptionSpec
@@ -41,22 +36,9 @@ from bridge.events import (
     origin,
     user_change,
 )
+from bridge.fieldplan import compile_fields
 from bridge.onesignal.client import alias_problem
-from bridge.sources.pgtypes import Unrepresentable
-
-_EPOCH_DATE = dt.date(1970, 1, 1)
-# OneSignal documents no per-value limit for tags; its API reference recommends "only tag devices
-# with 1 kilobyte of data" in all (docs/configuration.md, "Values and limits"). One value over
-# that can only be a mistake (a blob in a tag column): dead-lettered rather than sent.
-MAX_TAG_VALUE_BYTES = 1024
-_FLOAT_WORDS = {math.inf: "Infinity", -math.inf: "-Infinity"}  # as Postgres prints float8
-
-
-Tags = dict[str, str | None]  # tags or aliases: None deletes
-
-
-class InvalidValue(ValueError):
-    """A column value OneSignal would reject; the message says what is expected."""
+from bridge.values import FLOAT_WORDS, PROPERTY_FORMATS, InvalidValue, Memo, Tags, alias_id, shown, tag_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,184 +58,6 @@ def _result(changes: tuple[UserChange, ...], rejections: tuple[Rejection, ...] =
     _set_changes(r, changes)
     _set_rejections(r, rejections)
     return r
-
-
-class _Memo(dict[Any, Any]):
-    """A bounded memo of a pure function of one value, for the few exact types whose equal values
-    always format alike (str, int): per-row values repeat (a plan, a country, a user's id), so most
-    rows format nothing. Emptied when full (no LRU bookkeeping on the hot path)."""
-
-    __slots__ = ("fn", "limit")
-
-    def __init__(self, fn: Callable[[Any], Any], limit: int = 8192) -> None:
-        super().__init__()
-        self.fn, self.limit = fn, limit
-
-    def __missing__(self, value: Any) -> Any:
-        out = self.fn(value)  # raises InvalidValue for a bad value: nothing is stored
-        if len(self) >= self.limit:
-            self.clear()
-        self[value] = out
-        return out
-
-
-def unix_seconds(value: dt.datetime | dt.date) -> int:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:  # timestamp without time zone: read as UTC
-            value = value.replace(tzinfo=dt.UTC)
-        return int(value.timestamp())
-    return (value - _EPOCH_DATE).days * 86400
-
-
-def tag_value(value: Any) -> str:
-    """Format a column value as a OneSignal tag value (always a string).
-
-    Raises `InvalidValue` for what has no such string: a date or timestamp with no unix-seconds
-    value, JSON holding NaN or Infinity, or a result over `MAX_TAG_VALUE_BYTES`.
-    """
-    text = _tag_text(value)
-    if len(text) > MAX_TAG_VALUE_BYTES // 4:
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > MAX_TAG_VALUE_BYTES:
-            raise InvalidValue(
-                f"is {size} bytes long; OneSignal tags hold short values (at most {MAX_TAG_VALUE_BYTES} "
-                f"bytes, see 'Values and limits' in docs/configuration.md): map a shorter column or drop it"
-            )
-    return text
-
-
-def _tag_text(value: Any) -> str:
-    kind = type(value)
-    if kind is str:
-        return str(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if isinstance(value, Unrepresentable):
-        raise InvalidValue(
-            "has no unix-seconds value (Postgres infinity, a BC date or a year after 9999), so it cannot "
-            "be a OneSignal time value"
-        )
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, (int, decimal.Decimal)):
-        return str(value)  # Decimal keeps Postgres's own text, NaN and Infinity included
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return _FLOAT_WORDS.get(value, "NaN")
-        return repr(value) if not value.is_integer() else str(int(value))
-    if isinstance(value, (dt.datetime, dt.date)):
-        return str(unix_seconds(value))
-    if isinstance(value, (dict, list)):
-        if _has_nonfinite(value):
-            raise InvalidValue("holds NaN or Infinity, which JSON (the form of array and json tags) "
-                               "cannot carry")
-        return _compact_json(value)
-    return str(value)
-
-
-def _has_nonfinite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, list):
-        return any(_has_nonfinite(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_nonfinite(v) for v in value.values())
-    return False
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    return str(value)  # Decimal (numeric[] columns) and anything else: its text, losslessly
-
-
-def _compact_json(value: Any) -> str:
-    try:
-        return orjson.dumps(value, default=_json_default).decode()
-    except TypeError:  # integers beyond 64 bits (pgtypes keeps them exact): the standard library
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-
-
-def alias_id(value: Any) -> str:
-    """The alias id (identity or extra alias) for a column value; `InvalidValue` if it cannot be
-    one. The rule is the client's: whatever passes here reaches exactly its endpoint."""
-    try:
-        text = _tag_text(value)
-    except InvalidValue as exc:
-        raise InvalidValue(f"{_shown(value)} {exc}") from None
-    problem = alias_problem(text)
-    if problem is not None:
-        raise InvalidValue(
-            f"{text[:40]!r} is not a usable alias id: it {problem} (OneSignal alias ids are 1-128 "
-            f"characters, not '.' or '..', without /?#&=, whitespace or control characters)"
-        )
-    return text
-
-
-@functools.lru_cache(maxsize=1)
-def _timezones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-def _language(value: Any) -> str:
-    text = str(value).strip().replace("_", "-").split("-")[0].lower()
-    if not re.fullmatch(r"[a-z]{2}", text):
-        raise InvalidValue(f"{str(value)[:20]!r} is not an ISO 639-1 language code (two letters, e.g. en)")
-    return text
-
-
-def _timezone(value: Any) -> str:
-    text = str(value).strip()
-    if text not in _timezones():
-        raise InvalidValue(f"{text[:40]!r} is not an IANA time zone (e.g. Europe/Paris)")
-    return text
-
-
-def _country(value: Any) -> str:
-    text = str(value).strip().upper()
-    if not re.fullmatch(r"[A-Z]{2}", text):
-        raise InvalidValue(f"{str(value)[:20]!r} is not an ISO 3166-1 alpha-2 country code (e.g. FR)")
-    return text
-
-
-def _coordinate(limit: float) -> Callable[[Any], float]:
-    def conv(value: Any) -> float:
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise InvalidValue(f"{str(value)[:20]!r} is not a number") from None
-        if not math.isfinite(f):
-            raise InvalidValue(f"{str(value)[:20]!r} is not a finite number")
-        if not -limit <= f <= limit:
-            raise InvalidValue(f"{f} is outside -{limit}..{limit}")
-        return f
-
-    return conv
-
-
-def _timestamp(value: Any) -> int:
-    if isinstance(value, (dt.datetime, dt.date)):
-        return unix_seconds(value)
-    if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
-        try:
-            return int(value)
-        except (ValueError, OverflowError):  # NaN, Infinity
-            raise InvalidValue(f"{value} is not a finite number of unix seconds") from None
-    if isinstance(value, Unrepresentable):
-        raise InvalidValue(f"{str(value)[:30]!r} has no unix-seconds value (Postgres infinity, BC or "
-                           f"after 9999)")
-    raise InvalidValue(f"{str(value)[:30]!r} is not a timestamp")
-
-
-PROPERTY_FORMATS: dict[str, Callable[[Any], Any]] = {
-    "language": _language,
-    "timezone_id": _timezone,
-    "country": _country,
-    "lat": _coordinate(90.0),
-    "long": _coordinate(180.0),
-    "first_active": _timestamp,
-    "last_active": _timestamp,
-}
 
 
 def _column(ref: str | ColumnSpec) -> str:
@@ -329,13 +133,13 @@ class TableMapping:
         return tm
 
     def __post_init__(self) -> None:
-        # Memos of the pure per-value steps (see _Memo), kept per table mapping.
+        # Memos of the pure per-value steps (see Memo), kept per table mapping.
         label = self.label
-        object.__setattr__(self, "_users", _Memo(lambda v: UserRef(label, alias_id(v))))
-        object.__setattr__(self, "_alias_ids", _Memo(alias_id))
-        object.__setattr__(self, "_formats", {p: _Memo(PROPERTY_FORMATS[p]) for p, _ in self.properties})
-        # The per-row plan (see _compile_fields) and what decides a rename, resolved once.
-        object.__setattr__(self, "_fields", _compile_fields(self))
+        object.__setattr__(self, "_users", Memo(lambda v: UserRef(label, alias_id(v))))
+        object.__setattr__(self, "_alias_ids", Memo(alias_id))
+        object.__setattr__(self, "_formats", {p: Memo(PROPERTY_FORMATS[p]) for p, _ in self.properties})
+        # The per-row plan (see fieldplan.compile_fields) and what decides a rename, resolved once.
+        object.__setattr__(self, "_fields", compile_fields(self))
         object.__setattr__(self, "_renames_always", self.on_identity_change == "rename")
         object.__setattr__(self, "_renames_auto", self.on_identity_change == "auto")
 
@@ -423,7 +227,7 @@ class TableMapping:
                 try:
                     tags[tag] = None if v is None else tag_value(v)
                 except InvalidValue as exc:
-                    rejections.append(self._reject(event, seq, col, f"tag {tag}: {_shown(v)} {exc}",
+                    rejections.append(self._reject(event, seq, col, f"tag {tag}: {shown(v)} {exc}",
                                                    {col: _jsonable_value(v)}))
         props: dict[str, Any] = {}
         for prop, col in self.properties:
@@ -509,75 +313,7 @@ class TableMapping:
         return _result((change,) if change else ())
 
 
-_SHORT_TAG = MAX_TAG_VALUE_BYTES // 4  # a str this long or shorter is within the limit in any encoding
-_datetime = dt.datetime
-_Decimal = decimal.Decimal
-# Equal datetimes (the same instant) have the same unix seconds: memoised (a user's signup time
-# comes with every change of the user).
-_DATETIME_TAGS = _Memo(lambda v: str(unix_seconds(v)))
-
-
-_Fields = tuple[Tags, dict[str, Any], Tags]  # tags, properties, aliases
-
-
-def _compile_fields(tm: TableMapping) -> Callable[[Mapping[str, Any], bool], _Fields | None]:
-    """The table's per-row plan: `fields(row, is_update)` -> (tags, properties, aliases), or None
-    when a value is one OneSignal would reject (the caller then maps the row field by field, which
-    says why). Generated once per table mapping, with the column and field names as constants: the
-    same steps as `TableMapping._fields_checked`, unrolled, so a row costs one `get` per mapped
-    column and one store per value. Names are repr()'d literals; values never reach the source."""
-    env: dict[str, Any] = {
-        "U": UNCHANGED, "str": str, "int": int, "len": len, "type": type, "InvalidValue": InvalidValue,
-        "datetime": _datetime, "Decimal": _Decimal, "DT": _DATETIME_TAGS, "SHORT": _SHORT_TAG,
-        "tag_value": tag_value, "alias_id": alias_id, "ALIAS": tm._alias_ids,  # type: ignore[attr-defined]
-    }
-    lines = ["def fields(row, update, {}):", " get = row.get", " try:", "  tags = {}"]
-    for tag, col in tm.tags:
-        t = repr(tag)
-        lines += [
-            f"  v = get({col!r}, U)",
-            "  if v is not U:",
-            "   k = type(v)",
-            f"   if k is str and len(v) <= SHORT: tags[{t}] = v",
-            f"   elif v is None: tags[{t}] = None",
-            f"   elif k is datetime: tags[{t}] = DT[v]",
-            f"   elif (k is Decimal or k is int) and len(x := str(v)) <= SHORT: tags[{t}] = x",
-            f"   else: tags[{t}] = tag_value(v)",
-        ]
-    lines.append("  props = {}")
-    for i, (prop, col) in enumerate(tm.properties):
-        env[f"MEMO{i}"] = tm._formats[prop]  # type: ignore[attr-defined]
-        env[f"FORMAT{i}"] = PROPERTY_FORMATS[prop]
-        lines += [
-            f"  v = get({col!r}, U)",
-            "  if v is not U and v is not None:",
-            f"   props[{prop!r}] = MEMO{i}[v] if type(v) is str else FORMAT{i}(v)",
-        ]
-    lines.append("  aliases = {}")
-    for label, col in tm.aliases:
-        a = repr(label)
-        lines += [
-            f"  v = get({col!r}, U)",
-            "  if v is not U:",
-            "   if v is None:",
-            f"    if update: aliases[{a}] = None",  # a new row never had the alias: nothing to delete
-            f"   elif type(v) is str or type(v) is int: aliases[{a}] = ALIAS[v]",
-            f"   else: aliases[{a}] = alias_id(v)",
-        ]
-    lines += ["  return tags, props, aliases", " except InvalidValue:", "  return None"]
-    # The constants as default arguments: local variables in the function, the cheapest loads.
-    lines[0] = lines[0].format(", ".join(f"{name}={name}" for name in env))
-    exec(compile("\n".join(lines), f"<mapping {tm.table}>", "exec"), env)  # noqa: S102 - names are repr()'d literals
-    return env["fields"]  # type: ignore[no-any-return]  # the function defined just above
-
-
 _PAYLOAD_TEXT = 2048  # a dead letter keeps at most this much of a long text value
-
-
-def _shown(v: Any) -> str:
-    """A value for a reason message: short and printable."""
-    text = v if isinstance(v, str) else repr(v)
-    return repr(text[:40]) + ("..." if len(text) > 40 else "")
 
 
 def _jsonable_value(v: Any) -> Any:
@@ -588,7 +324,7 @@ def _jsonable_value(v: Any) -> Any:
             return f"{v[:_PAYLOAD_TEXT]}... ({len(v)} characters)"
         return str(v)
     if isinstance(v, float) and not math.isfinite(v):
-        return _FLOAT_WORDS.get(v, "NaN")  # JSON has no NaN: Postgres's text
+        return FLOAT_WORDS.get(v, "NaN")  # JSON has no NaN: Postgres's text
     if isinstance(v, (int, float, bool)) or v is None:
         return v
     if isinstance(v, (dt.datetime, dt.date)):

@@ -25,12 +25,13 @@ from hypothesis import strategies as st
 
 from bridge.config import parse_config
 from bridge.events import ChangeEvent, Op, Rejection
-from bridge.mapping import MAX_TAG_VALUE_BYTES, Mapper
+from bridge.mapping import Mapper
 from bridge.onesignal import errors
 from bridge.onesignal.client import OneSignalClient, Request, UnroutableRequest, build_http_client, requests
 from bridge.sources.debezium import decode_value
 from bridge.sources.outbox_values import decoder_for
 from bridge.sources.pgtypes import PgType, Unrepresentable, converter_for
+from bridge.values import MAX_TAG_VALUE_BYTES
 
 TABLE = "public.accounts"
 MAPPING = {

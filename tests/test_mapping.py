@@ -11,8 +11,9 @@ import pytest
 from bridge.config import parse_config
 from bridge.errors import ConfigError
 from bridge.events import UNCHANGED, ChangeEvent, Op, Rejection, SubscriptionChange, UserChange, UserRef
-from bridge.mapping import MAX_TAG_VALUE_BYTES, Mapper, MappingResult, tag_value
+from bridge.mapping import Mapper, MappingResult
 from bridge.sources.pgtypes import PgType, converter_for
+from bridge.values import MAX_TAG_VALUE_BYTES, tag_value
 
 USERS = {
     "table": "public.users",

@@ -23,9 +23,11 @@ import httpx
 import pytest
 from aiohttp import web
 
-from bridge.devtools.simstate import LENIENT, SimError, SimState, tag_limit_message
-from bridge.devtools.simulator import ACCESS_DENIED, ViewLimiter, WriteLimiter, build_app
-from bridge.devtools.simulator import LENIENT as LENIENT_SETTINGS
+from bridge.devtools.simlimits import ViewLimiter, WriteLimiter
+from bridge.devtools.simsettings import LENIENT as LENIENT_SETTINGS
+from bridge.devtools.simstate import LENIENT, SimState, tag_limit_message
+from bridge.devtools.simulator import ACCESS_DENIED, build_app
+from bridge.devtools.simvalidation import SimError
 
 API_KEY = "os_v2_app_simulatortestkeydonotleak"
 APP_ID = "0b7f2c4e-1111-4a2b-9c3d-5e6f7a8b9c0d"

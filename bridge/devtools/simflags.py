@@ -1,5 +1,5 @@
 """The simulator's command-line flags, without importing the server (the CLI builds its parser
-from these on every invocation; `simulator.py` reads them with `settings_from_args`)."""
+from these on every invocation; `simsettings.py` reads them with `settings_from_args`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Pure on purpose (no I/O; the clock is injected) so every rule of the API contract
 (`onesignal-api.md`) can be unit-tested without a server. The HTTP layer (`simulator.py`) adds
-auth, rate limits and faults, and turns `SimError` into responses.
+auth, rate limits and faults, and turns `SimError` into responses. What a request body may
+carry is checked in `simvalidation.py`.
 
 Every operation validates and checks limits *before* it mutates anything, so a request that
 fails leaves the state exactly as it was (the bridge relies on failed requests being no-ops).
@@ -14,28 +15,28 @@ convenient reading of each point, `LENIENT` the simulator's behaviour before iss
 
 from __future__ import annotations
 
-import math
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RESERVED_TAG_KEYS = frozenset(
-    {"message", "notification", "subscription", "user", "template", "app", "org",
-     "dynamic_content", "data_feed", "journey", "custom_data"}
+from bridge.devtools.simvalidation import (
+    ONESIGNAL_ID,
+    Problems,
+    SimError,
+    check_token,
+    parse_deltas,
+    parse_identity,
+    parse_notification_types,
+    parse_properties,
+    parse_subscription,
+    require_object,
+    show,
 )
-# The union of the contract's list and the SDK's `Subscription.type` enum: the SDK refuses to
-# deserialize a user whose subscription type is outside its enum, so nothing else is accepted.
-SUBSCRIPTION_TYPES = frozenset(
-    {"iOSPush", "AndroidPush", "FireOSPush", "ChromeExtensionPush", "ChromePush", "WindowsPush",
-     "SafariLegacyPush", "FirefoxPush", "macOSPush", "HuaweiPush", "SafariPush", "Email", "SMS"}
-)
-MAX_PROPERTY_UPDATES = 100
+
 MAX_SUBSCRIPTIONS = 20
 MAX_CUSTOM_ALIASES = 20  # not counting onesignal_id and external_id
-ONESIGNAL_ID = "onesignal_id"
 # An evicted subscription never leaves a user with fewer than this many of each (the subscriptions
 # guide: "OneSignal ensures at least 3 Email and 3 SMS Subscriptions").
 KEEP_PER_CHANNEL = {"Email": 3, "SMS": 3}
@@ -71,235 +72,6 @@ class Rules:
 STRICT = Rules()
 LENIENT = Rules(create_applies_properties=True, replication_lag_s=0.0, max_tags=None,
                 subscription_overflow="refuse", notification_types="derived", resent_subscription="update")
-
-_ALIAS_RE = re.compile(r"[^/?#&=\s\x00-\x1f\x7f-\x9f]{1,128}")
-_SMS_RE = re.compile(r"\+[1-9]\d{6,14}")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@" + _LABEL + r"(?:\." + _LABEL + r")+")
-_LANGUAGE_RE = re.compile(r"[a-z]{2}")
-_COUNTRY_RE = re.compile(r"[A-Z]{2}")
-
-
-class SimError(Exception):
-    """A request the API refuses: `status` and a `{"errors": [...]}` body, structured (objects
-    with code and title) or basic (strings, with `extra` fields such as `"success": false`)."""
-
-    def __init__(self, status: int, errors: list[dict[str, Any]] | list[str],
-                 extra: dict[str, Any] | None = None) -> None:
-        first = errors[0] if errors else ""
-        super().__init__(f"{status}: {first['title'] if isinstance(first, dict) else first}")
-        self.status = status
-        self.errors = errors
-        self.extra = extra or {}
-
-    @classmethod
-    def one(cls, status: int, code: str, title: str, meta: dict[str, Any] | None = None) -> SimError:
-        error: dict[str, Any] = {"code": code, "title": title}
-        if meta is not None:
-            error["meta"] = meta
-        return cls(status, [error])
-
-    @classmethod
-    def basic(cls, status: int, message: str) -> SimError:
-        return cls(status, [message], {"success": False})
-
-    def body(self) -> dict[str, Any]:
-        return {"errors": self.errors, **self.extra}
-
-
-def _show(value: Any) -> str:
-    """A short rendering of a client value for an error title (never the whole payload)."""
-    text = repr(value)
-    return text if len(text) <= 64 else text[:61] + "..."
-
-
-class _Problems:
-    """Collects every validation problem of a request so that one 400 names all of them."""
-
-    def __init__(self) -> None:
-        self.errors: list[dict[str, Any]] = []
-
-    def add(self, code: str, title: str) -> None:
-        self.errors.append({"code": code, "title": title})
-
-    def raise_if_any(self) -> None:
-        if self.errors:
-            raise SimError(400, self.errors)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: each parser returns the cleaned value and records problems instead of raising.
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_alias(p: _Problems, where: str, label: Any, value: Any, *, allow_onesignal_id: bool) -> None:
-    if not isinstance(label, str) or not _ALIAS_RE.fullmatch(label):
-        p.add("invalid-alias", f"{where}: alias label {_show(label)} must be 1-128 characters "
-                               "without /?#&=, whitespace or control characters")
-    if not isinstance(value, str) or not _ALIAS_RE.fullmatch(value):
-        p.add("invalid-alias", f"{where}.{label}: alias id {_show(value)} must be a string of 1-128 "
-                               "characters without /?#&=, whitespace or control characters")
-    if label == ONESIGNAL_ID and not allow_onesignal_id:
-        p.add("alias-not-settable", f"{where}: onesignal_id is assigned by OneSignal and cannot be set")
-
-
-def _parse_identity(p: _Problems, raw: Any, where: str, *, required: bool,
-                    allow_onesignal_id: bool = False) -> dict[str, str]:
-    if raw is None and not required:
-        return {}
-    if not isinstance(raw, dict):
-        p.add("invalid-type", f"{where} must be an object of alias label to alias id")
-        return {}
-    if required and not raw:
-        p.add("invalid-alias", f"{where} must name at least one alias")
-    for label, value in raw.items():
-        _check_alias(p, where, label, value, allow_onesignal_id=allow_onesignal_id)
-    return {k: v for k, v in raw.items() if isinstance(v, str)}
-
-
-def _parse_tags(p: _Problems, raw: Any, where: str) -> dict[str, str | None]:
-    if not isinstance(raw, dict):
-        p.add("invalid-type", f"{where} must be an object of tag key to string value")
-        return {}
-    for key, value in raw.items():
-        if not key:
-            p.add("invalid-tag-key", f"{where}: tag keys must not be empty")
-        elif key.lower() in RESERVED_TAG_KEYS:
-            p.add("reserved-tag-key", f"{where}.{key}: {key!r} is a reserved tag key")
-        if value is not None and not isinstance(value, str):
-            p.add("invalid-tag-value", f"{where}.{key}: tag values are strings (send numbers and "
-                                       f"booleans as strings; \"\" or null deletes), got {_show(value)}")
-    return dict(raw)
-
-
-def _parse_property(p: _Problems, key: str, value: Any, where: str) -> Any:
-    """Validate one non-tag property; None means "unset" and is always allowed."""
-    path = f"{where}.{key}"
-    if value is None:
-        return None
-    if key == "language":
-        if not isinstance(value, str) or not _LANGUAGE_RE.fullmatch(value):
-            p.add("invalid-language", f"{path}: language must be an ISO 639-1 code of 2 lowercase "
-                                      f"letters, got {_show(value)}")
-    elif key == "country":
-        if not isinstance(value, str) or not _COUNTRY_RE.fullmatch(value):
-            p.add("invalid-country", f"{path}: country must be an ISO 3166-1 alpha-2 code of 2 "
-                                     f"uppercase letters, got {_show(value)}")
-    elif key in ("timezone_id", "ip"):
-        if not isinstance(value, str) or not value:
-            p.add("invalid-type", f"{path} must be a non-empty string, got {_show(value)}")
-    elif key in ("lat", "long"):
-        bound = 90 if key == "lat" else 180
-        if not _is_number(value) or abs(value) > bound:
-            p.add("invalid-type", f"{path} must be a number between -{bound} and {bound}, "
-                                  f"got {_show(value)}")
-            return value
-        return float(value)
-    elif key in ("first_active", "last_active"):
-        if not _is_number(value) or value < 0:
-            p.add("invalid-type", f"{path} must be unix seconds (a number), got {_show(value)}")
-            return value
-        return int(value)
-    else:
-        hint = " (use deltas.purchases)" if key in ("purchases", "amount_spent") else ""
-        p.add("unknown-property", f"{path}: {key!r} is not a settable property{hint}")
-    return value
-
-
-def _parse_properties(p: _Problems, raw: Any, where: str = "properties") -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        p.add("invalid-type", f"{where} must be an object")
-        return {}
-    tags = raw.get("tags")
-    updates = len(raw) - ("tags" in raw) + (len(tags) if isinstance(tags, dict) else 0)
-    if updates > MAX_PROPERTY_UPDATES:
-        p.add("too-many-properties", f"{where}: {updates} property updates in one request; at most "
-                                     f"{MAX_PROPERTY_UPDATES} (each tag counts as one): split the change")
-    clean: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "tags":
-            clean["tags"] = _parse_tags(p, {} if value is None else value, f"{where}.tags")
-        else:
-            clean[key] = _parse_property(p, key, value, where)
-    return clean
-
-
-def _parse_deltas(p: _Problems, raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        p.add("invalid-type", "deltas must be an object")
-        return {}
-    for key, value in raw.items():
-        if key in ("session_time", "session_count"):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                p.add("invalid-type", f"deltas.{key} must be a non-negative integer")
-        elif key == "purchases":
-            if not isinstance(value, list) or not all(_valid_purchase(x) for x in value):
-                p.add("invalid-type", "deltas.purchases must be a list of {sku, iso, amount, count} "
-                                      "with string sku, iso, amount and integer count")
-        else:
-            p.add("unknown-property", f"deltas.{key} is not a known delta")
-    return raw
-
-
-def _valid_purchase(item: Any) -> bool:
-    if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("sku", "iso")):
-        return False
-    try:
-        float(item.get("amount", "0"))
-    except (TypeError, ValueError):
-        return False
-    count = item.get("count", 1)
-    return isinstance(count, int) and not isinstance(count, bool)
-
-
-def _check_token(p: _Problems, kind: str, token: Any, where: str) -> None:
-    if kind == "Email":
-        if not isinstance(token, str) or len(token) > 254 or not _EMAIL_RE.fullmatch(token):
-            p.add("invalid-email", f"{where}.token: {_show(token)} is not an email address")
-    elif kind == "SMS":
-        if not isinstance(token, str) or not _SMS_RE.fullmatch(token):
-            p.add("invalid-phone-number", f"{where}.token: {_show(token)} is not an E.164 phone "
-                                          "number such as +15555550123")
-    elif token is not None and (not isinstance(token, str) or not token):
-        p.add("invalid-type", f"{where}.token must be a non-empty string")
-
-
-def _parse_subscription(p: _Problems, raw: Any, where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        p.add("invalid-type", f"{where} must be an object with type and token")
-        return {}
-    kind = raw.get("type")
-    if kind not in SUBSCRIPTION_TYPES:
-        p.add("invalid-subscription-type", f"{where}.type: {_show(kind)} is not a subscription type "
-                                           f"(one of {', '.join(sorted(SUBSCRIPTION_TYPES))})")
-    else:
-        _check_token(p, kind, raw.get("token"), where)
-    enabled = raw.get("enabled")
-    if enabled is not None and not isinstance(enabled, bool):
-        p.add("invalid-type", f"{where}.enabled must be a boolean")
-    types = _parse_notification_types(p, raw, where)
-    return {"type": kind, "token": raw.get("token"), "enabled": enabled, "notification_types": types}
-
-
-def _parse_notification_types(p: _Problems, raw: dict[str, Any], where: str) -> int | None:
-    value = raw.get("notification_types")
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        p.add("invalid-type", f"{where}.notification_types must be an integer (1 subscribed, -2 unsubscribed)")
-        return None
-    return value
-
-
-def _require_object(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise SimError.one(400, "invalid-body", "the request body must be a JSON object")
-    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +178,7 @@ class SimState:
         replicas that serve reads and updates)."""
         user = self.find(label, alias_id)
         if user is None or self.lagging(user):
-            raise SimError.one(404, "user-not-found", f"no user has the alias {label}={_show(alias_id)}")
+            raise SimError.one(404, "user-not-found", f"no user has the alias {label}={show(alias_id)}")
         return user
 
     def lagging(self, user: User) -> bool:
@@ -416,7 +188,7 @@ class SimState:
     def require_subscription(self, sub_id: str) -> Subscription:
         sub = self.subscriptions.get(sub_id)
         if sub is None:
-            raise SimError.one(404, "subscription-not-found", f"no subscription has the id {_show(sub_id)}")
+            raise SimError.one(404, "subscription-not-found", f"no subscription has the id {show(sub_id)}")
         return sub
 
     def view(self, user: User) -> dict[str, Any]:
@@ -461,15 +233,15 @@ class SimState:
 
     def create_user(self, body: Any) -> tuple[int, dict[str, Any]]:
         """Create or upsert: 200 with a new user, 202 when the body's aliases found one."""
-        body = _require_object(body)
-        p = _Problems()
-        identity = _parse_identity(p, body.get("identity"), "identity", required=False)
-        properties = _parse_properties(p, body.get("properties"))
+        body = require_object(body)
+        p = Problems()
+        identity = parse_identity(p, body.get("identity"), "identity", required=False)
+        properties = parse_properties(p, body.get("properties"))
         subs_raw = body.get("subscriptions", [])
         if not isinstance(subs_raw, list):
             p.add("invalid-type", "subscriptions must be a list")
             subs_raw = []
-        subs = [_parse_subscription(p, s, f"subscriptions[{i}]") for i, s in enumerate(subs_raw)]
+        subs = [parse_subscription(p, s, f"subscriptions[{i}]") for i, s in enumerate(subs_raw)]
         if not identity and not subs and not p.errors:
             p.add("invalid-body", "a user needs at least one alias in identity or one subscription")
         p.raise_if_any()
@@ -492,10 +264,10 @@ class SimState:
 
     def update_user(self, label: str, alias_id: str, body: Any) -> dict[str, Any]:
         """PATCH: merge properties, add deltas; answers the properties as sent."""
-        body = _require_object(body)
-        p = _Problems()
-        properties = _parse_properties(p, body.get("properties"))
-        deltas = _parse_deltas(p, body.get("deltas"))
+        body = require_object(body)
+        p = Problems()
+        properties = parse_properties(p, body.get("properties"))
+        deltas = parse_deltas(p, body.get("deltas"))
         p.raise_if_any()
         user = self.require(label, alias_id)
         self._check_tag_room(user, properties)
@@ -519,9 +291,9 @@ class SimState:
         return {"identity": dict(self.require(label, alias_id).identity)}
 
     def upsert_identity(self, label: str, alias_id: str, body: Any) -> dict[str, Any]:
-        body = _require_object(body)
-        p = _Problems()
-        identity = _parse_identity(p, body.get("identity"), "identity", required=True)
+        body = require_object(body)
+        p = Problems()
+        identity = parse_identity(p, body.get("identity"), "identity", required=True)
         p.raise_if_any()
         user = self.require(label, alias_id)
         taken = {k: v for k, v in identity.items()
@@ -545,9 +317,9 @@ class SimState:
 
     def create_subscription(self, label: str, alias_id: str, body: Any) -> tuple[int, dict[str, Any]]:
         """201 new, 200 already this user's (unchanged), 202 moved here from another user."""
-        body = _require_object(body)
-        p = _Problems()
-        sub = _parse_subscription(p, body.get("subscription"), "subscription")
+        body = require_object(body)
+        p = Problems()
+        sub = parse_subscription(p, body.get("subscription"), "subscription")
         p.raise_if_any()
         user = self.require(label, alias_id)
         self._check_subscription_room(user, [sub])
@@ -556,8 +328,8 @@ class SimState:
         return status, {"subscription": created.view()}
 
     def update_subscription(self, sub_id: str, body: Any) -> dict[str, Any]:
-        body = _require_object(body)
-        p = _Problems()
+        body = require_object(body)
+        p = Problems()
         raw = body.get("subscription")
         if not isinstance(raw, dict):
             p.add("invalid-type", "subscription must be an object")
@@ -565,13 +337,13 @@ class SimState:
         enabled = raw.get("enabled")
         if enabled is not None and not isinstance(enabled, bool):
             p.add("invalid-type", "subscription.enabled must be a boolean")
-        types = _parse_notification_types(p, raw, "subscription")
+        types = parse_notification_types(p, raw, "subscription")
         p.raise_if_any()
         sub = self.require_subscription(sub_id)
         if raw.get("type") not in (None, sub.type):
             p.add("invalid-subscription-type", "a subscription's type never changes: delete and create")
         if "token" in raw:
-            _check_token(p, sub.type, raw["token"], "subscription")
+            check_token(p, sub.type, raw["token"], "subscription")
         p.raise_if_any()
         token = raw.get("token", sub.token)
         holder = self._tokens.get((sub.type, token)) if token is not None else None
@@ -597,9 +369,9 @@ class SimState:
         return {}
 
     def transfer_subscription(self, sub_id: str, body: Any) -> dict[str, Any]:
-        body = _require_object(body)
-        p = _Problems()
-        identity = _parse_identity(p, body.get("identity"), "identity", required=True,
+        body = require_object(body)
+        p = Problems()
+        identity = parse_identity(p, body.get("identity"), "identity", required=True,
                                    allow_onesignal_id=True)
         if len(identity) > 1:
             p.add("invalid-alias", "identity must name exactly one alias of the new owner")

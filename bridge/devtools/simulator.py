@@ -1,8 +1,9 @@
 """A local OneSignal REST API (user model) for development, staging and the tests.
 
 It answers the endpoints of `onesignal-api.md` from in-memory state (`simstate.py`), enforces
-the documented rate limits (429 + `Retry-After`), and injects faults (5xx, latency, requests
-held open) so the bridge's retry and dead-letter paths can be exercised for real.
+the documented rate limits (429 + `Retry-After`, `simlimits.py`), and injects faults (5xx,
+latency, requests held open, `simfaults.py`) so the bridge's retry and dead-letter paths can be
+exercised for real.
 
 Order in which a request to `/apps/...` is handled, so that a failed request changes nothing:
 faults -> auth -> app id -> rate limit -> validation -> state change. Everything under
@@ -15,8 +16,8 @@ wrong key is 403 and `Basic` is refused; a wrong `--app-id` is 403 like a mismat
 carries `{"errors":["API rate limit exceeded."]}` and every second one has no `Retry-After`; View
 endpoints 1 request/s per app; a 21st subscription evicts the oldest to a new anonymous user;
 `notification_types` is a field of its own; a re-sent subscription keeps its state. `--lenient`
-restores the kinder behaviour of earlier versions; each point is also a flag of its own, and
-`POST /_simulator/config` changes them at run time (`POST /_simulator/reset` restores the
+restores the kinder behaviour of earlier versions (`simsettings.py`); each point is also a flag of
+its own, and `POST /_simulator/config` changes them at run time (`POST /_simulator/reset` restores the
 start-up settings).
 
 Run it: `python -m bridge.devtools.simulator --port 8089 [--api-key KEY] [--lenient]`.
@@ -29,21 +30,23 @@ import asyncio
 import hmac
 import http
 import logging
-import random
-import re
 import signal
 import sys
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from bridge.devtools.simfaults import Faults, parse_faults
 from bridge.devtools.simflags import add_arguments
-from bridge.devtools.simstate import Rules, SimError, SimState
+from bridge.devtools.simlimits import RateLimited, ViewLimiter, WriteLimiter
+from bridge.devtools.simsettings import STRICT, Settings, parse_settings, settings_from_args
+from bridge.devtools.simstate import SimState
+from bridge.devtools.simvalidation import SimError
 
 log = logging.getLogger("bridge.devtools.simulator")
 
@@ -65,14 +68,6 @@ _SUBSCRIPTION = "/apps/{app_id}/subscriptions/{subscription_id}"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class RateLimited(Exception):
-    """Raised by a handler when a limiter refuses the request; becomes a 429."""
-
-    def __init__(self, wait_s: float) -> None:
-        super().__init__(f"rate limited for {wait_s:.3f}s")
-        self.wait_s = wait_s
-
-
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, headers=headers,
                         content_type="application/json")
@@ -92,228 +87,6 @@ def _rate_limited(wait_s: float, body: dict[str, Any] = RATE_LIMIT_BODY, header:
     without the header at all."""
     retry_after = max(1, int(-(-wait_s // 1)))
     return _json(body, 429, {"Retry-After": str(retry_after)} if header else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# How strictly the simulator reads OneSignal (see the module docstring)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every strict-or-lenient point, by the name its flag and `/_simulator/config` key use."""
-
-    create_applies_properties: bool = False
-    replication_lag_ms: float = 2000.0
-    max_tags: int = 10  # 0: no limit
-    subscription_overflow: str = "evict"  # evict | refuse
-    notification_types: str = "separate"  # separate | derived
-    resent_subscription: str = "keep"  # keep | update
-    wrong_key_status: int = 403  # 403 | 401
-    basic_auth: str = "refuse"  # refuse | accept
-    rate_limit_body: str = "real"  # real | structured
-    omit_retry_after_every: int = 2  # every Nth 429 has no Retry-After (0: never)
-    view_rate_per_s: float = 1.0
-
-    def rules(self) -> Rules:
-        return Rules(create_applies_properties=self.create_applies_properties,
-                     replication_lag_s=self.replication_lag_ms / 1000.0,
-                     max_tags=self.max_tags or None,
-                     subscription_overflow="refuse" if self.subscription_overflow == "refuse" else "evict",
-                     notification_types="derived" if self.notification_types == "derived" else "separate",
-                     resent_subscription="update" if self.resent_subscription == "update" else "keep")
-
-    def public(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-STRICT = Settings()
-LENIENT = Settings(create_applies_properties=True, replication_lag_ms=0.0, max_tags=0,
-                   subscription_overflow="refuse", notification_types="derived", resent_subscription="update",
-                   wrong_key_status=401, basic_auth="accept", rate_limit_body="structured",
-                   omit_retry_after_every=0, view_rate_per_s=10.0)
-PRESETS = {"strict": STRICT, "lenient": LENIENT}
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "subscription_overflow": ("evict", "refuse"), "notification_types": ("separate", "derived"),
-    "resent_subscription": ("keep", "update"), "wrong_key_status": (403, 401),
-    "basic_auth": ("refuse", "accept"), "rate_limit_body": ("real", "structured"),
-}
-
-
-def parse_settings(body: Any, base: Settings) -> Settings:
-    """Validate a POST /_simulator/config body: `preset` (strict|lenient) first, then any field of
-    `Settings` on top. SimError 400 names every bad key."""
-    if not isinstance(body, dict):
-        raise SimError.one(400, "invalid-body", "the config body must be a JSON object")
-    problems: list[str] = []
-    preset = body.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            problems.append("preset must be strict or lenient")
-        else:
-            base = PRESETS[preset]
-    known = {f.name: f for f in fields(Settings)}
-    changes: dict[str, Any] = {}
-    for key, value in body.items():
-        if key == "preset":
-            continue
-        if key not in known:
-            problems.append(f"{key} is not a setting (one of {', '.join(known)})")
-        elif key in _CHOICES:
-            if value not in _CHOICES[key] or isinstance(value, bool):
-                problems.append(f"{key} must be one of {', '.join(map(str, _CHOICES[key]))}")
-            else:
-                changes[key] = value
-        elif known[key].type == "bool":
-            if not isinstance(value, bool):
-                problems.append(f"{key} must be true or false")
-            else:
-                changes[key] = value
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            problems.append(f"{key} must be a non-negative number")
-        elif known[key].type == "int" and value != int(value):
-            problems.append(f"{key} must be a whole number")
-        else:
-            changes[key] = int(value) if known[key].type == "int" else float(value)
-    if problems:
-        raise SimError(400, [{"code": "invalid-config", "title": p} for p in problems])
-    return replace(base, **changes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rate limits (the caller supplies a monotonic `now` in seconds).
-
-
-class WriteLimiter:
-    """The documented write limits: N accepted writes per trailing second per app, and one
-    accepted write per `user_interval_s` per user or subscription. Refused writes are not
-    recorded, so a client that honours Retry-After is never starved by its own retries."""
-
-    def __init__(self, app_rate_per_s: int, user_interval_s: float) -> None:
-        self.app_rate_per_s = app_rate_per_s
-        self.user_interval_s = user_interval_s
-        self._window: deque[float] = deque()
-        self._last: OrderedDict[str, float] = OrderedDict()
-        self.refused = {"app": 0, "user": 0}  # 429s by the limit that refused (both when both did)
-
-    def admit(self, keys: Iterable[str], now: float) -> float | None:
-        """Record and return None when the write is accepted, else the seconds to wait."""
-        keys = list(keys)
-        self._prune(now)
-        app_wait = user_wait = 0.0
-        if self.app_rate_per_s > 0 and len(self._window) >= self.app_rate_per_s:
-            app_wait = 1.0 - (now - self._window[0])
-        for key in keys:
-            last = self._last.get(key)
-            if last is not None:
-                user_wait = max(user_wait, self.user_interval_s - (now - last))
-        if app_wait > 0 or user_wait > 0:
-            self.refused["app"] += app_wait > 0
-            self.refused["user"] += user_wait > 0
-            return max(app_wait, user_wait)
-        self._window.append(now)
-        self.touch(keys, now)
-        return None
-
-    def touch(self, keys: Iterable[str], now: float) -> None:
-        """Mark keys as written at `now` (e.g. the onesignal_id of a user a create just made)."""
-        for key in keys:
-            self._last[key] = now
-            self._last.move_to_end(key)
-
-    def _prune(self, now: float) -> None:
-        while self._window and now - self._window[0] >= 1.0:
-            self._window.popleft()
-        while self._last:
-            key, last = next(iter(self._last.items()))
-            if now - last < self.user_interval_s:
-                break
-            del self._last[key]
-
-
-class ViewLimiter:
-    """App-wide limit on View endpoints: a token bucket of `rate_per_s` (burst of the same size)."""
-
-    def __init__(self, rate_per_s: float) -> None:
-        self.rate_per_s = rate_per_s
-        self._capacity = max(1.0, rate_per_s)
-        self._tokens = self._capacity
-        self._stamp: float | None = None
-
-    def admit(self, now: float) -> float | None:
-        if self.rate_per_s <= 0:
-            return None
-        if self._stamp is not None:
-            self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
-        self._stamp = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return None
-        return (1.0 - self._tokens) / self.rate_per_s
-
-
-# ---------------------------------------------------------------------------------------------
-# Faults
-
-
-@dataclass
-class Faults:
-    """What to break, and where. Decided per request before anything else happens."""
-
-    error_rate: float = 0.0
-    status: int = 503
-    latency_ms: float = 0.0
-    latency_jitter_ms: float = 0.0  # plus a uniform 0..jitter: arrivals reorder and bunch
-    timeout_rate: float = 0.0
-    hold_s: float = 30.0
-    paths: re.Pattern[str] | None = None
-    rng: random.Random = field(default_factory=random.Random)
-
-    def applies_to(self, path: str) -> bool:
-        return self.paths is None or self.paths.search(path) is not None
-
-    def public(self) -> dict[str, Any]:
-        return {"error_rate": self.error_rate, "status": self.status, "latency_ms": self.latency_ms,
-                "latency_jitter_ms": self.latency_jitter_ms,
-                "timeout_rate": self.timeout_rate, "hold_s": self.hold_s,
-                "paths": self.paths.pattern if self.paths else None}
-
-
-def _rate(body: dict[str, Any], key: str, problems: list[str]) -> float:
-    value = body.get(key, 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        problems.append(f"{key} must be a number between 0 and 1")
-        return 0.0
-    return float(value)
-
-
-def parse_faults(body: Any) -> Faults:
-    """Validate a POST /_simulator/faults body; SimError 400 names every bad field."""
-    if not isinstance(body, dict):
-        raise SimError.one(400, "invalid-body", "the faults body must be a JSON object")
-    problems: list[str] = []
-    faults = Faults(error_rate=_rate(body, "error_rate", problems),
-                    timeout_rate=_rate(body, "timeout_rate", problems))
-    status = body.get("status", 503)
-    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
-        problems.append("status must be an HTTP error status (400-599)")
-    else:
-        faults.status = status
-    for key in ("latency_ms", "latency_jitter_ms", "hold_s"):
-        value = body.get(key, getattr(faults, key))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            problems.append(f"{key} must be a non-negative number")
-        else:
-            setattr(faults, key, float(value))
-    if body.get("paths") is not None:
-        try:
-            faults.paths = re.compile(body["paths"])
-        except (re.error, TypeError):
-            problems.append("paths must be a regular expression")
-    if isinstance(body.get("seed"), int):
-        faults.rng.seed(body["seed"])
-    if problems:
-        raise SimError(400, [{"code": "invalid-faults", "title": p} for p in problems])
-    return faults
 
 
 def _fault_response(status: int) -> web.Response:
@@ -706,23 +479,6 @@ async def _serve_app(app: web.Application, host: str, port: int) -> None:
 async def serve(host: str, port: int, api_key: str | None = None) -> None:
     """Run the simulator with the documented limits until cancelled."""
     await _serve_app(build_app(api_key=api_key), host, port)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = PRESETS[args.preset]
-    changes: dict[str, Any] = {}
-    if args.create_properties is not None:
-        changes["create_applies_properties"] = args.create_properties == "merge"
-    for name in ("replication_lag_ms", "max_tags", "wrong_key_status", "basic_auth", "rate_limit_body",
-                 "omit_retry_after_every", "view_rate_per_s", "subscription_overflow", "notification_types",
-                 "resent_subscription"):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    problems = [f"--{k.replace('_', '-')} must not be negative" for k, v in changes.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0]
-    if problems:
-        raise SystemExit("simulator: " + "; ".join(problems))
-    return replace(settings, **changes)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -35,7 +35,8 @@ from bridge.coalesce import UserBatch
 from bridge.config import Config
 from bridge.deadletter import RowKey, key_value
 from bridge.events import ChangeEvent, Op, Origin, Rejection, SubscriptionChange, UserChange, UserRef
-from bridge.mapping import InvalidValue, Mapper, TableMapping, alias_id
+from bridge.mapping import Mapper, TableMapping
+from bridge.values import InvalidValue, alias_id
 
 POSITION = "database"  # the position of a change read from the tables (not from a stream)
 FETCH_ROWS = 5000

@@ -142,7 +142,7 @@ def pg_pass(frames: list[memoryview], stage: int) -> float:
         p = _pipeline(config, stage)
         src = PostgresSource.from_config(config)
         src._pkeys = {"public.users": ["id"]}
-        src.backfills = type("NoBackfills", (), {"on_change": lambda self, *a: None})()  # type: ignore[assignment]
+        src.backfills = type("NoBackfills", (), {"on_change": lambda self, *a: None, "open_chunks": False})()  # type: ignore[assignment]
         pg = _ReplayedConnection(frames)
         src._pg = pg
         t0 = time.process_time()

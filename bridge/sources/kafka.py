@@ -172,7 +172,9 @@ class KafkaSource:
             await asyncio.wait({feeder, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if feeder.done():
                 feeder.result()  # the hand-over or the consumer thread failed: raise it
-                raise RuntimeError("the Kafka hand-over ended on its own")
+                raise SourceError("the Kafka source's hand-over loop stopped without an error (a bug in the "
+                                  "bridge; please report it). Nothing that was not applied is committed: the "
+                                  "bridge exits to be restarted, and re-reads from the last commit.")
             # Stopping: what is not handed over yet is re-read on the next start (nothing of it
             # is committed), even when the pipeline has no room and the hand-over is waiting.
             feeder.cancel()

@@ -342,7 +342,7 @@ class PostgresSource:
         event_of = self._event
         backfills = self.backfills
         on_change = backfills.on_change
-        chunks = getattr(backfills, "open_chunks", True)  # (a stand-in without it: call on_change always)
+        chunks = backfills.open_chunks
         position, commit_time = self._tx_pos, self._tx_commit_time
         peek, self._peek = self._peek, None
         handled = 0

@@ -11,8 +11,9 @@ timeouts and refused connections are tested on the wire below).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -400,6 +401,20 @@ async def test_api_key_never_appears_in_a_transport_error() -> None:
 # -- the bridge's own client, over real HTTP -------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """An HTTP server on loopback in this event loop, answering every path with `handler`."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.mock_only
 async def test_a_refused_connection_is_a_retriable_transport_error_without_the_key() -> None:
     import socket
@@ -425,19 +440,13 @@ async def test_an_answer_later_than_the_request_timeout_is_a_retriable_timeout()
         await asyncio.sleep(5)
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", slow)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    http = build_http_client(f"http://127.0.0.1:{runner.addresses[0][1]}", 0.3)
-    try:
-        with pytest.raises(errors.TransportError) as info:
-            await OneSignalClient(http, APP_ID, API_KEY).create_user({"external_id": "ada"})
-    finally:
-        await http.aclose()
-        await runner.cleanup()
+    async with serving(slow) as url:
+        http = build_http_client(url, 0.3)
+        try:
+            with pytest.raises(errors.TransportError) as info:
+                await OneSignalClient(http, APP_ID, API_KEY).create_user({"external_id": "ada"})
+        finally:
+            await http.aclose()
     assert info.value.retriable and info.value.reason == "timeout"
     assert_secret_free(info.value)
 
@@ -450,16 +459,10 @@ async def test_a_base_url_below_a_path_prefix_keeps_the_prefix_on_the_wire() -> 
         seen.append(request.raw_path)
         return web.json_response({}, status=202)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    http = build_http_client(f"http://127.0.0.1:{runner.addresses[0][1]}/onesignal/v1", 5.0)
-    try:
-        await OneSignalClient(http, APP_ID, API_KEY).update_user("external_id", "a+b%é", {"tags": {"x": "1"}})
-    finally:
-        await http.aclose()
-        await runner.cleanup()
+    async with serving(record) as url:
+        http = build_http_client(url + "/onesignal/v1", 5.0)
+        try:
+            await OneSignalClient(http, APP_ID, API_KEY).update_user("external_id", "a+b%é", {"tags": {"x": "1"}})
+        finally:
+            await http.aclose()
     assert seen == [f"/onesignal/v1/apps/{APP_ID}/users/by/external_id/a%2Bb%25%C3%A9"]

@@ -164,6 +164,16 @@ class OneSignalClient:
     def __repr__(self) -> str:  # never show the key
         return f"OneSignalClient(prefix={self._prefix!r})"
 
+    def _intended(self, req: Request) -> tuple[str, ...]:
+        """The path segments `req` must reach: ("apps", app_id, *segments); `UnroutableRequest`
+        when one of them is not a usable alias (`alias_problem`)."""
+        intended = ("apps", self._app_id, *(req.segments or _segments_of(req.path)))
+        problem = route_problem(intended)
+        if problem is not None:
+            raise UnroutableRequest(f"{req.endpoint} not sent: {problem}",
+                                    endpoint=req.endpoint, detail=problem)
+        return intended
+
     def prepare(self, req: Request) -> httpx.Request:
         """The HTTP request for `req`, checked to reach exactly the intended endpoint.
 
@@ -171,12 +181,7 @@ class OneSignalClient:
         `alias_problem`) or when the URL, after httpx's normalisation, does not split back into
         exactly /apps/{app_id}/<segments> below the base URL.
         """
-        segments = req.segments or _segments_of(req.path)
-        intended = ("apps", self._app_id, *segments)
-        problem = route_problem(intended)
-        if problem is not None:
-            raise UnroutableRequest(f"{req.endpoint} not sent: {problem}",
-                                    endpoint=req.endpoint, detail=problem)
+        intended = self._intended(req)
         content = orjson.dumps(req.body) if req.body is not None else None
         headers = dict(self._auth)
         if content is not None:
@@ -208,12 +213,7 @@ class OneSignalClient:
     async def _send_on_wire(self, req: Request, wire: AiohttpTransport) -> Response:
         """`send` straight over aiohttp's pool: the same routing checks as `prepare`, the same
         headers and body, the same answers and errors, without httpx's per-request objects."""
-        segments = req.segments or _segments_of(req.path)
-        intended = ("apps", self._app_id, *segments)
-        problem = route_problem(intended)
-        if problem is not None:
-            raise UnroutableRequest(f"{req.endpoint} not sent: {problem}",
-                                    endpoint=req.endpoint, detail=problem)
+        intended = self._intended(req)
         path = self._wire_base + "/" + "/".join(seg(s) for s in intended)
         url = yarl.URL(self._wire_origin + path, encoded=True)
         sent = _split(url.raw_path.encode("ascii", "replace"))

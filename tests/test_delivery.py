@@ -12,7 +12,7 @@ from collections import defaultdict
 import httpx
 import psutil
 import psycopg
-from bridgeproc import LONG, bridge_config, free_port, run_cli, wait_until
+from bridgeproc import LONG, Simulator, bridge_config, free_port, run_cli, wait_until
 
 from bridge import setup as bridge_setup
 from bridge.config import load_config
@@ -129,65 +129,173 @@ def test_onesignal_outage_of_ten_seconds_or_more_loses_nothing(pg_db, sim, bridg
 CRASH_RUNS = int(
     os.environ.get("ONESIGNAL_BRIDGE_CRASH_RUNS", "200" if LONG else "20")
 )
+# Per step of a crash run's workload: a write, an LSN read and a look at the simulator's request
+# count take ~2-3 ms; this pause paces the 200 steps over ~1 s, so delivery overlaps them.
+CRASH_STEP_PAUSE_S = 0.003
+# Runs at once, each with its own simulator, database and slot: a run mostly waits (bridge
+# start-ups, OneSignal's 1 request/s per user), so two share the machine's cores well.
+CRASH_WORKERS = 2
 
 
-def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge, tmp_path):
-    """Seeded random workloads; the bridge is SIGKILLed at a random moment and restarted."""
+def _kill_and_witness(b, admin, name: str, requests_since_start: int, last_write_lsn: int | None,  # type: ignore[no-untyped-def]
+                      step: int) -> dict:
+    """SIGKILL the bridge and say where the kill landed: how many requests OneSignal had answered
+    since this start, and whether the slot was still short of the last write (the slot's
+    confirmed_flush_lsn, read once the walsender has let go, against the WAL position just before
+    the last write's transaction: its commit lies beyond that, so it was not confirmed)."""
+    b.kill()
+    confirmed = wait_until(
+        lambda: admin.execute(
+            "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE database = %s AND NOT active",
+            (name,),
+        ).fetchone(),
+        timeout=10,
+        interval=0.005,
+        what="the killed bridge's walsender to let go of the slot",
+    )[0]
+    unconfirmed = last_write_lsn is not None and confirmed <= last_write_lsn
+    return {
+        "step": step,
+        "requests": requests_since_start,
+        "unconfirmed": unconfirmed,
+        "mid_delivery": requests_since_start >= 1 and unconfirmed,
+    }
+
+
+def _crash_run(run: int, pg_cluster, sim, bridge) -> tuple[str | None, list[dict]]:  # type: ignore[no-untyped-def]
+    """One seeded run of test_randomized_crash_runs_always_converge: the failure (seed and diff)
+    or None, and where its kills landed."""
     import uuid
 
-    failures = []
-    for run in range(CRASH_RUNS):
-        seed = 1000 + run
-        rng = random.Random(seed)
-        sim.reset()
-        name = f"crash_{uuid.uuid4().hex[:8]}"
-        dsn = pg_cluster.create_database(name)
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(DDL)
-                cfg = bridge_config(
-                    dsn, sim.base_url, MAPPING, delivery={"flush_interval_ms": rng.choice([0, 50, 200])}
-                )
-                b = bridge(cfg, name=f"run{run}")
-                # `setup`'s own code, in process: a CLI process per run only added an interpreter
-                # start-up (~1 s); `setup` as a command is tested on its own (test_check_and_setup).
-                bridge_setup.apply(load_config(b.config_path), dsn)
-                b.start()
-                n_users = rng.randint(5, 30)
-                kill_at = rng.randint(10, 150)
-                restart_at = kill_at + rng.randint(0, 60)
-                for step in range(200):
-                    uid = rng.randint(1, n_users)
-                    op = rng.random()
+    seed = 1000 + run
+    rng = random.Random(seed)
+    # Replication lag and post-create delay shorter than the defaults (2 s): the same retries and
+    # waits, at a pace that lets 20 runs finish in a minute.
+    sim.reset()
+    sim.config(replication_lag_ms=500)
+    n_users = rng.randint(5, 30)
+    flush_interval_ms = rng.choice([0, 50, 200])
+    workload = [(rng.randint(1, n_users), rng.random() < 0.15, rng.choice(["a", "b", "c", None]))
+                for _ in range(200)]
+    # Per kill: after how many answered requests since that start, or how long after the first of
+    # them (whichever comes first), and how long the bridge then stays down. A third of the runs
+    # kill it again after the restart, while it re-delivers.
+    plan = [(rng.randint(1, 2 * n_users), rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.25))
+            for _ in range(2 if rng.random() < 1 / 3 else 1)]
+    kills: list[dict] = []
+    name = f"crash_{uuid.uuid4().hex[:8]}"
+    dsn = pg_cluster.create_database(name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn, \
+                psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as admin:
+            conn.execute(DDL)
+            cfg = bridge_config(dsn, sim.base_url, MAPPING, delivery={"flush_interval_ms": flush_interval_ms},
+                                source={"slot": name})  # slot names are per cluster
+            cfg["onesignal"]["post_create_delay_s"] = 0.5
+            b = bridge(cfg, name=f"run{run}")
+            # `setup`'s own code, in process: a CLI process per run only added an interpreter
+            # start-up (~1 s); `setup` as a command is tested on its own (test_check_and_setup).
+            bridge_setup.apply(load_config(b.config_path), dsn)
+            b.start()
+            started_at, base, first_at = time.monotonic(), sim.stats()["total_requests"], None
+            killed_at: float | None = None
+            step, last_write_lsn = 0, None
+            while step < len(workload) or plan or killed_at is not None:
+                if step < len(workload):
+                    uid, delete, plan_value = workload[step]
+                    (last_write_lsn,) = conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()
                     with conn.transaction():
-                        if op < 0.15:
+                        if delete:
                             conn.execute("DELETE FROM users WHERE id = %s", (uid,))
                         else:
                             conn.execute(
                                 "INSERT INTO users (id, plan, score) VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE"
                                 " SET plan = excluded.plan, score = excluded.score",
-                                (uid, rng.choice(["a", "b", "c", None]), step),
+                                (uid, plan_value, step),
                             )
-                    if step == kill_at:
-                        b.kill()
-                    if step == restart_at:
+                    step += 1
+                now = time.monotonic()
+                if killed_at is not None:
+                    if now - killed_at >= plan[0][2]:
+                        plan.pop(0)
                         b.start()
-                if not b.alive():
-                    b.start()
-                rows = conn.execute("SELECT id, plan, score FROM users").fetchall()
-            want = {str(i): ({"plan": p} if p is not None else {}) | {"score": str(s)} for i, p, s in rows}
-            try:
-                wait_until(
-                    lambda want=want: _tags(sim) == want, timeout=45, what=f"run {run} (seed {seed}) to converge"
-                )
-            except AssertionError:
-                got = _tags(sim)
-                diff = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
-                failures.append(f"seed {seed}: (want, got) differ for {diff}")
-            b.stop()
+                        started_at, base, first_at = now, sim.stats()["total_requests"], None
+                        killed_at = None
+                elif plan:
+                    seen = sim.stats()["total_requests"] - base
+                    if seen and first_at is None:
+                        first_at = now
+                    after, delay, _ = plan[0]
+                    # (the last clause: a bridge that never delivers is killed all the same,
+                    # and the kill counts as not mid-delivery)
+                    if (seen >= after or (first_at is not None and now - first_at >= delay)
+                            or now - started_at >= 3.0 + delay):
+                        kills.append({"seed": seed, "kill": b.runs,
+                                      **_kill_and_witness(b, admin, name, seen, last_write_lsn, step)})
+                        killed_at = time.monotonic()
+                time.sleep(CRASH_STEP_PAUSE_S if step < len(workload) else 0.01)
+            rows = conn.execute("SELECT id, plan, score FROM users").fetchall()
+        want = {str(i): ({"plan": p} if p is not None else {}) | {"score": str(s)} for i, p, s in rows}
+        failure = None
+        try:
+            wait_until(
+                lambda want=want: _tags(sim) == want, timeout=45, what=f"run {run} (seed {seed}) to converge"
+            )
+        except AssertionError:
+            got = _tags(sim)
+            diff = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
+            failure = f"seed {seed}: (want, got) differ for {diff}"
+        # SIGKILL, not a graceful stop: the run is over, and a stop can wait out retries of deletes
+        # of users OneSignal never saw (404s within the consistency window).
+        b.kill()
+        return failure, kills
+    finally:
+        pg_cluster.drop_database(name)
+
+
+def test_randomized_crash_runs_always_converge(pg_cluster, sim, bridge):
+    """Seeded random workloads; the bridge is SIGKILLed while it is delivering and restarted.
+
+    The kill is chosen by delivery progress, not by step: once OneSignal has answered a random
+    number of requests since this start, or a random delay after the first one, whichever comes
+    first (with a fallback a few seconds after the start). A third of the runs kill it a second
+    time after the restart, while it re-delivers. Each kill records where it landed (requests
+    answered since the start; whether the slot was still short of the last write), and the
+    campaign must land at least half of its kills mid-delivery (>= 1 request answered, the last
+    write not confirmed): kills that only hit a bridge still starting up prove little."""
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import Queue
+
+    sims: Queue[Simulator] = Queue()
+    sims.put(sim)
+    extra = [Simulator() for _ in range(CRASH_WORKERS - 1)]
+    for s in extra:
+        sims.put(s)
+
+    def one(run: int) -> tuple[str | None, list[dict]]:
+        s = sims.get()
+        try:
+            return _crash_run(run, pg_cluster, s, bridge)
         finally:
-            pg_cluster.drop_database(name)
+            sims.put(s)
+
+    try:
+        with ThreadPoolExecutor(CRASH_WORKERS) as pool:
+            results = list(pool.map(one, range(CRASH_RUNS)))
+    finally:
+        for s in extra:
+            s.close()
+    failures = [f for f, _ in results if f is not None]
+    kills = [k for _, ks in results for k in ks]
     assert not failures, failures
+    mid = [k for k in kills if k["mid_delivery"]]
+    print(f"crash runs: {len(mid)}/{len(kills)} kills landed mid-delivery; " + "; ".join(
+        f"seed {k['seed']} kill {k['kill']}: step {k['step']}, {k['requests']} req, "
+        f"{'unconfirmed' if k['unconfirmed'] else 'confirmed'}" for k in kills))
+    assert 2 * len(mid) >= len(kills), (
+        f"only {len(mid)} of {len(kills)} kills landed mid-delivery (>= 1 request answered since the start and"
+        f" the slot short of the last write): {kills}"
+    )
 
 
 def test_invalid_value_is_dead_lettered_and_replayed_after_fix(pg_db, sim, bridge):

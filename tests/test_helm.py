@@ -37,6 +37,7 @@ from bridge.config import (  # noqa: E402
     OneSignalConfig,
     OutboxSourceConfig,
     PostgresSourceConfig,
+    load_config,
     parse_config,
 )
 from bridge.observability import metrics as bridge_metrics  # noqa: E402
@@ -59,6 +60,7 @@ CASES = {
     "standby": CHART / "ci" / "standby-values.yaml",
     "monitoring": CHART / "ci" / "monitoring-values.yaml",
     "networkpolicy-narrow": CHART / "ci" / "networkpolicy-narrow-values.yaml",
+    "setup-job": CHART / "ci" / "setup-job-values.yaml",
 }
 
 REQUIRED_ALERTS = {  # the issue's list: slot lag, source lag, error rate, dead letters growing, not ready
@@ -121,17 +123,23 @@ def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return container
 
 
-def _bridge_config(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The rendered config.yaml as YAML, and the environment the container would give it."""
-    cm = _one(docs, "ConfigMap", FULLNAME)
-    data = yaml.safe_load(cm["data"]["config.yaml"])
+def _env(container: dict[str, Any], secret: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment `container` gets: plain values, and each secretKeyRef read from `secret`
+    (key -> value), or without one a stand-in naming the variable and the key."""
     env: dict[str, str] = {}
-    for var in _container(docs).get("env", []):
+    for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = var["value"]
         elif "secretKeyRef" in var.get("valueFrom", {}):
-            env[var["name"]] = f"secret-{var['name'].lower()}-{var['valueFrom']['secretKeyRef']['key']}"
-    return data, env
+            key = var["valueFrom"]["secretKeyRef"]["key"]
+            env[var["name"]] = secret[key] if secret is not None else f"secret-{var['name'].lower()}-{key}"
+    return env
+
+
+def _bridge_config(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The rendered config.yaml as YAML, and the environment the container would give it."""
+    cm = _one(docs, "ConfigMap", FULLNAME)
+    return yaml.safe_load(cm["data"]["config.yaml"]), _env(_container(docs))
 
 
 def test_chart_metadata_matches_the_bridge() -> None:
@@ -156,6 +164,7 @@ def test_renders_with_the_expected_objects(rendered: dict[str, list[dict[str, An
         _one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
     if case == "default":
         assert not {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"} & set(kinds)
+    assert ("Job" in kinds) == (case == "setup-job"), "the setup Job is off unless setupJob.enabled"
     for d in docs:
         if d["kind"] not in {"ServiceMonitor", "PrometheusRule"}:
             assert d["metadata"]["namespace"] == NAMESPACE
@@ -408,6 +417,166 @@ def test_schema_knows_every_configuration_key() -> None:
     }
 
 
+# -- the setup Job (setupJob) ----------------------------------------------------------------
+
+SETUP_NAME = f"{FULLNAME}-setup"
+HOOK_EVENTS = "pre-install,pre-upgrade"
+HOOK_DELETE = "before-hook-creation,hook-succeeded"
+
+
+def _setup_job(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The setup Job, its pod spec and its one container."""
+    job = _one(docs, "Job", SETUP_NAME)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return job, pod, container
+
+
+def _hook_weight(doc: dict[str, Any]) -> int:
+    annotations = doc["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == HOOK_EVENTS, doc["metadata"]["name"]
+    assert annotations["helm.sh/hook-delete-policy"] == HOOK_DELETE, doc["metadata"]["name"]
+    return int(annotations["helm.sh/hook-weight"])
+
+
+def test_setup_job_runs_setup_before_install_and_upgrade_with_the_owner_dsn(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["setup-job"]
+    values = _values("setup-job") or {}
+    job, pod, container = _setup_job(docs)
+    deployment_pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    bridge = _container(docs)
+
+    # A hook: made (after its ConfigMap and ServiceAccount) before the release's objects, on every
+    # install and upgrade; replaced on the next run, removed once it succeeded.
+    hook_cm = _one(docs, "ConfigMap", SETUP_NAME)
+    hook_sa = _one(docs, "ServiceAccount", SETUP_NAME)
+    assert _hook_weight(hook_cm) < _hook_weight(job) and _hook_weight(hook_sa) < _hook_weight(job)
+    hooks = {d["metadata"]["name"] for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})}
+    assert hooks == {SETUP_NAME}  # the release's own objects are no hooks
+
+    # `onesignal-bridge setup --config <the file>`, once per attempt, within the deadline.
+    assert container["args"] == ["setup", "--config", CONFIG_PATH]
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.config, args.print_sql) == ("setup", CONFIG_PATH, False)
+    assert container["image"] == bridge["image"] and container["imagePullPolicy"] == bridge["imagePullPolicy"]
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == values["setupJob"]["backoffLimit"]
+    assert job["spec"]["activeDeadlineSeconds"] == values["setupJob"]["activeDeadlineSeconds"]
+    assert container["resources"] == values["setupJob"]["resources"] != bridge["resources"]
+
+    # Runs like the bridge: same pod and container security, pull secrets and placement.
+    for key in ("securityContext", "automountServiceAccountToken", "nodeSelector", "tolerations"):
+        assert pod.get(key) == deployment_pod.get(key), key
+    assert container["securityContext"] == bridge["securityContext"]
+    assert pod["serviceAccountName"] == SETUP_NAME  # the release's ServiceAccount does not exist yet
+    assert hook_sa["automountServiceAccountToken"] is False
+    # Its pod is not one of the bridge's: the Service, PDB and NetworkPolicy selectors skip it.
+    selector = _one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+    # It mounts the hook ConfigMap, which holds exactly the Deployment's configuration file.
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    volume = next(v for v in pod["volumes"] if v["name"] == "config")
+    assert mount["mountPath"] + "/" + volume["configMap"]["items"][0]["path"] == CONFIG_PATH
+    assert volume["configMap"]["name"] == SETUP_NAME
+    text = hook_cm["data"]["config.yaml"]
+    assert text == _one(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    assert {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")} == {"/tmp"}
+
+    # The same environment as the bridge, but DATABASE_URL from the owner's key.
+    secret = {"ONESIGNAL_API_KEY": "os_v2_app_key", "ONESIGNAL_APP_ID": "3f1c2b8e-0000-4000-8000-000000000001",
+              "DATABASE_URL": "postgresql://onesignal_bridge:pw@db/app",
+              "OWNER_DATABASE_URL": "postgresql://app_owner:pw@db/app"}
+    env = _env(container, secret)
+    assert env == {**_env(bridge, secret), "DATABASE_URL": secret["OWNER_DATABASE_URL"]}
+    assert {v["name"]: v["valueFrom"]["secretKeyRef"]["name"] for v in container["env"] if "valueFrom" in v} == {
+        "ONESIGNAL_API_KEY": values["existingSecret"], "ONESIGNAL_APP_ID": values["existingSecret"],
+        "DATABASE_URL": values["existingSecret"]}
+    assert env["TZ"] == "UTC"  # extraEnv too
+    assert container.get("envFrom") == bridge.get("envFrom")
+
+    # ... which is what loading the file needs: setup reaches the owner's DSN.
+    referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))
+    assert referenced <= set(env), f"config reads {referenced - set(env)} that the Job does not set"
+    config = parse_config(yaml.safe_load(text), where="setup configmap", env=env)
+    assert isinstance(config.source, PostgresSourceConfig)
+    assert config.source.dsn.get_secret_value() == secret["OWNER_DATABASE_URL"]
+
+
+def test_setup_job_config_loads_from_the_mounted_file(chart: Any, tmp_path: Path) -> None:
+    """outbox, DSN key left empty: the Job falls back to secretKeys.databaseUrl and, with an
+    existing ServiceAccount, runs as that one; `load_config` reads the file as the bridge does."""
+    docs = _render(chart, {"setupJob": {"enabled": True}, "serviceAccount": {"create": False, "name": "app"},
+                           "secretKeys": {"databaseUrl": "BRIDGE_DSN"}, "imagePullSecrets": [{"name": "reg"}],
+                           "config": {"source": {"kind": "outbox"}, "onesignal": {
+                               "app_id": "3f1c2b8e-0000-4000-8000-000000000001"}}})
+    job, pod, container = _setup_job(docs)
+    assert [d["kind"] for d in docs if d["metadata"]["name"] == SETUP_NAME] == ["ConfigMap", "Job"]
+    assert pod["serviceAccountName"] == "app" == _one(docs, "Deployment")["spec"]["template"]["spec"][
+        "serviceAccountName"]
+    assert pod["imagePullSecrets"] == [{"name": "reg"}]
+    assert container["resources"] == _container(docs)["resources"]  # setupJob.resources empty
+    secret = {"ONESIGNAL_API_KEY": "os_v2_app_key", "BRIDGE_DSN": "postgresql://bridge:pw@db/app"}
+    env = _env(container, secret)
+    assert set(env) == {"ONESIGNAL_API_KEY", "DATABASE_URL"}  # app_id is in the file
+    path = tmp_path / "config.yaml"
+    path.write_text(_one(docs, "ConfigMap", SETUP_NAME)["data"]["config.yaml"])
+    config = load_config(path, env=env)
+    assert isinstance(config.source, OutboxSourceConfig)
+    assert config.source.dsn.get_secret_value() == secret["BRIDGE_DSN"]
+    for doc in docs:
+        if doc["metadata"]["name"] == SETUP_NAME:
+            kubernetes_validate.validate(_strip(doc), KUBE_VERSIONS[-1], strict=True)
+
+
+def test_setup_job_values_pass_helm_lint() -> None:
+    report = helm.lint(CHART, _values("setup-job"), strict=True)
+    assert not report["errors"], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_every_setup_job_value_is_described() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["setupJob"]
+    assert values["enabled"] is False
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["setupJob"]
+    assert set(schema["properties"]) == set(values) and schema["additionalProperties"] is False
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert [k for k in values if f"`setupJob.{k}`" not in doc] == []
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_setup_job_is_off_by_default(rendered: dict[str, list[dict[str, Any]]], case: str) -> None:
+    names = {d["metadata"]["name"] for d in rendered[case]}
+    assert (SETUP_NAME in names) == (case == "setup-job")
+
+
+def test_the_setup_job_command_migrates_a_real_database(chart: Any, pg_db: Any, sim: Any, tmp_path: Path) -> None:
+    """The rendered Job's command, for real: `setup --config <the hook ConfigMap's file>` with the
+    Job's environment against a private Postgres as its owner; `check` then finds the schema current."""
+    from bridgeproc import API_KEY, APP_ID, run_cli
+
+    pg_db.execute("CREATE TABLE users (id bigint PRIMARY KEY, plan text, country text);")
+    docs = _render(chart, {**(_values("setup-job") or {}), "config": {"onesignal": {"base_url": sim.base_url}}})
+    _, _, container = _setup_job(docs)
+    path = tmp_path / "config.yaml"
+    path.write_text(_one(docs, "ConfigMap", SETUP_NAME)["data"]["config.yaml"])
+    secret = {"ONESIGNAL_API_KEY": API_KEY, "ONESIGNAL_APP_ID": APP_ID, "OWNER_DATABASE_URL": pg_db.dsn,
+              "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}  # the bridge's DSN: not used here
+    env = _env(container, secret)
+
+    before = run_cli("check", "--config", str(path), env=env)
+    assert before.returncode == 1 and "onesignal_bridge schema" in before.stdout, before.stdout
+    # The mount puts the file at CONFIG_PATH; here it is at `path`.
+    done = run_cli(*[str(path) if arg == CONFIG_PATH else arg for arg in container["args"]], env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[ok  ] onesignal_bridge schema at version" in done.stdout
+    after = run_cli("check", "--config", str(path), env=env)
+    assert after.returncode == 0, after.stdout
+    assert re.search(r"\[ok  \] onesignal_bridge schema is at version \d+ \(current\)", after.stdout), after.stdout
+    assert API_KEY not in done.stdout + done.stderr + after.stdout + after.stderr
+
+
 def test_outbox_and_scaled_kafka_render(chart: Any) -> None:
     docs = _render(chart, {"config": {"source": {"kind": "outbox", "poll_interval_ms": 500}}})
     data, env = _bridge_config(docs)
@@ -452,11 +621,16 @@ def test_outbox_and_scaled_kafka_render(chart: Any) -> None:
         ({"networkPolicy": {"enabled": True, "egress": {
             "onesignalTo": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "onesignalExcept": ["10.0.0.0/8"]}}},
          "onesignalExcept"),
+        ({"setupJob": {"enabled": True},
+          "config": {"source": {"kind": "kafka", "bootstrap_servers": "k:9092", "topics": ["t"]}}},
+         "setupJob.enabled: source.kind kafka has nothing to create in a database"),
+        ({"setupJob": {"enabled": True, "backofflimit": 1}}, "backofflimit"),
     ],
     ids=["postgres-3-replicas", "standby-off", "outbox-2-replicas", "api-key-in-values", "dsn-in-values",
          "sasl-password-in-values", "kafka-without-topics", "postgres-key-in-kafka", "metrics-in-config",
          "no-mappings", "user-rate-above-1", "secret-in-extra-env", "half-kafka-credentials", "short-grace",
-         "empty-network-peer", "misspelt-network-peer", "ip-block-without-cidr", "onesignal-except-with-to"],
+         "empty-network-peer", "misspelt-network-peer", "ip-block-without-cidr", "onesignal-except-with-to",
+         "setup-job-with-kafka", "misspelt-setup-job-key"],
 )
 def test_values_the_chart_refuses(chart: Any, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError) as exc:

@@ -94,6 +94,9 @@ password|passphrase|secret|jaas|(^|\.)key\.pem$|^ssl_key$|^sasl\.oauthbearer\.co
 {{- if and (or $kafkaUser $kafkaPassword) (not (and $kafkaUser $kafkaPassword)) -}}
 {{- fail "secretKeys.kafkaUsername and secretKeys.kafkaPassword go together: set both or neither" -}}
 {{- end -}}
+{{- if and (eq $kind "kafka") .Values.setupJob.enabled -}}
+{{- fail "setupJob.enabled: source.kind kafka has nothing to create in a database (setup applies the onesignal_bridge schema, publication and slot, or the outbox, for postgres and outbox only): set setupJob.enabled: false" -}}
+{{- end -}}
 {{- with .Values.networkPolicy.egress -}}
 {{- if and .onesignalTo .onesignalExcept -}}
 {{- fail "networkPolicy.egress.onesignalExcept narrows onesignalCidr, which onesignalTo replaces: write the exceptions into onesignalTo's ipBlock (except:) instead" -}}
@@ -148,6 +151,148 @@ password|passphrase|secret|jaas|(^|\.)key\.pem$|^ssl_key$|^sasl\.oauthbearer\.co
 {{- end -}}
 {{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" (int .Values.metrics.port)) -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Pieces the Deployment and the setup Job share. --------------------------------------- */}}
+
+{{/* The container's environment: the Secret's keys as the variables the configuration reads, then
+     extraEnv and extraEnvFrom. Argument: dict "root" (the chart's context) and "databaseUrlKey"
+     (the Secret's key for DATABASE_URL). Renders the container's `env:` and `envFrom:` keys. */}}
+{{- define "onesignal-bridge.containerEnv" -}}
+{{- $v := .root.Values -}}
+{{- $kind := include "onesignal-bridge.sourceKind" .root -}}
+{{- $secret := include "onesignal-bridge.secretName" .root -}}
+env:
+  - name: ONESIGNAL_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secret }}
+        key: {{ $v.secretKeys.apiKey }}
+  {{- if not $v.config.onesignal.app_id }}
+  - name: ONESIGNAL_APP_ID
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secret }}
+        key: {{ $v.secretKeys.appId }}
+  {{- end }}
+  {{- if or (eq $kind "postgres") (eq $kind "outbox") }}
+  - name: DATABASE_URL
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secret }}
+        key: {{ .databaseUrlKey }}
+  {{- end }}
+  {{- if and (eq $kind "kafka") $v.secretKeys.kafkaUsername $v.secretKeys.kafkaPassword }}
+  - name: KAFKA_SASL_USERNAME
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secret }}
+        key: {{ $v.secretKeys.kafkaUsername }}
+  - name: KAFKA_SASL_PASSWORD
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secret }}
+        key: {{ $v.secretKeys.kafkaPassword }}
+  {{- end }}
+  {{- with $v.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $v.extraEnvFrom }}
+envFrom:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod's pull secrets, priority class and security context. */}}
+{{- define "onesignal-bridge.podBasics" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* The container's image, pull policy and security context. */}}
+{{- define "onesignal-bridge.containerBasics" -}}
+image: {{ include "onesignal-bridge.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+{{- end -}}
+
+{{/* The configuration file and a writable /tmp: the container's `volumeMounts:` (volumeMounts) or
+     the pod's `volumes:` (volumes). Argument: dict "root", "configMap" (its name), "part". */}}
+{{- define "onesignal-bridge.configVolumes" -}}
+{{- if eq .part "volumeMounts" -}}
+volumeMounts:
+  - name: config
+    mountPath: {{ include "onesignal-bridge.configDir" .root }}
+    readOnly: true
+  - name: tmp
+    mountPath: /tmp
+{{- else -}}
+volumes:
+  - name: config
+    configMap:
+      name: {{ .configMap }}
+      items:
+        - key: config.yaml
+          path: config.yaml
+  - name: tmp
+    emptyDir:
+      sizeLimit: 64Mi
+{{- end -}}
+{{- end -}}
+
+{{/* nodeSelector and tolerations (affinity differs: the Deployment adds anti-affinity for replicas);
+     empty when neither is set. */}}
+{{- define "onesignal-bridge.nodePlacement" -}}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The setup Job (templates/setup-job.yaml) ------------------------------------------------ */}}
+
+{{/* Labels of the setup hook's objects and pod: the release's, but not the bridge's selector
+     labels, so that neither the Service, the PodDisruptionBudget nor the NetworkPolicy pick up
+     the Job's pod. */}}
+{{- define "onesignal-bridge.setupLabels" -}}
+helm.sh/chart: {{ include "onesignal-bridge.chart" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: setup
+{{- end -}}
+
+{{- define "onesignal-bridge.setupName" -}}
+{{- printf "%s-setup" (include "onesignal-bridge.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* A pre-install hook runs before the release's ServiceAccount exists: with serviceAccount.create
+     the Job gets a hook ServiceAccount of its own (same annotations); otherwise the existing one. */}}
+{{- define "onesignal-bridge.setupServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- include "onesignal-bridge.setupName" . -}}
+{{- else -}}
+{{- include "onesignal-bridge.serviceAccountName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Hook annotations; argument: the hook weight. Objects made before the Job get a lower weight. */}}
+{{- define "onesignal-bridge.setupHook" -}}
+helm.sh/hook: pre-install,pre-upgrade
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- end -}}
 
 {{/* PromQL label matchers selecting this release's series. */}}

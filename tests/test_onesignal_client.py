@@ -466,3 +466,55 @@ async def test_a_base_url_below_a_path_prefix_keeps_the_prefix_on_the_wire() -> 
         finally:
             await http.aclose()
     assert seen == [f"/onesignal/v1/apps/{APP_ID}/users/by/external_id/a%2Bb%25%C3%A9"]
+
+
+@pytest.mark.mock_only
+@pytest.mark.parametrize("through", ["direct", "httpx"])
+@pytest.mark.parametrize(("status", "body", "expected"), [
+    (429, {"errors": ["API rate limit exceeded."]}, errors.RateLimited),
+    (400, {"errors": ["Tag value too long"]}, errors.Rejected),
+    (403, {"errors": ["Access denied."]}, errors.AuthError),
+])
+async def test_a_compressed_error_answer_is_read_as_the_error_it_is(
+        through: str, status: int, body: Any, expected: type[errors.OneSignalError]) -> None:
+    """aiohttp asks for gzip and decompresses; the answer's encoding header must not make the
+    body be decoded twice (a CDN in front of OneSignal compresses JSON when asked)."""
+    import gzip
+
+    from bridge.onesignal.transport import AiohttpTransport
+
+    async def compressed(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=gzip.compress(orjson.dumps(body)),
+                            headers={"Content-Encoding": "gzip", "Content-Type": "application/json",
+                                     "Retry-After": "7"})
+
+    async with serving(compressed) as url:
+        http = (build_http_client(url, 5.0) if through == "direct"
+                else httpx.AsyncClient(base_url=url, transport=AiohttpTransport()))
+        try:
+            with pytest.raises(errors.OneSignalError) as info:
+                await OneSignalClient(http, APP_ID, API_KEY).create_user({"external_id": "ada"})
+        finally:
+            await http.aclose()
+    assert type(info.value) is expected, repr(info.value)
+    assert body["errors"][0].rstrip(".") in str(info.value)
+    if status == 429:
+        assert isinstance(info.value, errors.RateLimited) and info.value.retry_after == 7.0
+
+
+@pytest.mark.mock_only
+async def test_a_closed_client_sends_nothing() -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({}, status=202)
+
+    async with serving(record) as url:
+        http = build_http_client(url, 5.0)
+        client = OneSignalClient(http, APP_ID, API_KEY)
+        await client.update_user("external_id", "ada", {"tags": {"x": "1"}})
+        await http.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.update_user("external_id", "ada", {"tags": {"x": "2"}})
+    assert len(seen) == 1

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 from bridgeproc import API_KEY, bridge_config, run_cli, wait_until
 
 USERS_DDL = """
@@ -215,12 +216,15 @@ def test_least_privilege_role_from_sql_runs_the_bridge(pg_db, sim, bridge):
     assert superuser is False
 
 
-def test_a_backlog_is_applied_while_it_is_read_and_metrics_answer_meanwhile(pg_db, sim, bridge):
+@pytest.mark.parametrize("foreign_backfill", [False, True], ids=["plain", "with-another-bridges-backfill"])
+def test_a_backlog_is_applied_while_it_is_read_and_metrics_answer_meanwhile(pg_db, sim, bridge, foreign_backfill):
     """Catching up a backlog (a bridge started after a burst, or back from an outage) must not
     take the event loop for the whole backlog: OneSignal gets a user's state while the rest is
     still being read (not only after the last change), and `/metrics` (like `/healthz`, which
     Kubernetes probes) answers during the catch-up. Not timed: the first request must carry an
-    intermediate value, and a scrape must see a change count strictly between 0 and the total."""
+    intermediate value, and a scrape must see a change count strictly between 0 and the total.
+    The same holds when the stream also carries another bridge's backfill watermarks (one per
+    transaction here): handling one must not give the reader a fresh share of the loop."""
     import threading
 
     import httpx
@@ -232,7 +236,10 @@ def test_a_backlog_is_applied_while_it_is_read_and_metrics_answer_meanwhile(pg_d
     pg_db.execute("INSERT INTO users (id, plan) SELECT g, 'v0' FROM generate_series(1, %s) g", users)
     pg_db.execute(f"""
         DO $$ BEGIN FOR i IN 1..{rounds} LOOP
-            UPDATE users SET plan = 'v' || i; COMMIT;
+            UPDATE users SET plan = 'v' || i;
+            {"PERFORM pg_logical_emit_message(true, 'onesignal_bridge_backfill', 'low:elsewhere-' || i);"
+             if foreign_backfill else ""}
+            COMMIT;
         END LOOP; END $$""")
     total = users + users * rounds
 

@@ -26,7 +26,7 @@ import orjson
 import yarl
 
 from bridge.onesignal import errors
-from bridge.onesignal.transport import AiohttpTransport
+from bridge.onesignal.transport import AiohttpTransport, body_headers
 
 USER_AGENT = "onesignal-bridge/0.1"
 
@@ -233,7 +233,7 @@ class OneSignalClient:
             raise errors.from_exception(exc, req.endpoint) from None
         if 200 <= status < 300 or status in req.ok_statuses:
             return Response(status, errors.parse_body(raw))
-        answer = httpx.Response(status, headers=list(got.items()), content=raw)
+        answer = httpx.Response(status, headers=body_headers(got), content=raw)
         raise errors.from_response(answer, req.endpoint, secret=self._key)
 
     # -- convenience wrappers (used by `check`, the demo and tests) ---------------------

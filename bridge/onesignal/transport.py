@@ -22,14 +22,26 @@ import httpx
 import yarl
 from aiohttp.typedefs import LooseHeaders
 
+# aiohttp has already decompressed the body it returns: these headers describe the bytes on the
+# wire, not the body handed on, and an httpx.Response built with them would decode it again.
+_WIRE_ONLY = frozenset(("content-encoding", "content-length", "transfer-encoding"))
+
+
+def body_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The answer's headers that still describe the (decompressed) body `exchange` returns."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in _WIRE_ONLY]
+
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, max_connections: int = 100, connect_timeout: float = 5.0) -> None:
         self._limit = max_connections
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:  # as httpx refuses a closed client: nothing leaves after shutdown
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300),
@@ -73,8 +85,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except httpx.TransportError as exc:
             exc.request = request
             raise
-        return httpx.Response(status, headers=list(got.items()), content=content, request=request)
+        return httpx.Response(status, headers=body_headers(got), content=content, request=request)
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()

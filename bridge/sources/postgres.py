@@ -296,8 +296,13 @@ class PostgresSource:
         try:
             while True:
                 pending = self._handle_buffered(pg, sink)
-                if pending is not None:  # the hand-over to finish, or the budget spent
+                if pending is _BUDGET_SPENT:  # let the rest of the process run, then a new budget
                     self._budget = DRAIN_BUDGET
+                    await pending
+                elif pending is not None:
+                    # The hand-over to finish or a backfill message: it may complete without the
+                    # event loop turning (a watermark of another bridge's backfill), so the pass
+                    # goes on with what is left of the budget.
                     await pending
                 elif not self._drained:  # nothing was buffered: wait for the socket
                     readable.clear()

@@ -7,6 +7,7 @@ the same topic and `orjson.loads` each value. Target: ratio >= 0.2 (the goal 0.5
     .venv/bin/python bench/kafka_decode.py --before /tmp/before  # also the bridge of another checkout
     .venv/bin/python bench/kafka_decode.py --quick               # 30,000 records, 2 rounds; prints only
     .venv/bin/python bench/kafka_decode.py --profile FILE        # also one py-spy'd bridge pass
+    .venv/bin/python bench/kafka_decode.py --replicas 2          # also 2 bridge processes in one group
 
 Broker: tansu (tests/kafkabroker.py, memory storage) on loopback. One topic of 4 partitions,
 keyed by the row id (the mapping's identity), holding Debezium PostgreSQL-connector change events
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ MAPPING = {
     "on_delete": "delete_user",
 }
 MISMATCHES: list[str] = []
+ASSIGNMENTS: list[str] = []  # with --replicas: each pass's partitions per replica, in order
 
 
 def _row(i: int, plan: str, score: int) -> dict[str, Any]:
@@ -176,23 +179,29 @@ def check_applied(sim: Simulator, want: dict[str, tuple[str, str] | None]) -> st
 
 
 def run_bridge(root: Path, bootstrap: str, sim: Simulator, ends: dict[int, int], workdir: Path, name: str,
-               want: dict[str, tuple[str, str] | None], timeout: float = 600, profile_to: Path | None = None
-               ) -> float:
-    """Seconds from the `assigned` log line to every partition committed at its end."""
+               want: dict[str, tuple[str, str] | None], timeout: float = 600, profile_to: Path | None = None,
+               replicas: int = 1) -> float:
+    """Seconds from the first `assigned` log line to every partition committed at its end.
+    `replicas` processes, started together, share one consumer group (the chart's scale-out for
+    Kafka); each logs which partitions it got (kept in ASSIGNMENTS)."""
     sim.reset()
     group = f"bridge-{uuid.uuid4().hex[:8]}"
-    config = {
-        "onesignal": {"app_id": APP_ID, "api_key": API_KEY, "base_url": sim.base_url},
-        "source": {"kind": "kafka", "bootstrap_servers": bootstrap, "group_id": group, "topics": [TOPIC],
-                   "format": "debezium-json"},
-        "mappings": [MAPPING],
-        "metrics": {"port": free_port(), "host": "127.0.0.1"},
-    }
-    b = BridgeRun(root, config, workdir, name)
+    runs = []
+    for n in range(replicas):
+        config = {
+            "onesignal": {"app_id": APP_ID, "api_key": API_KEY, "base_url": sim.base_url},
+            "source": {"kind": "kafka", "bootstrap_servers": bootstrap, "group_id": group, "topics": [TOPIC],
+                       "format": "debezium-json"},
+            "mappings": [MAPPING],
+            "metrics": {"port": free_port(), "host": "127.0.0.1"},
+        }
+        runs.append(BridgeRun(root, config, workdir, name if replicas == 1 else f"{name}-r{n}"))
+    b = runs[0]
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     parts = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
     spy = None
-    b.start(watch=("assigned",))
+    for run in runs:
+        run.start(watch=("assigned",))
     try:
         if profile_to is not None:
             from pg_decode import profiler
@@ -208,15 +217,22 @@ def run_bridge(root: Path, bootstrap: str, sim: Simulator, ends: dict[int, int],
             if all(tp.offset >= ends[tp.partition] for tp in committed):
                 done_at = time.perf_counter()
                 break
-            if not b.alive():
-                raise RuntimeError(f"bridge exited:\n{b.logs()[-3000:]}")
+            for run in runs:
+                if not run.alive():
+                    raise RuntimeError(f"bridge exited:\n{run.logs()[-3000:]}")
             time.sleep(0.02)
-        started = b.seen("assigned")
-        if done_at is None or started is None:
+        seen = [t for t in (run.seen("assigned") for run in runs) if t is not None]
+        if done_at is None or not seen:
             raise RuntimeError(f"bridge did not commit every record within {timeout}s:\n{b.logs()[-3000:]}")
+        started = min(seen)
+        if replicas > 1:
+            ASSIGNMENTS.append(" / ".join(
+                " then ".join(",".join(re.findall(r"\[(\d+)\]", line)) or "-" for line in run.logs().splitlines()
+                              if " assigned " in line) for run in runs))
     finally:
         probe.close()
-        b.stop()
+        for run in runs:
+            run.stop()
         if spy is not None:
             spy.wait(30)
     problem = check_applied(sim, want)
@@ -234,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", type=Path, help="a checkout of an earlier bridge (git worktree) to run side by side")
     ap.add_argument("--quick", action="store_true", help="30,000 records, 2 rounds, no docs update")
     ap.add_argument("--profile", type=Path, help="one extra bridge pass under py-spy; raw samples to this file")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="also run N bridge processes in one consumer group (scale-out), side by side")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -259,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"produced {args.records:,} records over {args.users} users (mean value {avg:.0f} bytes) in "
               f"{time.perf_counter() - t0:.1f} s; end offsets {ends}", flush=True)
         readers = ["plain", *trees]
+        scaled = f"bridge x{args.replicas}"
+        if args.replicas > 1:
+            readers.append(scaled)
         rates: dict[str, list[float]] = {who: [] for who in readers}
         for r in range(args.rounds):
             order = readers[r % len(readers):] + readers[: r % len(readers)]
@@ -266,11 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             for who in order:
                 if who == "plain":
                     secs[who] = run_plain(broker.bootstrap, args.records)
+                elif who == scaled:
+                    secs[who] = run_bridge(ROOT, broker.bootstrap, sim, ends, workdir, f"x{args.replicas}-{r}", want,
+                                           replicas=args.replicas)
                 else:
                     secs[who] = run_bridge(trees[who], broker.bootstrap, sim, ends, workdir, f"{who}-{r}", want)
                 rates[who].append(args.records / secs[who])
             line = ", ".join(f"{who} {secs[who]:.2f} s ({args.records / secs[who]:,.0f}/s)" for who in readers)
-            ratios = ", ".join(f"{who}/plain {secs['plain'] / secs[who]:.3f}" for who in trees)
+            ratios = ", ".join(f"{who}/plain {secs['plain'] / secs[who]:.3f}" for who in readers[1:])
             print(f"round {r + 1}/{args.rounds}: {line}; {ratios}", flush=True)
         if args.profile:
             t = run_bridge(ROOT, broker.bootstrap, sim, ends, workdir, "profiled", want, profile_to=args.profile)
@@ -290,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         label = "bridge" if who == "bridge" else f"bridge {who} ({described[who]})"
         rows.append(f"| {label}: parse, map, coalesce, apply (simulator), commit | {spread(rates[who])} | "
                     f"{spread(ratios(who), '{:.3f}')} |")
+    if args.replicas > 1:
+        rows.append(f"| bridge, {args.replicas} processes in one consumer group (partitions split between them) | "
+                    f"{spread(rates[scaled])} | {spread(ratios(scaled), '{:.3f}')} |")
     final = "after" if args.before else "bridge"
     verdict = median(ratios(final))
     table = "\n".join([
@@ -308,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Ratio {final} / plain loop, median of the per-round ratios: **{verdict:.3f}** "
         f"(target >= 0.2: {'met' if verdict >= 0.2 else 'missed'}; goal 0.5).",
+        *([] if args.replicas == 1 else [
+            "",
+            f"Scale-out: {args.replicas} bridge processes started together in one group (the chart's `replicaCount` "
+            f"for Kafka), timed from the first `assigned` line; median ratio **{median(ratios(scaled)):.3f}**. "
+            "Partitions per replica, per pass: " + "; ".join(f"`{a}`" for a in ASSIGNMENTS) + "."]),
     ])
     print("\n" + table)
     if MISMATCHES:

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -97,6 +98,13 @@ class OneSignalConfig(_Strict):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("expected an http(s) URL such as https://api.onesignal.com")
+        parts = urlsplit(v)
+        if "@" in parts.netloc:  # the value is not repeated: it holds a password
+            raise ValueError("must not carry credentials (user:password@host): OneSignal is authenticated "
+                             "with onesignal.api_key; give the URL as scheme://host[:port][/path]")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query (?...) or fragment (#...): the bridge appends the API's "
+                             "paths to it; give the URL as scheme://host[:port][/path]")
         return v.rstrip("/")
 
 

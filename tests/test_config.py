@@ -350,6 +350,19 @@ def test_api_key_never_appears_in_a_config_error(edit: Callable[[dict[str, Any]]
     assert API_KEY not in message
 
 
+@pytest.mark.parametrize("url", ["https://bridge:pa55word@api.onesignal.com", "https://:pa55word@api.onesignal.com/"])
+def test_a_base_url_carrying_a_password_is_refused_without_repeating_it(url: str) -> None:
+    message = config_error(changed(lambda t: t["onesignal"].update(base_url=url)))
+    assert "onesignal.base_url" in message and "credentials" in message and "api_key" in message
+    assert "pa55word" not in message
+
+
+@pytest.mark.parametrize("url", ["https://api.onesignal.com/?region=eu", "https://api.onesignal.com#x"])
+def test_a_base_url_with_a_query_or_fragment_is_refused(url: str) -> None:
+    message = config_error(changed(lambda t: t["onesignal"].update(base_url=url)))
+    assert "onesignal.base_url" in message and "query" in message
+
+
 def test_api_key_never_appears_in_a_yaml_syntax_error(tmp_path: Path) -> None:
     path = tmp_path / "bridge.yaml"
     path.write_text(f"onesignal:\n  api_key: {API_KEY}\n  app_id: [a\n")

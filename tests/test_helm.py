@@ -536,6 +536,14 @@ def test_setup_job_values_pass_helm_lint() -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
+def test_the_default_setup_deadline_ends_the_job_before_helm_stops_waiting_for_it() -> None:
+    """Helm waits for a hook at most `--timeout` (5 minutes unless given): a stuck setup must fail
+    as a Job, with its pod's log saying why, not leave helm timing out on a Job still running."""
+    helm_default_timeout_s = 300
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["setupJob"]
+    assert values["activeDeadlineSeconds"] < helm_default_timeout_s
+
+
 def test_every_setup_job_value_is_described() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())["setupJob"]
     assert values["enabled"] is False

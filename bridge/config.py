@@ -98,11 +98,14 @@ class OneSignalConfig(_Strict):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("expected an http(s) URL such as https://api.onesignal.com")
-        parts = urlsplit(v)
-        if "@" in parts.netloc:  # the value is not repeated: it holds a password
+        try:
+            netloc = urlsplit(v).netloc
+        except ValueError as exc:  # e.g. an unclosed [IPv6 literal
+            raise ValueError(f"is not a URL ({exc}); give it as scheme://host[:port][/path]") from None
+        if "@" in netloc:  # the value is not repeated: it holds a password
             raise ValueError("must not carry credentials (user:password@host): OneSignal is authenticated "
                              "with onesignal.api_key; give the URL as scheme://host[:port][/path]")
-        if parts.query or parts.fragment:
+        if "?" in v or "#" in v:  # also an empty one: the API's paths would land in it
             raise ValueError("must not have a query (?...) or fragment (#...): the bridge appends the API's "
                              "paths to it; give the URL as scheme://host[:port][/path]")
         return v.rstrip("/")

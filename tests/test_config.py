@@ -357,10 +357,16 @@ def test_a_base_url_carrying_a_password_is_refused_without_repeating_it(url: str
     assert "pa55word" not in message
 
 
-@pytest.mark.parametrize("url", ["https://api.onesignal.com/?region=eu", "https://api.onesignal.com#x"])
+@pytest.mark.parametrize("url", ["https://api.onesignal.com/?region=eu", "https://api.onesignal.com#x",
+                                 "https://api.onesignal.com/a?", "https://api.onesignal.com/#"])
 def test_a_base_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     message = config_error(changed(lambda t: t["onesignal"].update(base_url=url)))
     assert "onesignal.base_url" in message and "query" in message
+
+
+def test_a_base_url_that_is_no_url_says_how_to_write_one() -> None:
+    message = config_error(changed(lambda t: t["onesignal"].update(base_url="http://[::1:8089")))
+    assert "onesignal.base_url" in message and "scheme://host[:port][/path]" in message
 
 
 def test_api_key_never_appears_in_a_yaml_syntax_error(tmp_path: Path) -> None:

@@ -536,6 +536,46 @@ def test_setup_job_values_pass_helm_lint() -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
+def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    return policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["broad", "narrow"])
+def test_with_network_policies_the_setup_pod_may_reach_dns_and_the_database_only(chart: Any, narrow: bool) -> None:
+    """In a namespace whose NetworkPolicies deny by default, the setup pod must still reach the
+    database: the release's policy selects the bridge's pods only (and does not exist yet at a
+    pre-install), so the pod gets a hook policy of its own, made before the Job: DNS and the
+    source's port, to the same peers as the bridge's; no OneSignal, nothing connecting in."""
+    values = {**(_values("networkpolicy-narrow") if narrow else {"networkPolicy": {"enabled": True}}),
+              "setupJob": {"enabled": True}}
+    docs = _render(chart, values)
+    job, _, _ = _setup_job(docs)
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    bridge_labels = _one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    setup_policy = _one(docs, "NetworkPolicy", SETUP_NAME)
+    release_policy = _one(docs, "NetworkPolicy", FULLNAME)
+    assert _selects(setup_policy, pod_labels) and not _selects(setup_policy, bridge_labels)
+    assert not _selects(release_policy, pod_labels)
+    assert _hook_weight(setup_policy) < _hook_weight(job)  # in place before the pod starts
+
+    assert setup_policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert setup_policy["spec"].get("ingress", []) == []  # nothing may connect to it
+    assert _ports(setup_policy, "egress") == {"53/UDP", "53/TCP", "5432/TCP"}  # no 443: setup never calls OneSignal
+    for rule in setup_policy["spec"]["egress"]:  # the same peers the bridge may reach on those ports
+        ports = _ports({"spec": {"egress": [rule]}}, "egress")
+        (same,) = [r for r in release_policy["spec"]["egress"] if _ports({"spec": {"egress": [r]}}, "egress") == ports]
+        assert rule.get("to") == same.get("to"), ports
+    assert _openings(setup_policy) == (set() if narrow else DNS | {"egress 5432/TCP"})
+    for doc in docs:
+        if doc["kind"] == "NetworkPolicy":
+            kubernetes_validate.validate(_strip(doc), KUBE_VERSIONS[-1], strict=True)
+    report = helm.lint(CHART, values, strict=True)
+    assert not report["errors"], report
+
+    without = _render(chart, {**values, "networkPolicy": {"enabled": False}})
+    assert [d for d in without if d["kind"] == "NetworkPolicy"] == []
+
+
 def test_the_default_setup_deadline_ends_the_job_before_helm_stops_waiting_for_it() -> None:
     """Helm waits for a hook at most `--timeout` (5 minutes unless given): a stuck setup must fail
     as a Job, with its pod's log saying why, not leave helm timing out on a Job still running."""

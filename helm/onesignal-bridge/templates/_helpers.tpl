@@ -274,6 +274,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: setup
 {{- end -}}
 
+{{/* What selects the setup Job's pods (and nothing of the bridge's: component differs). */}}
+{{- define "onesignal-bridge.setupSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: setup
+{{- end -}}
+
 {{- define "onesignal-bridge.setupName" -}}
 {{- printf "%s-setup" (include "onesignal-bridge.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}

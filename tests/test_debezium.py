@@ -832,3 +832,19 @@ def test_anything_else_is_left_to_the_general_parser(value: bytes) -> None:
     from bridge.sources import debezium
 
     assert debezium._parse_usual("dbserver1.public.users", None, value, None, None, None, None) is None
+
+
+@pytest.mark.parametrize("depth", [1_000, 5_000])
+def test_a_deeply_nested_value_is_read_or_poison_never_an_error_that_ends_the_source(depth: int) -> None:
+    """The Kafka source dead-letters a `PoisonMessage` and goes on; any other exception ends it,
+    and the restart reads the same record again. msgspec gives up on deep nesting sooner than
+    the general parser (orjson reads 1,000 levels, refuses 5,000)."""
+    nested = b"[" * depth + b"]" * depth
+    value = (b'{"before": null, "after": {"id": 7, "v": ' + nested +
+             b'}, "op": "c", "source": {"schema": "public", "table": "users", "lsn": 1}}')
+    if depth <= 1_000:
+        parsed = parse_record("dbserver1.public.users", b'{"id": 7}', value, None)
+        assert parsed.kind == "change" and parsed.new is not None and parsed.new["id"] == 7
+    else:
+        with pytest.raises(PoisonMessage, match="depth limit"):
+            parse_record("dbserver1.public.users", b'{"id": 7}', value, None)

@@ -229,7 +229,8 @@ def _parse_usual(topic: str, key: bytes | None, value: bytes, decoders: Mapping[
     its reason. Same result as `_parse_envelope` for the records it takes."""
     try:
         env = _ENVELOPE.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        # RecursionError: nesting deeper than msgspec follows here; orjson's limit then says so
         return None
     the_op = _ROW_OPS.get(env.op)
     src = env.source

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol, cast
 
@@ -57,6 +57,19 @@ log = logging.getLogger("bridge.source.kafka")
 
 FEED_BATCH = BATCH  # records handed to the pipeline in one synchronous pass (a consumed batch)
 PK_CACHE = 10_000
+
+
+def identity_keyed_tables(config: Config) -> dict[str, str]:
+    """{table: identity column} of the tables whose records need no source order: when a record
+    key is exactly that column, one partition holds all of that table's events for a user, in
+    order, so the parser skips the order (and the stale-value filter with it). Only for a table
+    that is the one mapping of its identity label: where another table feeds the same users (an
+    `orders` table keyed by order id whose identity is `user_id`), their events come from other
+    partitions and a user's deletion must still make older events of the other table stale."""
+    per_label = Counter(mp.identity_label for mp in config.mappings)
+    per_table = Counter(mp.table for mp in config.mappings)
+    return {mp.table: mp.identity_column for mp in config.mappings
+            if per_label[mp.identity_label] == 1 and per_table[mp.table] == 1}
 
 
 class _Consumed(Protocol):
@@ -135,9 +148,7 @@ class KafkaSource:
         self._pk_old_rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._keys: dict[Any, dict[str, Any]] = {}  # parsed record keys (debezium.parse_record's key_cache)
         self._sink: Sink | None = None
-        # {table: identity column}: when a record key is exactly that column, one partition holds all
-        # of a user's events in order, so the parser skips the source order (no stale-value filter).
-        self._identity = {mp.table: mp.identity_column for mp in config.mappings}
+        self._identity = identity_keyed_tables(config)
         self._positions: dict[tuple[str, int], str] = {}  # "topic[partition]@" per partition
 
     @property

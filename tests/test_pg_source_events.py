@@ -96,6 +96,26 @@ def test_a_key_only_old_row_keeps_only_its_key() -> None:
     assert e.old == {"id": 6} and e.key == {"id": 7}
 
 
+def test_an_unchanged_toasted_key_is_taken_from_the_key_only_old_row() -> None:
+    """A text key long enough to be stored out of line, not changed by the update: Postgres sends
+    it in the key-only old row and marks it unchanged in the new one. The event's key (what dead
+    letters, `dlq replay` and backfill chunks find the row by) is the real value."""
+    config = parse_config({
+        "onesignal": {"app_id": "app", "api_key": "os_v2_app_test"},
+        "source": {"kind": "postgres", "dsn": "postgresql://bridge@db/app"},
+        "mappings": [{"table": "public.accounts", "identity": {"external_id": "ext"}, "tags": {"nick": "nick"}}],
+    }, env={})
+    src = PostgresSource.from_config(config)
+    src._tx_pos, src._tx_commit_time = "0/1A2B", 1700000000.0
+    columns = (po.Column(True, "ext", int(PgType.TEXT), -1), po.Column(False, "nick", int(PgType.TEXT), -1))
+    relation = po.Relation(16390, "public", "accounts", "d", columns)
+    t = _Table(relation, ["ext"], src._columns["public.accounts"], src._old_columns["public.accounts"])
+    long_key = "k" * 2100
+    e = event_of(src, t, po.Update(16390, "K", (long_key, None), (UNCHANGED, "morpheus")))
+    assert e.key == {"ext": long_key} and e.new == {"ext": long_key, "nick": "morpheus"}
+    assert e.old == {"ext": long_key}
+
+
 def test_delete_keeps_the_mapped_columns_of_the_old_row() -> None:
     src = source()
     e = event_of(src, table(src), po.Delete(16385, "O", ROW))

@@ -16,8 +16,9 @@ CREATE TABLE users (
     id bigint PRIMARY KEY, crm_id text, plan text, country text, created_at timestamptz,
     locale text, tz text, vip boolean, score numeric(6,2)
 );
-CREATE TABLE profiles (id bigint PRIMARY KEY, user_id bigint NOT NULL, nickname text, bio text);
+CREATE TABLE profiles (id bigint PRIMARY KEY, user_id bigint NOT NULL, nickname text, bio text, notes text);
 ALTER TABLE profiles ALTER COLUMN bio SET STORAGE EXTERNAL;
+ALTER TABLE profiles ALTER COLUMN notes SET STORAGE EXTERNAL;
 ALTER TABLE profiles SET (toast_tuple_target = 128);
 """
 
@@ -91,9 +92,14 @@ def test_insert_update_delete_become_tags_properties_aliases_and_user_deletion(p
 def test_unchanged_toast_column_keeps_its_tag(pg_db, sim, bridge):
     _prepare(pg_db, sim, bridge).start()
     rng = random.Random(7)
-    # Out of line (toast_tuple_target 128) yet within OneSignal's tag size (1024 bytes).
+    # Within OneSignal's tag size (1024 bytes). Postgres moves values out of line only from a row
+    # of about 2 kB (toast_tuple_target 128 then says how far): the unmapped notes make it one.
     bio = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1000))
-    pg_db.execute("INSERT INTO profiles VALUES (1, 10, 'neo', %s)", bio)
+    notes = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1500))
+    pg_db.execute("INSERT INTO profiles (id, user_id, nickname, bio, notes) VALUES (1, 10, 'neo', %s, %s)", bio, notes)
+    (toast,) = pg_db.fetch("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'profiles'::regclass")[0]
+    (chunks,) = pg_db.fetch(f"SELECT count(DISTINCT chunk_id) FROM {toast}")[0]
+    assert chunks == 2, "bio and notes are not both out of line: the test would not see an unchanged TOAST bio"
     wait_until(lambda: (sim.user("10") or {}).get("properties", {}).get("tags", {}).get("bio") == bio, what="bio tag")
     pg_db.execute("UPDATE profiles SET nickname = 'trinity' WHERE id = 1")  # bio is unchanged TOAST
     wait_until(lambda: sim.user("10")["properties"]["tags"].get("nickname") == "trinity", what="nickname")

@@ -465,6 +465,8 @@ class PostgresSource:
                                     self._tx_commit_time)
             if old_kind == 0x4B:  # 'K': only the key columns are real
                 old = {k: v for k, v in table.row(old_values).items() if v is not None}
+                if UNCHANGED in new_values:  # an unchanged TOASTed key: the old row has its value
+                    new = {k: (old[k] if v is UNCHANGED and k in old else v) for k, v in new.items()}
             elif UNCHANGED in new_values:  # unchanged TOAST in new: the whole old row has the value
                 old = table.row(old_values)
                 new = {k: (old.get(k, v) if v is UNCHANGED and old.get(k) is not None else v)

@@ -29,6 +29,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from bridge.coalesce import Coalescer, UserBatch
@@ -65,6 +66,18 @@ _ONESIGNAL_DEFAULTS = {k: OneSignalConfig.model_fields[k].default
 # The per-user interval is counted from when the previous response *arrived*: OneSignal received
 # that request earlier still, so the gap it sees is never shorter than ours.
 USER_SPACING_MARGIN_S = 0.02
+
+
+def _rest(batch: UserBatch, deleted: bool) -> UserBatch:
+    """What of `batch` a retry still has to do. Once its Delete user is done, the user must not be
+    deleted again: by the time the retry runs, the user re-created by this batch may carry what
+    the bridge did not create (a push subscription an app attached meanwhile). What follows a
+    deletion then is a new user's: tag and alias removals have nothing left to remove."""
+    if not (deleted and batch.delete_user):
+        return batch
+    return replace(batch, delete_user=False, recreate=False,
+                   tags={k: v for k, v in batch.tags.items() if v is not None},
+                   aliases={k: v for k, v in batch.aliases.items() if v is not None})
 
 
 def backoff(attempt: int, rng: random.Random) -> float:
@@ -249,6 +262,7 @@ class Dispatcher(RenameSteps):
         last_at: float | None = None
         created_at: float | None = None  # this batch's Create user made the user
         unsure_delete = False  # a deletion answered 404 that may be replication lag (see below)
+        deleted = False  # this batch's Delete user is done: a retry must not delete the user again
         letters: list[DeadLetter] = []
         try:
             queue = deque(await self._steps(batch))
@@ -300,6 +314,8 @@ class Dispatcher(RenameSteps):
                     # A user this process never saw, deleted and created again: the Create user that
                     # follows tells whether it existed (202: the deletion did not happen yet).
                     unsure_delete = True
+                if step.req.endpoint == "DELETE /users/by" and not unsure_delete:
+                    deleted = True
                 if step.req.endpoint == "POST /users" and resp.status in (200, 201):
                     created_at = last_at
                 elif step.req.endpoint == "POST /users" and unsure_delete:
@@ -321,7 +337,7 @@ class Dispatcher(RenameSteps):
             delay = min(BACKOFF_CAP_S, LAG_BACKOFF_S * 2 ** min(batch.attempt, 6)) * self.rng.uniform(0.8, 1.25)
             if batch.attempt in (0, 3, 10) or batch.attempt % 50 == 0:
                 log.info("%s; user %s retried in %.1fs (attempt %d)", exc, user, delay, batch.attempt + 1)
-            self._requeue(batch, delay, last_at)
+            self._requeue(_rest(batch, deleted), delay, last_at)
             self._lagging.add(user)
             return
         except errors.RateLimited as exc:
@@ -330,7 +346,7 @@ class Dispatcher(RenameSteps):
             wait = exc.retry_after
             if not exc.retry_after_given:  # no Retry-After: back off by attempt (1 s doubling, at most 60 s)
                 wait = min(BACKOFF_CAP_S, 2.0 ** min(batch.attempt, 6))
-            self._requeue(batch, wait + self.rng.uniform(0, 0.25), last_at)
+            self._requeue(_rest(batch, deleted), wait + self.rng.uniform(0, 0.25), last_at)
             return
         except errors.AuthError as exc:
             if self.auth_error is None:
@@ -338,14 +354,14 @@ class Dispatcher(RenameSteps):
             self.auth_error = exc
             m.READY.set(0)
             self._probe_at = self.clock() + AUTH_PROBE_S
-            self._requeue(batch, AUTH_PROBE_S, last_at)
+            self._requeue(_rest(batch, deleted), AUTH_PROBE_S, last_at)
             return
         except errors.OneSignalError as exc:  # retriable: 5xx, timeouts, connection errors
             m.API_RETRIES.labels(exc.reason).inc()
             delay = backoff(batch.attempt, self.rng)
             if batch.attempt in (0, 3, 10) or batch.attempt % 50 == 0:
                 log.warning("%s; user %s retried in %.1fs (attempt %d)", exc, user, delay, batch.attempt + 1)
-            self._requeue(batch, delay, last_at)
+            self._requeue(_rest(batch, deleted), delay, last_at)
             return
         except asyncio.CancelledError:
             self.coalescer.finished(user, last_at)  # abandoned at shutdown: not confirmed, re-read next start
@@ -354,7 +370,7 @@ class Dispatcher(RenameSteps):
             m.API_RETRIES.labels("internal").inc()
             log.warning("delivery for user %s failed (%s: %s); retried", user, type(exc).__name__, exc,
                         exc_info=batch.attempt == 0)
-            self._requeue(batch, backoff(batch.attempt, self.rng), last_at)
+            self._requeue(_rest(batch, deleted), backoff(batch.attempt, self.rng), last_at)
             return
         if letters:
             await self.dead_letter(letters)

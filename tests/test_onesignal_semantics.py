@@ -200,6 +200,59 @@ async def test_a_429_without_retry_after_is_backed_off_by_attempt_and_the_change
     assert 2 <= limited_count <= 3, f"{limited_count} requests in 4 s"
 
 
+async def test_a_retry_after_a_recreate_partly_applied_never_deletes_the_recreated_user(sim):
+    """A user deleted and created again in one window, with more tags than one request carries:
+    Delete user, Create user (100 tags), Update user (the rest). The Update fails once (503); an
+    app attaches a push subscription to the new user meanwhile. The retry finishes the new user;
+    it must not delete it again (the database deleted the user once; the push subscription is not
+    the bridge's to destroy)."""
+    from bridge.onesignal import errors
+
+    sim.config(replication_lag_ms=0, max_tags=0)
+    push = {"type": "iOSPush", "token": "push-old", "enabled": True}
+    assert _outside(sim, {"identity": {"external_id": "a"}, "subscriptions": [push]}).status_code == 200
+    http = build_http_client(sim.base_url, 5.0)
+    real = OneSignalClient(http, APP_ID, API_KEY)
+    sent: list[str] = []
+    attached: list[int] = []
+
+    class UpdateFailsOnce:  # the real client, but the first Update user answers 503 unapplied
+        async def send(self, req):  # type: ignore[no-untyped-def]
+            if req.endpoint == "PATCH /users/by" and "PATCH /users/by" not in sent:
+                sent.append(req.endpoint)
+                raise errors.ServerError("503 (injected)", status=503, endpoint=req.endpoint)
+            sent.append(req.endpoint)
+            resp = await real.send(req)
+            if req.endpoint == "POST /users" and not attached:  # the user exists again: an app logs in
+                await asyncio.sleep(1.1)  # (OneSignal's 1 request/s per user counts the app's too)
+                r = sim.http.post(f"/apps/{APP_ID}/users/by/external_id/a/subscriptions",
+                                  headers={"Authorization": f"Key {API_KEY}"},
+                                  json={"subscription": {"type": "iOSPush", "token": "push-new", "enabled": True}})
+                attached.append(r.status_code)
+            return resp
+
+    done: list[int] = []
+    dispatcher = Dispatcher(UpdateFailsOnce(), DeliveryConfig(flush_interval_ms=0),  # type: ignore[arg-type]  # a wrapper of the real client
+                            MemoryDeadLetters(), done.extend,
+                            onesignal=OneSignalConfig(app_id=APP_ID, api_key=API_KEY, consistency_window_s=0.0,
+                                                      post_create_delay_s=0.0))
+    runner = asyncio.create_task(dispatcher.run())
+    user = UserRef("external_id", "a")
+    dispatcher.submit(UserChange(user, Origin("public.users", "id=a", "0/1", 1), delete_user=True))
+    dispatcher.submit(UserChange(user, Origin("public.users", "id=a", "0/2", 2),
+                                 tags={f"t{i}": "v" for i in range(150)}))
+    assert await dispatcher.flush_all(20.0)
+    await dispatcher.drain(0)
+    runner.cancel()
+    await http.aclose()
+    assert attached and attached[0] in (200, 201, 202), attached
+    deletions = [r["status"] for r in sim.requests() if r["method"] == "DELETE" and r["user"] == "a"]
+    assert len([st for st in deletions if 200 <= st < 300]) == 1, (deletions, sent)
+    assert sorted(done) == [1, 2] and len(_tags(sim, "a") or {}) == 150
+    tokens = {s["token"] for s in sim.user("a")["subscriptions"]}
+    assert tokens == {"push-new"}, "the retry deleted the re-created user and the subscription the app attached"
+
+
 # -- Create user on an existing user ---------------------------------------------------------------
 
 

@@ -348,15 +348,24 @@ class OutboxSource:
         if confirmable is None or not self._claimed:
             return
         ids: list[int] = []
-        while self._claimed and self._claimed[0][0] <= confirmable:
-            ids.extend(self._claimed.popleft()[1])
+        batches = 0
+        for number, batch_ids in self._claimed:
+            if number > confirmable:
+                break
+            ids.extend(batch_ids)
+            batches += 1
         if not ids:
             return
+        # The batches stay claimed until their rows are deleted: a DELETE that fails (the connection
+        # dropped, shutdown cancelled it) is tried again at the next confirmation, never forgotten
+        # while its ids stay held (which would strand the rows and the claim room for good).
         for i in range(0, len(ids), 10_000):
             chunk = ids[i:i + 10_000]
             await conn.execute("DELETE FROM onesignal_bridge.outbox WHERE id = ANY(%s::bigint[])", (chunk,))
             self._held.difference_update(chunk)
             self.deleted += len(chunk)
+        for _ in range(batches):
+            self._claimed.popleft()
         m.CONFIRMED_POSITION.set(max(ids))
 
     async def _final_confirm(self, conn: psycopg.AsyncConnection[Any], sink: Sink) -> None:

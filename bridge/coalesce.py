@@ -158,6 +158,9 @@ class Coalescer:
         # identity has pending changes of its own. Changes for the users they name wait behind them.
         self._parked: list[UserChange] = []
         self._parked_users: set[UserRef] = set()
+        # old identity -> new, for every rename pending or in flight: a change for the old identity
+        # (a new row taking it over) waits until OneSignal's user no longer answers to it
+        self._renames: dict[UserRef, UserRef] = {}
         self.pending_bytes = 0
         self.coalesced = 0  # changes merged into an already pending user
 
@@ -167,6 +170,12 @@ class Coalescer:
         if self._parked_users and change.user in self._parked_users:
             self._park(change)
             return
+        if self._renames and change.user in self._renames:
+            target = self._renames[change.user]
+            # Only the rename back of a rename still pending merges (a -> b -> a: no rename at all).
+            if not (change.renamed_from == target and target in self._pending):
+                self._park(change)
+                return
         if change.renamed_from is not None:
             self._rename(change, now)
             return
@@ -207,6 +216,10 @@ class Coalescer:
             p.user = new
             first = p.renamed_from or old
             p.renamed_from = None if first == new else first
+            if p.renamed_from is None:
+                self._renames.pop(first, None)
+        if p.renamed_from is not None:
+            self._renames[p.renamed_from] = new
         self._pending[new] = p
         self.pending_bytes += p.merge(change)
         self._schedule(p)
@@ -261,6 +274,8 @@ class Coalescer:
                 p.size += newer.size
         self._pending[batch.user] = p
         self.pending_bytes += p.size
+        if p.renamed_from is not None:
+            self._renames[p.renamed_from] = batch.user
         self._schedule(p)
 
     # -- output --------------------------------------------------------------------------
@@ -311,6 +326,9 @@ class Coalescer:
         if last_request_at is not None:
             self._last_sent[user] = last_request_at
         p = self._pending.get(user)
+        if self._renames:  # its rename is done (a retry puts it back: `requeue`)
+            for old in [o for o, n in self._renames.items() if n == user and (p is None or p.renamed_from != o)]:
+                del self._renames[old]
         if p is not None:
             self._schedule(p)
 

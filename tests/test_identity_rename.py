@@ -115,6 +115,46 @@ def test_a_chain_of_renames_in_one_flush_window_and_a_rename_back_keep_one_user(
     _no_deletes(sim)
 
 
+def test_a_new_row_taking_a_renamed_rows_old_id_becomes_a_new_user(pg_db, sim, bridge):
+    """The row `a` becomes `b` and a new row takes `a` in the same breath: OneSignal's user (with the
+    app's push subscription) is renamed to `b`, and `a` is a new user of its own. Sent together, the
+    new `a` would have landed on the old user before the rename moved it away."""
+    _start(pg_db, sim, bridge, BY_ID)
+    pg_db.execute("INSERT INTO users VALUES ('a', NULL, NULL, 'old')")
+    first = _synced(sim, "a", plan="old")
+    _app_logs_in(sim, "a", "push-a")
+    with psycopg.connect(pg_db.dsn) as conn:
+        conn.execute("UPDATE users SET id = 'b', plan = 'renamed' WHERE id = 'a'")
+        conn.execute("INSERT INTO users VALUES ('a', NULL, NULL, 'fresh')")
+    renamed = _synced(sim, "b", plan="renamed")
+    fresh = _synced(sim, "a", plan="fresh")
+    assert renamed["identity"]["onesignal_id"] == first["identity"]["onesignal_id"]
+    assert _push_tokens(renamed) == {"push-a"} and _push_tokens(fresh) == set()
+    assert fresh["identity"]["onesignal_id"] != first["identity"]["onesignal_id"]
+    assert len(sim.users()) == 2
+    _no_deletes(sim)
+
+
+def test_two_rows_swapping_their_ids_swap_their_users(pg_db, sim, bridge):
+    """a -> t, b -> a, t -> b in one transaction (a swap through a temporary id): each user keeps
+    its push subscription under the other id; no conflict, nothing dead-lettered, nothing deleted."""
+    _start(pg_db, sim, bridge, BY_ID)
+    pg_db.execute("INSERT INTO users VALUES ('a', NULL, NULL, 'was-a'), ('b', NULL, NULL, 'was-b')")
+    _synced(sim, "a", plan="was-a")
+    _synced(sim, "b", plan="was-b")
+    _app_logs_in(sim, "a", "push-a")
+    _app_logs_in(sim, "b", "push-b")
+    with psycopg.connect(pg_db.dsn) as conn:
+        conn.execute("UPDATE users SET id = 't' WHERE id = 'a'")
+        conn.execute("UPDATE users SET id = 'a' WHERE id = 'b'")
+        conn.execute("UPDATE users SET id = 'b' WHERE id = 't'")
+    wait_until(lambda: _push_tokens(sim.user("a")) == {"push-b"} and _push_tokens(sim.user("b")) == {"push-a"},
+               timeout=30, what="the swapped users")
+    assert sim.user("t") is None and len(sim.users()) == 2
+    assert pg_db.fetch("SELECT count(*) FROM onesignal_bridge.dead_letters") == [(0,)]
+    _no_deletes(sim)
+
+
 def test_a_rename_onto_an_identity_another_user_holds_is_dead_lettered_naming_both(pg_db, sim, bridge):
     b = _start(pg_db, sim, bridge, BY_UUID)
     pg_db.execute("INSERT INTO users VALUES ('1', 'ann', NULL, 'free'), ('2', 'bob', NULL, 'free')")

@@ -63,6 +63,44 @@ def test_a_rename_onto_an_identity_with_pending_changes_of_its_own_waits_until_t
     assert (batch.renamed_from, batch.tags) == (A, {"plan": "renamed"})
 
 
+def test_a_new_row_taking_the_old_identity_waits_until_the_rename_is_done():
+    """UPDATE users SET id = 'b' WHERE id = 'a'; INSERT a new 'a'. Until OneSignal's user is
+    renamed it still answers to `a`: the new row's change sent meanwhile would land on it (and be
+    renamed away with it). It waits for the rename, pending or in flight, then goes as a new user."""
+    c = Coalescer(0.0, 1.0)
+    c.add(change(B, 1, A, plan="renamed"), 0.0)
+    c.add(change(A, 2, plan="fresh"), 0.0)
+    (rename,) = c.take_due(1.0, 10)
+    assert (rename.user, rename.renamed_from, list(rename.seqs)) == (B, A, [1])
+    assert c.take_due(2.0, 10) == []  # the new `a` waits while the rename is in flight
+    c.finished(B, 1.0)
+    c.release(1.0)
+    (fresh,) = c.take_due(3.0, 10)
+    assert (fresh.user, fresh.renamed_from, fresh.tags, list(fresh.seqs)) == (A, None, {"plan": "fresh"}, [2])
+
+
+def test_a_swap_of_two_identities_in_one_window_goes_one_rename_at_a_time():
+    """a -> t, b -> a, t -> b (swapping two ids through a temporary one): each rename waits until
+    the identity it takes is free at OneSignal, so no two renames conflict (409) on one id."""
+    c = Coalescer(0.0, 1.0)
+    T = UserRef("external_id", "t")
+    c.add(change(T, 1, A), 0.0)
+    c.add(change(A, 2, B), 0.0)
+    c.add(change(B, 3, T), 0.0)
+    done: list[tuple[UserRef, UserRef | None]] = []
+    now = 1.0
+    while len(done) < 3:
+        batches = c.take_due(now, 10)
+        assert len(batches) <= 1, [(b.user, b.renamed_from) for b in batches]  # one at a time
+        for batch in batches:
+            done.append((batch.user, batch.renamed_from))
+            c.finished(batch.user, now)
+        c.release(now)
+        now += 1.0
+        assert now < 10, done
+    assert done == [(T, A), (A, B), (B, T)]
+
+
 def test_a_retried_rename_is_still_a_rename():
     c = Coalescer(0.0, 1.0)
     c.add(change(B, 1, A, plan="pro"), 0.0)

@@ -6,7 +6,8 @@
   and between the requests of one batch); a cap on in-flight requests.
 - 429: the user waits at least `Retry-After` (without the header: 1 s doubling per attempt, at most
   60 s). 5xx, timeouts, connection errors: the batch goes back into the coalescer with exponential
-  backoff and full jitter, with no limit in time, without blocking other users. 400/409: the
+  backoff and full jitter, with no limit in time, without blocking other users (less a Delete user
+  it already did: the user it re-created is not deleted again). 400/409: the
   request is dead-lettered and the rest of the batch goes on. 401/403: dispatching stops
   (readiness false, the source is held back, nothing is confirmed) and one probe batch is retried
   every `AUTH_PROBE_S` until the key works again.

@@ -78,8 +78,9 @@ class RenameSteps:
 
     def _identity_conflict(self, batch: UserBatch, rest: UserBatch, resp: Response) -> list[Step]:
         """409: the new identity belongs to another OneSignal user. `on_identity_conflict: merge`
-        moves the old user's subscriptions to that user, deletes the emptied old user and applies
-        the change there; otherwise the change is dead-lettered naming both users (neither changes)."""
+        moves the old user's subscriptions to that user, deletes the emptied old user (only once
+        every subscription moved) and applies the change there; otherwise the change is
+        dead-lettered naming both users (neither changes)."""
         old, new = batch.renamed_from, batch.user
         assert old is not None
         table = batch.origins[0].table if batch.origins else ""
@@ -92,8 +93,28 @@ class RenameSteps:
 
         async def after_view(seen: Response) -> list[Step]:
             body = seen.body if isinstance(seen.body, dict) else {}
-            subs = [s for s in body.get("subscriptions") or [] if isinstance(s, dict) and s.get("id")]
-            steps = [Step(requests.transfer_subscription(str(s["id"]), {new.label: new.id})) for s in subs]
+            subs = [str(s["id"]) for s in body.get("subscriptions") or [] if isinstance(s, dict) and s.get("id")]
+            refused: list[str] = []
+
+            def transfer(sid: str, last: bool) -> Step:
+                """Move one subscription; after the last, delete the old user only if every one
+                moved (404: gone already). A refused one keeps the old user, and so the
+                subscriptions still on it: the change is dead-lettered naming both users."""
+                async def after_transfer(resp: Response) -> list[Step]:
+                    if resp.status in (400, 409):
+                        refused.append(f"{sid} ({resp.status})")
+                    if not last:
+                        return []
+                    if refused:
+                        raise RenameConflict(
+                            f"identity conflict: row renamed from {old} to {new}, which another OneSignal user "
+                            f"holds; on_identity_conflict: merge could not move subscription(s) "
+                            f"{', '.join(refused)} to it, so {old} was kept (with them) and the change was not "
+                            f"applied; the other subscriptions were moved")
+                    return [delete]
+                req = dataclasses.replace(requests.transfer_subscription(sid, {new.label: new.id}),
+                                          ok_statuses=frozenset({400, 404, 409}))
+                return Step(req, after=after_transfer)
 
             async def after_delete(_resp: Response) -> list[Step]:
                 log.warning("merged OneSignal user %s into %s (identity conflict on a rename): %d subscription(s) "
@@ -102,8 +123,10 @@ class RenameSteps:
                 await self.subscriptions.rename_owner(str(old), str(new))
                 self.users.seen(new, self.clock(), {})
                 return await self._steps(rest)
-            steps.append(Step(requests.delete_user(old.label, old.id), after=after_delete))
-            return steps
+            delete = Step(requests.delete_user(old.label, old.id), after=after_delete)
+            if not subs:
+                return [delete]
+            return [transfer(sid, i == len(subs) - 1) for i, sid in enumerate(subs)]
         return [Step(view, after=after_view)]
 
 

@@ -186,6 +186,30 @@ def test_merge_on_identity_conflict_leaves_one_user_with_both_users_subscription
     assert _push_tokens(u) == {"push-ann", "push-bob"}
 
 
+def test_merge_that_cannot_move_a_subscription_keeps_the_old_user_and_dead_letters_the_change(
+        pg_db, sim, bridge):
+    """`on_identity_conflict: merge` deletes the old user only once every subscription moved: a
+    transfer OneSignal refuses (here 409 to every transfer) keeps the old user with what is still
+    on it, and the change is dead-lettered naming both users."""
+    _start(pg_db, sim, bridge, dict(BY_UUID, on_identity_conflict="merge"))
+    pg_db.execute("INSERT INTO users VALUES ('1', 'ann', NULL, 'free'), ('2', 'bob', NULL, 'free')")
+    _synced(sim, "ann", plan="free")
+    _synced(sim, "bob", plan="free")
+    _app_logs_in(sim, "ann", "push-ann")
+    _app_logs_in(sim, "bob", "push-bob")
+    sim.faults(error_rate=1.0, status=409, paths="/owner$")
+    pg_db.execute("DELETE FROM users WHERE id = '2'")
+    pg_db.execute("UPDATE users SET member_uuid = 'bob', plan = 'pro' WHERE id = '1'")
+    wait_until(lambda: pg_db.fetch("SELECT reason, message FROM onesignal_bridge.dead_letters"),
+               timeout=30, what="the dead letter")
+    ((reason, message),) = pg_db.fetch("SELECT reason, message FROM onesignal_bridge.dead_letters")
+    assert reason == "identity_conflict" and "could not move" in message and "ann" in message, message
+    sim.clear_faults()
+    assert _push_tokens(sim.user("ann")) == {"push-ann"}, "the old user (and its push subscription) is kept"
+    assert _push_tokens(sim.user("bob")) == {"push-bob"}
+    _no_deletes(sim)
+
+
 CRASH_RUNS = int(os.environ.get("RENAME_CRASH_RUNS", "3"))
 
 

@@ -111,3 +111,44 @@ def test_applied_rows_whose_deletion_failed_are_deleted_later_not_stranded(pg_db
     left, held, events = asyncio.run(main())
     assert (left, held) == (0, 0), f"{left} applied rows left in the outbox, {held} ids still held"
     assert events == 6  # nothing applied twice in this run
+
+
+def test_rows_of_a_table_renamed_after_setup_are_counted_and_named_never_dropped_silently(
+        pg_db: Any, caplog: Any) -> None:
+    """ALTER TABLE users RENAME TO members: the capture trigger goes on writing rows, now under the
+    new name, which no mapping names. They cannot be applied; the operator must hear which table,
+    how many rows, and what to do (once per table in the log, every row in the metric)."""
+    import logging
+
+    from bridge.observability import metrics as m
+
+    pg_db.execute(DDL)
+    cfg = _config(pg_db.dsn)
+    for st in setup_statements(cfg):
+        if "privileges" not in st.why:
+            pg_db.execute(st.text)
+    pg_db.execute("ALTER TABLE users RENAME TO members")
+    before = m.REGISTRY.get_sample_value("onesignal_bridge_outbox_unmapped_rows_total",
+                                         {"table": "public.members"}) or 0.0
+    pg_db.execute("INSERT INTO members SELECT g, 'p' FROM generate_series(1, 3) g")
+
+    async def main() -> list[ChangeEvent]:
+        sink = Sink()
+        src = OutboxSource(cfg.source, cfg)  # type: ignore[arg-type]  # an outbox config
+        stop = asyncio.Event()
+        task = asyncio.create_task(src.run(sink, stop))  # type: ignore[arg-type]  # the sink's stand-in
+        try:
+            assert await _until(lambda: bool(sink.marks))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+        return sink.events
+
+    with caplog.at_level(logging.WARNING):
+        events = asyncio.run(main())
+    assert events == []
+    after = m.REGISTRY.get_sample_value("onesignal_bridge_outbox_unmapped_rows_total", {"table": "public.members"})
+    assert after == before + 3
+    warnings = [r.getMessage() for r in caplog.records if "no mapping names" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "public.members" in warnings[0] and "mappings[].table" in warnings[0] and "setup" in warnings[0]

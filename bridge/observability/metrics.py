@@ -73,6 +73,11 @@ SUBSCRIPTION_TRANSFERS = Counter(
     f"{PREFIX}_subscription_transfers_total", "Subscriptions OneSignal moved from another user (202)",
     registry=REGISTRY,
 )
+OUTBOX_UNMAPPED_ROWS = Counter(
+    f"{PREFIX}_outbox_unmapped_rows_total",
+    "Outbox rows of a table no mapping names (a table renamed after setup, or a mapping removed without "
+    "teardown): deleted without being applied", ["table"], registry=REGISTRY,
+)
 OUTBOX_OLDEST_AGE_SECONDS = Gauge(
     f"{PREFIX}_outbox_oldest_age_seconds",
     "Age of the oldest row waiting in the outbox table (from the start of its transaction); 0 when empty",

@@ -137,6 +137,7 @@ class OutboxSource:
         self.leader = False
         self._leadership = Leadership(LOCK_SQL, (), "the outbox", cfg.poll_interval_ms / 1000.0, log)
         self._tables: dict[str, TableDecoder] = {}
+        self._unmapped: set[str] = set()  # tables whose rows were skipped (warned once each)
         self._batch_no = 0
         self._claimed: deque[tuple[int, list[int]]] = deque()  # (batch number, ids) not yet deleted
         self._held: set[int] = set()  # ids claimed and not yet deleted
@@ -326,8 +327,17 @@ class OutboxSource:
     def _event(self, oid: int, table_name: str, op: str, new_text: str | None, old_text: str | None,
                created_at: dt.datetime | None, sink: Sink) -> ChangeEvent | None:
         table = self._tables.get(table_name)
-        if table is None:
-            return None  # a table no longer mapped: nothing to apply, the row is deleted with its batch
+        if table is None:  # nothing to apply: the row is deleted with its batch, but never silently
+            m.OUTBOX_UNMAPPED_ROWS.labels(table_name).inc()
+            if table_name not in self._unmapped:
+                self._unmapped.add(table_name)
+                log.warning(
+                    "outbox rows of table %s, which no mapping names, are deleted without being applied "
+                    "(counted in onesignal_bridge_outbox_unmapped_rows_total): if a mapped table was renamed, "
+                    "set its new name in mappings[].table; then run onesignal-bridge setup, which also removes "
+                    "the capture triggers of tables no mapping names, so that their writes stop filling the outbox",
+                    table_name)
+            return None
         kind = _OPS.get(op)
         position = f"outbox#{oid}"
         commit_time = created_at.timestamp() if created_at is not None else None

@@ -171,13 +171,19 @@ def test_a_rename_onto_an_identity_another_user_holds_is_dead_lettered_naming_bo
     assert b.alive()
 
 
-def test_merge_on_identity_conflict_leaves_one_user_with_both_users_subscriptions(pg_db, sim, bridge):
+def _ann_and_bob_with_push_subscriptions_merging_on_conflict(pg_db, sim, bridge) -> None:  # type: ignore[no-untyped-def]
+    """Two rows synced (identity member_uuid 'ann' and 'bob'), each user with the app's push
+    subscription, and a bridge that merges on an identity conflict."""
     _start(pg_db, sim, bridge, dict(BY_UUID, on_identity_conflict="merge"))
     pg_db.execute("INSERT INTO users VALUES ('1', 'ann', NULL, 'free'), ('2', 'bob', NULL, 'free')")
     _synced(sim, "ann", plan="free")
     _synced(sim, "bob", plan="free")
     _app_logs_in(sim, "ann", "push-ann")
     _app_logs_in(sim, "bob", "push-bob")
+
+
+def test_merge_on_identity_conflict_leaves_one_user_with_both_users_subscriptions(pg_db, sim, bridge):
+    _ann_and_bob_with_push_subscriptions_merging_on_conflict(pg_db, sim, bridge)
     pg_db.execute("DELETE FROM users WHERE id = '2'")
     pg_db.execute("UPDATE users SET member_uuid = 'bob', plan = 'pro' WHERE id = '1'")
     u = _synced(sim, "bob", plan="pro")
@@ -191,12 +197,7 @@ def test_merge_that_cannot_move_a_subscription_keeps_the_old_user_and_dead_lette
     """`on_identity_conflict: merge` deletes the old user only once every subscription moved: a
     transfer OneSignal refuses (here 409 to every transfer) keeps the old user with what is still
     on it, and the change is dead-lettered naming both users."""
-    _start(pg_db, sim, bridge, dict(BY_UUID, on_identity_conflict="merge"))
-    pg_db.execute("INSERT INTO users VALUES ('1', 'ann', NULL, 'free'), ('2', 'bob', NULL, 'free')")
-    _synced(sim, "ann", plan="free")
-    _synced(sim, "bob", plan="free")
-    _app_logs_in(sim, "ann", "push-ann")
-    _app_logs_in(sim, "bob", "push-bob")
+    _ann_and_bob_with_push_subscriptions_merging_on_conflict(pg_db, sim, bridge)
     sim.faults(error_rate=1.0, status=409, paths="/owner$")
     pg_db.execute("DELETE FROM users WHERE id = '2'")
     pg_db.execute("UPDATE users SET member_uuid = 'bob', plan = 'pro' WHERE id = '1'")

@@ -5,6 +5,7 @@ confirmations the test decides)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import psycopg
 
 from bridge.config import Config, parse_config
 from bridge.events import ChangeEvent
+from bridge.observability import metrics as m
 from bridge.sources.outbox import OutboxSource
 from bridge.sources.outbox_kind import setup_statements
 
@@ -25,6 +27,16 @@ def _config(dsn: str) -> Config:
         "source": {"kind": "outbox", "dsn": dsn, "poll_interval_ms": 200, "metrics_interval_s": 3600},
         "mappings": [{"table": "public.users", "identity": {"external_id": "id"}, "tags": {"plan": "plan"}}],
     }, env={})
+
+
+def _set_up(pg_db: Any) -> Config:
+    """The users table and what `setup` makes for it (outbox, trigger), as the test's superuser."""
+    pg_db.execute(DDL)
+    cfg = _config(pg_db.dsn)
+    for st in setup_statements(cfg):
+        if "privileges" not in st.why:
+            pg_db.execute(st.text)
+    return cfg
 
 
 class Sink:
@@ -63,11 +75,7 @@ def test_applied_rows_whose_deletion_failed_are_deleted_later_not_stranded(pg_db
     lock and its backend is terminated). The source reconnects; the rows must still be deleted,
     and their ids must not stay held (held ids are skipped by every claim and count against
     `max_unconfirmed_rows`: enough of them would stop delivery for good)."""
-    pg_db.execute(DDL)
-    cfg = _config(pg_db.dsn)
-    for st in setup_statements(cfg):
-        if "privileges" not in st.why:
-            pg_db.execute(st.text)
+    cfg = _set_up(pg_db)
     pg_db.execute("INSERT INTO users SELECT g, 'p' FROM generate_series(1, 5) g")
 
     async def main() -> tuple[int, int, int]:
@@ -118,15 +126,7 @@ def test_rows_of_a_table_renamed_after_setup_are_counted_and_named_never_dropped
     """ALTER TABLE users RENAME TO members: the capture trigger goes on writing rows, now under the
     new name, which no mapping names. They cannot be applied; the operator must hear which table,
     how many rows, and what to do (once per table in the log, every row in the metric)."""
-    import logging
-
-    from bridge.observability import metrics as m
-
-    pg_db.execute(DDL)
-    cfg = _config(pg_db.dsn)
-    for st in setup_statements(cfg):
-        if "privileges" not in st.why:
-            pg_db.execute(st.text)
+    cfg = _set_up(pg_db)
     pg_db.execute("ALTER TABLE users RENAME TO members")
     before = m.REGISTRY.get_sample_value("onesignal_bridge_outbox_unmapped_rows_total",
                                          {"table": "public.members"}) or 0.0

@@ -76,7 +76,7 @@ SUBSCRIPTION_TRANSFERS = Counter(
 OUTBOX_UNMAPPED_ROWS = Counter(
     f"{PREFIX}_outbox_unmapped_rows_total",
     "Outbox rows of a table no mapping names (a table renamed after setup, or a mapping removed without "
-    "teardown): deleted without being applied", ["table"], registry=REGISTRY,
+    "running setup again): deleted without being applied", ["table"], registry=REGISTRY,
 )
 OUTBOX_OLDEST_AGE_SECONDS = Gauge(
     f"{PREFIX}_outbox_oldest_age_seconds",

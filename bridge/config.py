@@ -121,6 +121,15 @@ class PostgresSourceConfig(_Strict):
     heartbeat_interval_s: float | None = Field(default=None, gt=0)
     status_interval_s: float = Field(default=1.0, gt=0)
     standby: bool = Field(default=True, description="wait on an advisory lock when another replica streams")
+    # Fencing of the leader's sends (bridge/lease.py, docs/operations.md "Failover"): the leader
+    # sends only while its lock's session answered within leader_lease_s; a replica taking the
+    # lock over from another waits takeover_wait_s (default leader_lease_s +
+    # onesignal.request_timeout_s) before its first request, unless that one handed over cleanly.
+    leader_lease_s: float = Field(default=3.0, gt=0, description="the leader sends only while its lock's session "
+                                  "answered within this many seconds")
+    takeover_wait_s: float | None = Field(default=None, ge=0, description="after taking the lock over from another "
+                                          "replica, send nothing for this long (default: leader_lease_s + "
+                                          "onesignal.request_timeout_s)")
 
     @field_validator("slot")
     @classmethod
@@ -141,6 +150,15 @@ class OutboxSourceConfig(_Strict):
     max_unconfirmed_rows: int = Field(default=20_000, gt=0,
                                       description="claimed rows not yet applied: claiming pauses beyond this")
     metrics_interval_s: float = Field(default=5.0, gt=0, description="how often outbox depth and age are measured")
+    # Fencing of the leader's sends (bridge/lease.py, docs/operations.md "Failover"): the leader
+    # sends only while its lock's session answered within leader_lease_s; a replica taking the
+    # lock over from another waits takeover_wait_s (default leader_lease_s +
+    # onesignal.request_timeout_s) before its first request, unless that one handed over cleanly.
+    leader_lease_s: float = Field(default=3.0, gt=0, description="the leader sends only while its lock's session "
+                                  "answered within this many seconds")
+    takeover_wait_s: float | None = Field(default=None, ge=0, description="after taking the lock over from another "
+                                          "replica, send nothing for this long (default: leader_lease_s + "
+                                          "onesignal.request_timeout_s)")
 
 
 class KafkaSourceConfig(_Strict):

@@ -6,7 +6,8 @@ BridgeError
  ├── ConfigError          the configuration file is wrong           (never retriable)
  ├── SourceError          the source database or broker failed      (retriable)
  │    ├── SourceSetupError  publication/slot/privileges missing     (not retriable)
- │    └── KafkaConsumerError  the Kafka consumer thread ended       (as librdkafka says)
+ │    ├── KafkaConsumerError  the Kafka consumer thread ended       (as librdkafka says)
+ │    └── LeadershipLost  another replica leads now: abandon, rebuild (retriable)
  └── onesignal.errors.OneSignalError   an API call failed (see there)
 ```
 """
@@ -40,6 +41,16 @@ class KafkaConsumerError(SourceError):
     broker or librdkafka refused...): the `kafka` source stops and the process exits non-zero, to be
     restarted; nothing that was not applied has been committed. `retriable` as librdkafka says (a
     refused topic pattern is not; a fatal broker error may clear on a restart)."""
+
+    retriable = True
+
+
+class LeadershipLost(SourceError):
+    """This replica led (it held the leader lock), its lock's session ended, and another replica
+    holds the lock now. What this replica still held for OneSignal (queued changes, retries) is
+    older than what the new leader applies: the runner abandons it (nothing of it is sent or
+    confirmed; the new leader re-reads it from the database) and starts over as a standby.
+    See `bridge.lease`."""
 
     retriable = True
 

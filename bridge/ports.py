@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from bridge.config import Config
     from bridge.deadletter import DeadLetter, DeadLetterStore
     from bridge.events import ChangeEvent, UserChange
+    from bridge.lease import Lease
     from bridge.subscriptions import SubscriptionState
 
 #: Called by an output with the checkpoint tokens it finished (applied or dead-lettered).
@@ -86,6 +87,12 @@ class Source(Protocol):
     confirmable, and returns. It raises `SourceSetupError` for what an operator must fix (a
     missing publication, a missing privilege) and retries what heals by itself (a dropped
     connection). `connected` and `standby` feed readiness: a hot standby is ready and idle.
+
+    `lease`: for a source that elects a leader through a database lock, the `bridge.lease.Lease`
+    that fences what this replica sends (the runner has the OneSignal client await its gate before
+    each request); None where no lock decides who sends (Kafka's group assigns partitions). Such a
+    source raises `LeadershipLost` from `run` when another replica took its lock over: the runner
+    then abandons everything held for OneSignal and starts source and pipeline again.
     """
 
     @property
@@ -93,6 +100,9 @@ class Source(Protocol):
 
     @property
     def standby(self) -> bool: ...
+
+    @property
+    def lease(self) -> Lease | None: ...
 
     async def run(self, sink: Sink, stop: asyncio.Event | None = None,
                   drain: Callable[[], Awaitable[None]] | None = None) -> None: ...

@@ -11,12 +11,13 @@ from typing import Any
 from bridge import __version__, schema
 from bridge.config import Config
 from bridge.dispatch import Dispatcher
+from bridge.errors import LeadershipLost
 from bridge.observability import metrics as m
 from bridge.observability.http import HealthServer
 from bridge.onboarding import reconcile
 from bridge.onesignal import legacy
 from bridge.pipeline import Pipeline
-from bridge.ports import DoneCallback
+from bridge.ports import DoneCallback, Source
 from bridge.sources import registry
 
 log = logging.getLogger("bridge.run")
@@ -44,58 +45,36 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     dead_letters = kind.dead_letters(config, source)
     subscriptions = kind.subscription_state(config)
 
-    def user_updates(done: DoneCallback) -> Dispatcher:
-        if config.onesignal.api == "legacy":
-            return legacy.LegacyDispatcher(client, config.delivery, dead_letters, done,
-                                           missing_user=config.onesignal.legacy_missing_user)
-        return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions,
-                          onesignal=config.onesignal,
-                          identity_conflicts={mc.table: mc.on_identity_conflict for mc in config.mappings})
+    def generation(source: Source) -> _Generation:
+        return _Generation(config, source, client, http, dsn, dead_letters, subscriptions)
 
-    # Continuous reconcile (reconcile.interval_s; None when off) watches the pipeline's output.
-    drift = reconcile.attach(config, client, dsn, lambda: source.connected and not source.standby)
-    pipeline = Pipeline(config, drift.outputs(user_updates) if drift is not None else user_updates)
-    dispatcher = pipeline.output
-    triggers = _attach_triggers(config, pipeline, http, dead_letters)  # None without `triggers:`
+    gen = generation(source)
 
     def ready() -> tuple[bool, str]:
-        if source.standby:
+        if gen.source.standby:
             return True, "hot standby: waiting for the leader's lock"
-        if not source.connected:
+        if not gen.source.connected:
             return False, "source not connected"
-        if dispatcher.auth_error is not None:
+        if gen.dispatcher.auth_error is not None:
             return False, "OneSignal rejects the API key"
         return True, "ok"
 
     health = HealthServer(config.metrics.host, config.metrics.port, ready)
     port = await health.start()
     log.info("onesignal-bridge %s: metrics and health on %s:%d", __version__, config.metrics.host, port)
-
-    async def drain() -> None:
-        ok = await dispatcher.flush_all(config.delivery.shutdown_timeout_s)
-        await dispatcher.drain(0 if ok else 1.0)
-        if triggers is not None:  # what is not sent now is re-read and sent under the same keys
-            await triggers.drain(config.delivery.shutdown_timeout_s)
-        if not ok:
-            log.warning("shutdown deadline reached: %d user(s) not sent; they are re-read on the next start",
-                        dispatcher.pending)
-
-    dispatch_task = asyncio.create_task(dispatcher.run())
-    source_task = asyncio.create_task(source.run(pipeline, stop, drain))
     readiness = asyncio.create_task(_readiness(ready))
-    drift_task = asyncio.create_task(drift.run(pipeline)) if drift is not None else readiness
-    trigger_task = asyncio.create_task(triggers.run()) if triggers is not None else readiness
     try:
-        done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            exc = t.exception()
-            if exc is not None:
-                raise exc
-        return 0
+        while True:
+            try:
+                return await gen.run(stop)
+            except LeadershipLost as exc:
+                # Another replica leads now: everything this generation held for OneSignal was
+                # abandoned with it (the new leader re-reads it); start again, as a standby.
+                log.warning("%s", exc)
+            gen = generation(kind.create(config))
     finally:
-        for t in (dispatch_task, source_task, readiness, drift_task, trigger_task):
-            t.cancel()
-        await asyncio.gather(dispatch_task, source_task, readiness, drift_task, trigger_task, return_exceptions=True)
+        readiness.cancel()
+        await asyncio.gather(readiness, return_exceptions=True)
         await health.stop()
         await http.aclose()
         for store in (dead_letters, subscriptions):
@@ -103,6 +82,68 @@ async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
             if close is not None:
                 await close()
         m.UP.set(0)
+
+
+class _Generation:
+    """A source, the pipeline and the outputs it feeds, run together until stopped or until the
+    source loses its leadership; then every task is cancelled (requests in flight with them)."""
+
+    def __init__(self, config: Config, source: Source, client: Any, http: Any, dsn: str | None,
+                 dead_letters: Any, subscriptions: Any) -> None:
+        self.config, self.source = config, source
+
+        def user_updates(done: DoneCallback) -> Dispatcher:
+            if config.onesignal.api == "legacy":
+                return legacy.LegacyDispatcher(client, config.delivery, dead_letters, done,
+                                               missing_user=config.onesignal.legacy_missing_user)
+            return Dispatcher(client, config.delivery, dead_letters, done, subscriptions=subscriptions,
+                              onesignal=config.onesignal,
+                              identity_conflicts={mc.table: mc.on_identity_conflict for mc in config.mappings})
+
+        # The leader lease (bridge/lease.py), if the source elects a leader: awaited before each request.
+        gate = source.lease.gate if source.lease is not None else None
+        client.gate = gate
+        # Continuous reconcile (reconcile.interval_s; None when off) watches the pipeline's output.
+        self.drift = reconcile.attach(config, client, dsn, lambda: source.connected and not source.standby)
+        self.pipeline = Pipeline(config, self.drift.outputs(user_updates) if self.drift is not None else user_updates)
+        self.dispatcher: Dispatcher = self.pipeline.output  # type: ignore[assignment]  # built by user_updates
+        self.triggers = _attach_triggers(config, self.pipeline, http, dead_letters)  # None without `triggers:`
+        if self.triggers is not None:
+            self.triggers.gate = gate
+
+    async def drain(self) -> None:
+        config, dispatcher = self.config, self.dispatcher
+        ok = await dispatcher.flush_all(config.delivery.shutdown_timeout_s)
+        await dispatcher.drain(0 if ok else 1.0)
+        if self.triggers is not None:  # what is not sent now is re-read and sent under the same keys
+            await self.triggers.drain(config.delivery.shutdown_timeout_s)
+        if not ok:
+            log.warning("shutdown deadline reached: %d user(s) not sent; they are re-read on the next start",
+                        dispatcher.pending)
+
+    async def run(self, stop: asyncio.Event) -> int:
+        dispatcher, pipeline = self.dispatcher, self.pipeline
+        dispatch_task = asyncio.create_task(dispatcher.run())
+        source_task = asyncio.create_task(self.source.run(pipeline, stop, self.drain))
+        tasks: list[asyncio.Task[Any]] = [dispatch_task, source_task]
+        if self.drift is not None:
+            tasks.append(asyncio.create_task(self.drift.run(pipeline)))
+        if self.triggers is not None:
+            tasks.append(asyncio.create_task(self.triggers.run()))
+        try:
+            done, _ = await asyncio.wait({dispatch_task, source_task}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+            return 0
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await dispatcher.drain(0)  # cancels the requests still in flight (an abandoned generation)
+            if self.triggers is not None:
+                self.triggers.abandon()
 
 
 def _attach_triggers(config: Config, pipeline: Pipeline, http: Any, dead_letters: Any) -> Any:

@@ -34,6 +34,7 @@ class MemorySource:
         self.confirmed: list[Any] = []
         self.connected = False
         self.standby = False
+        self.lease = None  # no leader lock: nothing fences the sends
 
     def feed(self, event: ChangeEvent, position: int) -> None:
         self.queue.put_nowait((event, position))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -146,6 +147,9 @@ class OneSignalClient:
         self._prefix = f"/apps/{seg(app_id)}"
         self._auth = {"authorization": f"{scheme} {api_key}"}
         self._key = api_key
+        # Awaited before every request: the leader lease (bridge/lease.py) of a source that elects a
+        # leader; None sends at once.
+        self.gate: Callable[[], Awaitable[None]] | None = None
         # The direct path (`_send_on_wire`): the base URL's origin and path, and the headers
         # httpx would have sent, prepared once. A base URL with a query or fragment has no
         # direct path (httpx's path checks it, and refuses it).
@@ -199,6 +203,8 @@ class OneSignalClient:
         return request
 
     async def send(self, req: Request) -> Response:
+        if self.gate is not None:
+            await self.gate()
         if self._wire is not None:
             return await self._send_on_wire(req, self._wire)
         request = self.prepare(req)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from bridge.config import redact_dsn
-from bridge.errors import BridgeError, SourceSetupError, connection_hint, one_line
+from bridge.errors import BridgeError, LeadershipLost, SourceSetupError, connection_hint, one_line
+from bridge.lease import Lease
 from bridge.observability import metrics as m
 from bridge.observability.logging import dsn_secrets, mask_secrets
 from bridge.ports import Finding
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 RECONNECT_MAX_S = 30.0
 STANDBY_POLL_S = 1.0
+HANDOVER_CHANNEL = "onesignal_bridge_handover"  # a leader's notice that it stopped with nothing in flight
 
 
 class DatabaseKind:
@@ -81,8 +83,9 @@ async def reconnecting(session: Callable[[], Awaitable[None]], stop: asyncio.Eve
         try:
             await session()
         except (psycopg.Error, BridgeError, OSError) as exc:
-            if isinstance(exc, BridgeError) and not exc.retriable:
-                raise  # SourceSetupError, ConfigError: for the operator, not for a retry
+            if isinstance(exc, LeadershipLost) or (isinstance(exc, BridgeError) and not exc.retriable):
+                # LeadershipLost: for the runner (abandon, start over); SourceSetupError, ConfigError:
+                raise  # for the operator, not for a retry
             setup_problem = fatal(exc) if fatal is not None else None
             if setup_problem is not None:
                 raise setup_problem from None
@@ -103,30 +106,71 @@ async def reconnecting(session: Callable[[], Awaitable[None]], stop: asyncio.Eve
             return
 
 
+def lease_for(source: Any, request_timeout_s: float) -> Lease:
+    """The leader lease of a `postgres` or `outbox` source configuration."""
+    wait = source.takeover_wait_s
+    return Lease(source.leader_lease_s, source.leader_lease_s + request_timeout_s if wait is None else wait)
+
+
 class Leadership:
     """One streaming replica per lock: `elect(conn)` takes a session-level advisory lock on `conn`
     (it goes away with the session, so a dead leader frees it); the other replicas wait as hot
     standbys (`standby` true, the standby gauge 1), retrying every `poll_s`, until they get it.
     `lock_sql` is the `pg_try_advisory_lock(...)` query of the kind: never change a kind's lock
-    key, or two versions of the bridge would both lead during a rolling upgrade."""
+    key, or two versions of the bridge would both lead during a rolling upgrade.
+
+    Fencing (`bridge.lease`): `lease` says when this replica may send. `keep(conn)` renews it while
+    the session answers; a replica that takes the lock over from another waits the lease's
+    takeover time before its first request, unless that one handed over cleanly (`hand_over`:
+    a notice on `HANDOVER_CHANNEL` naming this lock, sent when it stopped with nothing in flight,
+    and seen after this replica's last failed attempt). A replica that led, lost its session and
+    then finds another replica holding the lock raises `LeadershipLost`: what it still holds is
+    stale and must not be sent."""
 
     def __init__(self, lock_sql: str, lock_args: tuple[Any, ...], what: str, poll_s: float,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, lease: Lease | None = None) -> None:
         self.lock_sql, self.lock_args, self.what, self.poll_s, self.log = lock_sql, lock_args, what, poll_s, log
+        self.lease = lease or Lease()
         self.standby = False
+        self.led = False  # this replica held the lock at some point
+        self._handed_over = False  # a clean hand-over notice for this lock since the last failed attempt
+
+    def _notice(self, note: psycopg.Notify) -> None:
+        if note.channel == HANDOVER_CHANNEL and note.payload == self.what:
+            self._handed_over = True
 
     async def elect(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
         """True once `conn` holds the lock; False when `stop` was set while waiting."""
         waited = False
+        self._handed_over = False
+        conn.add_notify_handler(self._notice)
+        await conn.execute(f"LISTEN {HANDOVER_CHANNEL}")
+        clock = self.lease.clock
         while not stop.is_set():
+            started = clock()
             cur = await conn.execute(self.lock_sql, self.lock_args)
             row = await cur.fetchone()
             if row and row[0]:
                 self.standby = False
                 m.STANDBY.set(0)
+                took_over = waited and not self._handed_over
+                wait = self.lease.acquired(started, took_over)
+                self.led = True
                 if waited:
-                    self.log.warning("this replica now holds the lock for %s: taking over", self.what)
+                    if took_over:
+                        self.log.warning("this replica now holds the lock for %s: taking over; sending to "
+                                         "OneSignal starts in %.0fs (the previous leader's requests may "
+                                         "still be in flight: source.takeover_wait_s)", self.what, wait)
+                    else:
+                        self.log.warning("this replica now holds the lock for %s: taking over (the previous "
+                                         "leader handed over with nothing in flight)", self.what)
                 return True
+            if self.led:
+                raise LeadershipLost(
+                    f"this replica lost the lock for {self.what} (its database session ended) and another "
+                    "replica leads now: what this replica had not yet sent is abandoned (the new leader "
+                    "re-reads it from the database); starting over as a standby")
+            self._handed_over = False  # a notice before a failed attempt was not for this replica
             if not waited:
                 self.log.info("another replica streams %s; waiting as a hot standby", self.what)
                 waited = True
@@ -137,3 +181,32 @@ class Leadership:
             except TimeoutError:
                 pass
         return False
+
+    async def keep(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Renew the lease while `conn` (the session holding the lock) answers; raise when it fails.
+        Runs beside the leader's work until cancelled."""
+        clock = self.lease.clock
+        every = max(0.05, self.lease.lease_s / 4)
+        while True:
+            started = clock()
+            await conn.execute("SELECT 1")
+            self.lease.renew(started)
+            await asyncio.sleep(every)
+
+    def released(self) -> None:
+        """The session that held the lock is being closed (or failed): another replica may take the
+        lock from now on, so nothing more leaves from here until this one holds it again."""
+        self.lease.end()
+
+    async def hand_over(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Tell the standbys that this leader stops with nothing in flight (call it last, then close
+        `conn`, which frees the lock): the next leader need not wait out this one's requests.
+        Skipped, with a line in the log, when `conn` cannot carry it: the next leader then waits."""
+        self.lease.end()  # nothing more leaves from here
+        if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return  # a query was cancelled on it: no notice (the next leader waits; nothing is lost)
+        try:
+            await conn.execute("SELECT pg_notify(%s, %s)", (HANDOVER_CHANNEL, self.what))
+        except psycopg.Error as exc:
+            self.log.info("could not tell the standbys that this leader stopped cleanly (%s): the next "
+                          "leader waits source.takeover_wait_s before sending", clean(exc))

@@ -137,6 +137,7 @@ class KafkaSource:
         self.tables = {mp.table for mp in config.mappings} | {t.table for t in config.triggers}
         self.decoders = decoders_from(config)
         self.standby = False  # every member of the group reads its own partitions
+        self.lease = None  # the group assigns partitions: no leader lock fences the sends
         self.dead_letter_topic = cfg.dead_letter_topic or "onesignal-bridge.dlq"
         conf = {**DEFAULT_CONSUMER, **cfg.consumer, "bootstrap.servers": cfg.bootstrap_servers,
                 "group.id": cfg.group_id}

@@ -89,7 +89,7 @@ from bridge.errors import SourceError, SourceSetupError
 from bridge.events import ChangeEvent, Op
 from bridge.observability import metrics as m
 from bridge.ports import Sink
-from bridge.sources.database import Leadership, clean, reconnecting
+from bridge.sources.database import Leadership, clean, lease_for, reconnecting
 from bridge.sources.outbox_values import TableDecoder, parse_row
 
 log = logging.getLogger("bridge.source.outbox")
@@ -135,7 +135,9 @@ class OutboxSource:
         self.dsn = dsn or cfg.dsn.get_secret_value()
         self.connected = False
         self.leader = False
-        self._leadership = Leadership(LOCK_SQL, (), "the outbox", cfg.poll_interval_ms / 1000.0, log)
+        self._leadership = Leadership(LOCK_SQL, (), "the outbox", cfg.poll_interval_ms / 1000.0, log,
+                                      lease_for(cfg, config.onesignal.request_timeout_s))
+        self.lease = self._leadership.lease  # fences what this replica sends (bridge/lease.py)
         self._tables: dict[str, TableDecoder] = {}
         self._unmapped: set[str] = set()  # tables whose rows were skipped (warned once each)
         self._batch_no = 0
@@ -187,20 +189,26 @@ class OutboxSource:
             await listener.execute(f"LISTEN {CHANNEL}")
             self._established = True
             listen_task = asyncio.create_task(self._listen(listener))
+            keep_task = asyncio.create_task(self._leadership.keep(conn))
             drain_task = asyncio.create_task(self._drain_loop(conn, sink, listen_task))
             stop_task = asyncio.create_task(self._stop.wait())
-            tasks = [listen_task, drain_task, stop_task]
+            tasks = [listen_task, keep_task, drain_task, stop_task]
             log.info("draining %s as the leader (batch %d, poll every %d ms)", OUTBOX, self.cfg.batch_size,
                      self.cfg.poll_interval_ms)
-            done, _ = await asyncio.wait({drain_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if drain_task in done:
-                drain_task.result()  # raises what ended it
-                return
+            done, _ = await asyncio.wait({drain_task, stop_task, keep_task}, return_when=asyncio.FIRST_COMPLETED)
+            for ended in (keep_task, drain_task):
+                if ended in done:
+                    ended.result()  # raises what ended it (the lock's session failed: reconnect)
+                    return
             drain_task.cancel()
             await asyncio.gather(drain_task, return_exceptions=True)
             if self._drain is not None:
-                await self._drain()
+                await self._drain()  # the lease keeps being renewed meanwhile: what is left may go
+            keep_task.cancel()
+            await asyncio.gather(keep_task, return_exceptions=True)
             await self._final_confirm(conn, sink)
+            if sink.idle:  # every request answered: the next leader need not wait for this one's
+                await self._leadership.hand_over(conn)
             log.info("stopped; %d outbox row(s) deleted, %d claimed and left for the next leader",
                      self.deleted, len(self._held))
         finally:
@@ -211,6 +219,7 @@ class OutboxSource:
             self.connected = False
             self.leader = False
             self._leadership.standby = False
+            self._leadership.released()
             if listener is not None:
                 await listener.close()
             await conn.close()

@@ -29,7 +29,7 @@ from bridge.sources import pgoutput as po
 from bridge.sources.backfill import PREFIX as BACKFILL_PREFIX
 from bridge.sources.backfill import REQUESTS_TABLE as BACKFILL_REQUESTS
 from bridge.sources.backfill import Backfills
-from bridge.sources.database import Leadership, clean, reconnecting
+from bridge.sources.database import Leadership, clean, lease_for, reconnecting
 from bridge.sources.pg_rows import _Slow, _Table
 
 log = logging.getLogger("bridge.source.postgres")
@@ -63,7 +63,7 @@ def _now_us_since_2000() -> int:
 class PostgresSource:
     def __init__(self, cfg: PostgresSourceConfig, tables: set[str], dsn: str | None = None,
                  requests_per_s: float = 900.0, columns: dict[str, frozenset[str]] | None = None,
-                 old_columns: dict[str, frozenset[str]] | None = None) -> None:
+                 old_columns: dict[str, frozenset[str]] | None = None, request_timeout_s: float = 10.0) -> None:
         self.cfg = cfg
         self._columns = columns or {}
         self._old_columns = old_columns or {}
@@ -73,7 +73,9 @@ class PostgresSource:
         self.connected = False
         self._tx_pos = "0/0"
         self._leadership = Leadership("SELECT pg_try_advisory_lock(hashtext(%s))", (LOCK_PREFIX + cfg.slot,),
-                                      f"slot {cfg.slot}", STANDBY_POLL_S, log)
+                                      f"slot {cfg.slot}", STANDBY_POLL_S, log, lease_for(cfg, request_timeout_s))
+        # fences what this replica sends (bridge/lease.py); without `standby` there is no lock to fence with
+        self.lease = self._leadership.lease if cfg.standby else None
         self.received_lsn = 0
         self.flushed_lsn = 0
         self._pg: pq.abc.PGconn | None = None
@@ -95,7 +97,7 @@ class PostgresSource:
             old_columns[t.table] = old_columns.get(t.table, frozenset()) | t.old_columns()
         return cls(config.source, set(columns),
                    requests_per_s=config.delivery.app_requests_per_second,
-                   columns=columns, old_columns=old_columns)
+                   columns=columns, old_columns=old_columns, request_timeout_s=config.onesignal.request_timeout_s)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -168,11 +170,31 @@ class PostgresSource:
         leader = await self._acquire_leadership() if self.cfg.standby else None
         if self.cfg.standby and leader is None:
             return  # stopped while waiting as a standby
+        if leader is None:
+            await self._stream_as_leader(sink, None)
+            return
+        # The lease is renewed beside the stream from the moment the lock is held (a long initial
+        # snapshot included); when the lock's session fails, the stream stops with it.
+        keep = asyncio.create_task(self._leadership.keep(leader))
+        body = asyncio.create_task(self._stream_as_leader(sink, leader))
         try:
-            await self._stream_as_leader(sink, leader)
+            await asyncio.wait({keep, body}, return_when=asyncio.FIRST_COMPLETED)
+            if body.done():
+                body.result()
+                if self._stop.is_set() and sink.idle:  # every request answered: no need to wait for us
+                    keep.cancel()
+                    await asyncio.gather(keep, return_exceptions=True)
+                    await self._leadership.hand_over(leader)
+                return
+            body.cancel()
+            await asyncio.gather(body, return_exceptions=True)
+            keep.result()  # raises what ended the lock's session
         finally:
-            if leader is not None:
-                await leader.close()
+            for t in (keep, body):
+                t.cancel()
+            await asyncio.gather(keep, body, return_exceptions=True)
+            self._leadership.released()
+            await leader.close()
 
     async def _stream_as_leader(self, sink: Sink, leader: psycopg.AsyncConnection[Any] | None) -> None:
         conn = await psycopg.AsyncConnection.connect(

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -74,6 +74,7 @@ class TriggerOutput:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self.auth_error: Exception | None = None
+        self.gate: Callable[[], Awaitable[None]] | None = None  # the leader lease (bridge/lease.py)
 
     # -- the pipeline's side --------------------------------------------------------------
 
@@ -136,6 +137,11 @@ class TriggerOutput:
         while (self._tasks or self._release_ready()) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(POLL_S)
 
+    def abandon(self) -> None:
+        """Cancel the requests in flight (a replica that lost its leadership: see bridge/lease.py)."""
+        for t in list(self._tasks):
+            t.cancel()
+
     def _release_ready(self) -> bool:
         if not self._queue:
             return False
@@ -176,6 +182,8 @@ class TriggerOutput:
             body = {"events": [send.body]}
             counter = m.CUSTOM_EVENTS
         try:
+            if self.gate is not None:
+                await self.gate()
             r = await self._http.post(path, content=orjson.dumps(body), headers=self._headers)
         except httpx.HTTPError as exc:
             log.warning("trigger %s: %s for %s failed (%s); retrying with the same idempotency key",

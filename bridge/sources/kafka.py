@@ -10,10 +10,13 @@
   and at shutdown. Records are handed over a consumed batch at a time (at most BATCH records)
   in one synchronous pass (`Sink.offer`), each batch's offsets marked per partition after it.
   Auto-commit is off: nothing is committed before it was applied or dead-lettered.
-- Rebalance: on revocation the confirmable offsets of the revoked partitions are committed,
-  nothing of them is committed afterwards, and their buffered records are dropped (a record is
-  handed over only while its partition is assigned under the assignment it was fetched with), so
-  unfinished work is re-read by the next owner. Lost partitions (session expired) are not committed.
+- Rebalance: on revocation nothing more of the revoked partitions is handed over, the revocation
+  waits (at most 30 s, and half of `max.poll.interval.ms`) until what was handed over from them is
+  applied or dead-lettered, then their confirmable offsets are committed, nothing of them is
+  committed afterwards, and their buffered records are dropped (a record is handed over only while
+  its partition is assigned under the assignment it was fetched with). So their next owner starts
+  after this member's requests for them landed: a late older value cannot overwrite its newer
+  one. Lost partitions (session expired) are not committed.
 - A failure of the consumer thread ends `run` with :class:`bridge.errors.KafkaConsumerError`
   (what happened and what to do), logged with its traceback, so the process exits non-zero and
   is restarted; a failure of the hand-over ends it with that error.
@@ -242,6 +245,7 @@ class KafkaSource:
                     last[tp] = offset
                 for (topic, partition), offset in last.items():
                     sink.mark((topic, partition, offset))
+                thread.handed(last)
                 thread.release()
                 await _LET_OTHERS_RUN
                 continue

@@ -16,7 +16,8 @@
   them once the buffer has drained. Pausing drops librdkafka's own prefetch and resuming fetches
   from the record after the last one polled, so nothing is lost or reordered.
 - Offsets are committed per partition (offset + 1) every second, at once when the loop says it
-  caught up, on revocation (before the partitions go) and at close. Lost partitions (session
+  caught up, on revocation (before the partitions go, after what was handed over from them was
+  applied: `_settle`) and at close. Lost partitions (session
   expired) are not committed.
 - When it fails, it records the failure, fails pending commands and closes the consumer; the loop
   raises :class:`bridge.errors.KafkaConsumerError` (see :func:`consumer_failed`).
@@ -51,6 +52,9 @@ BUFFER_LOW, BUFFER_LOW_BYTES = BATCH, 4 << 20
 # Shorter waits are ordinary flow control and keep librdkafka's prefetch, which a pause drops.
 PAUSE_AFTER_S = 1.0
 PAUSE_LOG_AFTER_S = 5.0  # a pause this long is logged at info
+# A revocation waits at most this long (and at most half of max.poll.interval.ms) for what was
+# handed over from the revoked partitions to be applied, before it lets them go to their next owner.
+REVOKE_WAIT_S = 30.0
 
 DEFAULT_CONSUMER = {
     "enable.auto.commit": False,
@@ -92,6 +96,9 @@ class ConsumerThread:
         self.lock = threading.Lock()
         self.assigned: dict[TP, int] = {}  # partition -> the assignment (generation) it came with
         self._confirmed: dict[TP, int] = {}  # highest offset the watermark passed
+        self._handed: dict[TP, int] = {}  # highest offset handed to the pipeline
+        self._revoking: set[TP] = set()  # revoked, waiting for what was handed over to be applied
+        self._settled = threading.Condition(self.lock)  # notified when a revoking partition confirms
         self._buffer: deque[tuple[int, list[Message], int]] = deque()  # fetched, not yet handed over
         self._buffered = 0  # records in _buffer
         self._buffer_bytes = 0
@@ -109,6 +116,7 @@ class ConsumerThread:
         self._assignment = 0
         self._assignment_changed = False
         self._pause_after = min(PAUSE_AFTER_S, max_poll_interval_s / 4)
+        self._revoke_wait_s = min(REVOKE_WAIT_S, max_poll_interval_s / 2)
         self._full_since = 0.0
         self._paused = False
         self._paused_at = 0.0
@@ -130,8 +138,18 @@ class ConsumerThread:
 
     def confirm(self, tp: TP, offset: int) -> None:
         with self.lock:
-            if tp in self.assigned and offset > self._confirmed.get(tp, -1):
+            if (tp in self.assigned or tp in self._revoking) and offset > self._confirmed.get(tp, -1):
                 self._confirmed[tp] = offset
+                if tp in self._revoking:
+                    self._settled.notify_all()
+
+    def handed(self, last: dict[TP, int]) -> None:
+        """The loop handed these offsets (the highest per partition of a batch) to the pipeline."""
+        with self.lock:
+            handed = self._handed
+            for tp, offset in last.items():
+                if offset > handed.get(tp, -1):
+                    handed[tp] = offset
 
     def check(self) -> None:
         """Raise :class:`KafkaConsumerError` when the thread is gone."""
@@ -166,6 +184,8 @@ class ConsumerThread:
         """The batch `take()` returned is handed over: it no longer counts as buffered."""
         with self.lock:
             self._in_hand = (0, 0)
+            if self._revoking:
+                self._settled.notify_all()
             if self._full and self._buffered <= BUFFER_LOW and self._buffer_bytes <= BUFFER_LOW_BYTES:
                 self.room.set()
 
@@ -385,10 +405,35 @@ class ConsumerThread:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
+        if not self._closing:  # at close the shutdown drain has already waited for what could go
+            self._settle(revoked)
         self.commit_confirmed(revoked)
         dropped = self._forget(revoked)
         left = f" ({dropped} fetched record(s) not handed over are left to the next owner)" if dropped else ""
         log.info("revoked %s%s", ", ".join(f"{t}[{p}]" for t, p in sorted(revoked)) or "nothing", left)
+
+    def _settle(self, revoked: set[TP]) -> None:
+        """Before a revocation completes, wait (at most `_revoke_wait_s`) until everything handed
+        over from those partitions was applied or dead-lettered, so that their next owner, which
+        reads from the commit, never sends a user's value before this member's older request for
+        it has landed (a late older value would overwrite the newer one). Nothing more of them is
+        handed over meanwhile."""
+        deadline = time.monotonic() + self._revoke_wait_s
+        with self.lock:
+            for tp in revoked:
+                self.assigned.pop(tp, None)  # the loop hands over nothing more of them
+                self._revoking.add(tp)
+            while True:
+                behind = [tp for tp in revoked if self._confirmed.get(tp, -1) < self._handed.get(tp, -1)]
+                if not behind and not self._in_hand[0]:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._settled.wait(min(left, POLL_S))
+        log.warning("revoking %s: what was handed over from them is not all applied after %.0fs; its "
+                    "requests go on, and may reach OneSignal after the next owner's for the same users",
+                    ", ".join(f"{t}[{p}]" for t, p in sorted(behind)) or "a batch in hand", self._revoke_wait_s)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
@@ -402,6 +447,8 @@ class ConsumerThread:
             for tp in partitions:
                 self.assigned.pop(tp, None)
                 self._confirmed.pop(tp, None)
+                self._handed.pop(tp, None)
+                self._revoking.discard(tp)
             kept: deque[tuple[int, list[Message], int]] = deque()
             dropped = 0
             for generation, msgs, nbytes in self._buffer:

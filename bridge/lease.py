@@ -15,15 +15,16 @@ The lease closes that window by construction, with two rules and the client's re
    `t0`; whenever the session ends, the lease ran out at most `lease_s` later, by this replica's
    own clock, whether or not it noticed. Requests that started before then end (answered or
    abandoned) within `request_timeout_s`.
-2. A replica that takes the lock over from another one (it found the lock held, then got it)
-   sends nothing for `takeover_wait_s` (by default `lease_s + request_timeout_s`) after it got the
-   lock, unless the previous leader said it handed over cleanly: it stopped with nothing in
-   flight and sent the hand-over notice (see `bridge.sources.database.Leadership`).
+2. A replica that takes the lock over from another one sends nothing for `takeover_wait_s` (by
+   default `lease_s + request_timeout_s`) after it got the lock, unless the previous leader
+   stopped cleanly: with every request answered, recorded in `onesignal_bridge.leaders` (see
+   `bridge.sources.database.Leadership`). A lock found free says nothing: the previous leader
+   may be cut off, not gone.
 
 Together: the previous leader's last request left before the lock was free plus `lease_s`, and
 was over `request_timeout_s` after that, before the new leader's first request leaves. What the
-previous leader still held (queued, waiting for a retry) is abandoned, not sent: the new leader
-re-reads it from the database (see `LeadershipLost`).
+previous leader still held (queued, waiting for a retry) is abandoned, not sent, as soon as it
+learns that another replica led: the leader re-reads it from the database (see `LeadershipLost`).
 
 Pure: the clock is injected; `gate()` is what the OneSignal client awaits before each request.
 """

@@ -73,6 +73,21 @@ INSERT INTO onesignal_bridge.schema_version (version, name) VALUES (1, 'base') O
 ALTER TABLE onesignal_bridge.dead_letters ADD COLUMN IF NOT EXISTS row_keys jsonb;
 INSERT INTO onesignal_bridge.schema_version (version, name) VALUES (2, 'dead_letter_row_keys') ON CONFLICT (version) DO NOTHING;
 
+-- schema version 3: leaders
+-- onesignal-bridge schema, version 3: who led each stream last, for fencing (bridge/lease.py).
+-- One row per leader lock (the outbox, or a replication slot). A replica that takes the lock
+-- bumps `epoch` and sets `clean` false; a leader that stops with every request answered sets
+-- `clean` true. The next leader waits out the previous one's requests unless they ended cleanly,
+-- and a replica that finds another epoch than its own abandons what it still held.
+CREATE TABLE IF NOT EXISTS onesignal_bridge.leaders (
+    lock_name  text PRIMARY KEY,
+    epoch      bigint NOT NULL,
+    clean      boolean NOT NULL DEFAULT false,
+    holder     text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO onesignal_bridge.schema_version (version, name) VALUES (3, 'leaders') ON CONFLICT (version) DO NOTHING;
+
 -- publication onesignal_bridge for the mapped tables
 DO $$ BEGIN
   IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'onesignal_bridge') THEN

@@ -32,6 +32,7 @@ END $$;
 --   wakeup          SELECT, UPDATE (raise and lower the "waiting for a notification" flag)
 --   dead_letters    INSERT (+ the id sequence) while running; SELECT, UPDATE, DELETE for `dlq`
 --   subscriptions   SELECT, INSERT, UPDATE, DELETE (email/SMS subscription ids it learned)
+--   leaders         SELECT, INSERT, UPDATE (who led last and whether it stopped cleanly: fencing)
 -- LISTEN, advisory locks (leader election) and reading the catalogs need no grant.
 DO $$
 BEGIN
@@ -42,5 +43,6 @@ BEGIN
         GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.dead_letters TO onesignal_bridge_outbox;
         GRANT USAGE ON SEQUENCE onesignal_bridge.dead_letters_id_seq TO onesignal_bridge_outbox;
         GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO onesignal_bridge_outbox;
+        GRANT SELECT, INSERT, UPDATE ON onesignal_bridge.leaders TO onesignal_bridge_outbox;
     END IF;
 END $$;

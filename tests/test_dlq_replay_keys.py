@@ -189,14 +189,14 @@ def test_an_older_installation_is_migrated_by_setup_and_its_text_keys_replay_onl
     # `run` and `dlq` refuse an old schema with the command that fixes it; `check` reports it.
     b.start()
     assert b.proc is not None and b.proc.wait(30) != 0
-    assert "schema is at version 1, this bridge needs 2: run `onesignal-bridge setup" in b.logs(), b.logs()
+    assert "schema is at version 1, this bridge needs 3: run `onesignal-bridge setup" in b.logs(), b.logs()
     dlq = run_cli("dlq", "list", "--config", str(b.config_path))
     assert dlq.returncode == 2 and "run `onesignal-bridge setup" in dlq.stderr, dlq.stdout + dlq.stderr
     check = run_cli("check", "--config", str(b.config_path))
     assert "[FAIL] the database's onesignal_bridge schema is at version 1" in check.stdout, check.stdout
     setup = run_cli("setup", "--config", str(b.config_path))
     assert setup.returncode == 0 and "schema version 2: dead letter row keys" in setup.stdout, setup.stderr
-    assert "schema is at version 2 (current)" in run_cli("check", "--config", str(b.config_path)).stdout
+    assert "schema is at version 3 (current)" in run_cli("check", "--config", str(b.config_path)).stdout
     assert _count(pg_db) == len(old), "migrating keeps every dead letter"
 
     b.start()

@@ -12,6 +12,7 @@ import math
 import psycopg
 import pytest
 
+from bridge import schema
 from bridge.errors import LeadershipLost
 from bridge.lease import Lease
 from bridge.sources.database import Leadership
@@ -81,6 +82,7 @@ async def test_a_request_waits_while_the_lock_session_does_not_answer_and_goes_w
 LOCK = ("SELECT pg_try_advisory_lock(hashtext(%s))", ("onesignal-bridge-test-lease",))
 _log = logging.getLogger("test.lease")
 _HELD: list[psycopg.AsyncConnection] = []  # type: ignore[type-arg]
+TAKEOVER_S = 25
 
 
 @pytest.fixture(autouse=True)
@@ -90,108 +92,136 @@ async def _close_held():  # type: ignore[no-untyped-def]
         await _HELD.pop().close()
 
 
-def _leadership(lease_s: float = 10, takeover_wait_s: float = 25) -> Leadership:
-    return Leadership(LOCK[0], LOCK[1], "the test lock", 0.05, _log, Lease(lease_s, takeover_wait_s))
+@pytest.fixture
+def dsn(pg_db) -> str:  # type: ignore[no-untyped-def]
+    """A database with the bridge's schema (the leaders table)."""
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        schema.migrate(conn)
+    return str(pg_db.dsn)
+
+
+def _leadership() -> Leadership:
+    return Leadership(LOCK[0], LOCK[1], "the test lock", 0.05, _log, Lease(10, TAKEOVER_S), key="test")
 
 
 async def _connect(dsn: str) -> psycopg.AsyncConnection:  # type: ignore[type-arg]
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-
-
-async def _standby_elects(dsn: str, standby: Leadership, stop: asyncio.Event) -> asyncio.Task[bool]:
-    """`standby` waiting for the lock on a connection of its own (left open: holding the lock is
-    holding the session)."""
-    conn = await _connect(dsn)
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     _HELD.append(conn)  # referenced until the test ends: a collected connection frees its lock
-    task = asyncio.create_task(standby.elect(conn, stop))
+    return conn
+
+
+async def _leads(dsn: str, replica: Leadership) -> psycopg.AsyncConnection:  # type: ignore[type-arg]
+    conn = await _connect(dsn)
+    assert await asyncio.wait_for(replica.elect(conn, asyncio.Event()), 10)
+    return conn
+
+
+async def _waits(dsn: str, standby: Leadership) -> asyncio.Task[bool]:
+    """`standby` waiting for the lock on a connection of its own (its `elect` task)."""
+    task = asyncio.create_task(standby.elect(await _connect(dsn), asyncio.Event()))
     for _ in range(100):
         if standby.standby:
-            break
+            return task
         await asyncio.sleep(0.02)
-    assert standby.standby, "the second replica did not wait behind the first"
-    return task
+    raise AssertionError("the replica did not wait behind the lock's holder")
 
 
-async def _leader_and_standby(dsn: str, stop: asyncio.Event):  # type: ignore[no-untyped-def]
-    """A leader holding the lock on its connection, and a standby waiting behind it (its `elect`
-    task)."""
+async def _end_holder(dsn: str) -> None:
+    """End the session holding the test lock (as a crash, a partition or a database restart would)."""
+    admin = await _connect(dsn)
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+
+
+def _wait_of(replica: Leadership) -> float:
+    return replica.lease.open_in(replica.lease.clock())
+
+
+async def test_the_first_leader_of_a_stream_sends_at_once(dsn):
+    leader = _leadership()
+    await _leads(dsn, leader)
+    assert _wait_of(leader) == 0
+
+
+async def test_a_standby_that_takes_over_from_a_vanished_leader_waits_out_its_requests(dsn):
     leader, standby = _leadership(), _leadership()
-    conn = await _connect(dsn)
-    _HELD.append(conn)
-    assert await leader.elect(conn, stop)
-    return leader, conn, standby, await _standby_elects(dsn, standby, stop)
-
-
-async def test_a_standby_that_takes_over_from_a_vanished_leader_waits_out_its_requests(pg_db):
-    leader, first, standby, waiting = await _leader_and_standby(pg_db.dsn, asyncio.Event())
-    assert leader.lease.open_in(leader.lease.clock()) == 0, "the first leader of a stream sends at once"
-    await first.close()  # the leader's session ends without a word (a crash, a partition)
+    conn = await _leads(dsn, leader)
+    waiting = await _waits(dsn, standby)
+    await conn.close()  # the leader's session ends without a word (a crash, a partition)
     assert await asyncio.wait_for(waiting, 10)
-    assert standby.lease.open_in(standby.lease.clock()) == pytest.approx(25, abs=1), (
+    assert _wait_of(standby) == pytest.approx(TAKEOVER_S, abs=1), (
         "the new leader must not send while the old one's requests may still land")
 
 
-async def test_a_leader_that_stops_cleanly_lets_the_standby_send_at_once(pg_db):
-    leader, first, standby, waiting = await _leader_and_standby(pg_db.dsn, asyncio.Event())
-    await leader.hand_over(first)
-    assert leader.lease.open_in(leader.lease.clock()) == math.inf, "nothing leaves a leader that handed over"
-    await first.close()
+async def test_a_leader_that_stops_cleanly_lets_the_next_one_send_at_once(dsn):
+    leader, standby = _leadership(), _leadership()
+    conn = await _leads(dsn, leader)
+    waiting = await _waits(dsn, standby)
+    await leader.hand_over(conn)
+    assert _wait_of(leader) == math.inf, "nothing leaves a leader that handed over"
+    await conn.close()
     assert await asyncio.wait_for(waiting, 10)
-    assert standby.lease.open_in(standby.lease.clock()) == 0
+    assert _wait_of(standby) == 0
 
 
-async def test_a_hand_over_notice_seen_before_another_leader_took_the_lock_does_not_count(pg_db):
-    stop = asyncio.Event()
+async def test_a_replica_that_finds_the_lock_free_after_a_database_restart_still_waits(dsn):
+    leader, standby = _leadership(), _leadership()
+    await _leads(dsn, leader)
+    waiting = await _waits(dsn, standby)
+    admin = await _connect(dsn)  # the database restarts: every session ends
+    await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(psycopg.OperationalError):
+        await asyncio.wait_for(waiting, 10)
+    reconnected = standby  # the standby's next session finds the lock free at once
+    await _leads(dsn, reconnected)
+    assert _wait_of(reconnected) == pytest.approx(TAKEOVER_S, abs=1), (
+        "the old leader's requests may still be in flight: a free lock does not mean it stopped")
+
+
+async def test_a_clean_stop_counts_only_for_the_leader_that_made_it(dsn):
     a, b, c = _leadership(), _leadership(), _leadership()
-    conn_a = await _connect(pg_db.dsn)
-    assert await a.elect(conn_a, stop)
-    waiting_b = await _standby_elects(pg_db.dsn, b, stop)
-    waiting_c = await _standby_elects(pg_db.dsn, c, stop)
+    conn_a = await _leads(dsn, a)
     await a.hand_over(conn_a)
     await conn_a.close()
-    done, _ = await asyncio.wait({waiting_b, waiting_c}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-    winner, loser = (b, c) if waiting_b in done else (c, b)
-    other = waiting_c if winner is b else waiting_b
-    await asyncio.sleep(0.3)  # the loser fails a few more attempts behind the winner
-    assert not other.done() and loser.standby
-    # The winner vanishes without a word: the loser takes over, and must wait.
-    assert winner.led
-    await _close_holder(pg_db.dsn)
-    assert await asyncio.wait_for(other, 10)
-    assert loser.lease.open_in(loser.lease.clock()) == pytest.approx(25, abs=1), (
-        "the first leader's clean hand-over was taken for the second one's")
+    await _leads(dsn, b)  # b takes over from a clean stop, then vanishes
+    assert _wait_of(b) == 0
+    await _end_holder(dsn)
+    await asyncio.sleep(0.1)
+    await _leads(dsn, c)
+    assert _wait_of(c) == pytest.approx(TAKEOVER_S, abs=1), "a's clean stop was taken for b's"
 
 
-async def _close_holder(dsn: str) -> None:
-    """End the session holding the test lock (as a crash or a partition would)."""
-    async with await _connect(dsn) as admin:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
-
-
-async def test_a_leader_that_lost_its_session_to_a_new_leader_abandons_what_it_held(pg_db):
-    stop = asyncio.Event()
-    old, _conn, _new, waiting = await _leader_and_standby(pg_db.dsn, stop)
-    await _close_holder(pg_db.dsn)  # the old leader's session is terminated
+async def test_a_leader_that_lost_its_session_to_a_new_leader_abandons_what_it_held(dsn):
+    old, new = _leadership(), _leadership()
+    await _leads(dsn, old)
+    waiting = await _waits(dsn, new)
+    await _end_holder(dsn)  # the old leader's session is terminated; the standby takes over
     assert await asyncio.wait_for(waiting, 10)
-    again = await _connect(pg_db.dsn)
-    try:
-        with pytest.raises(LeadershipLost, match="another replica leads now"):
-            await asyncio.wait_for(old.elect(again, stop), 10)
-    finally:
-        await again.close()
+    with pytest.raises(LeadershipLost, match="another replica led since"):
+        await asyncio.wait_for(old.elect(await _connect(dsn), asyncio.Event()), 10)
 
 
-async def test_a_leader_that_lost_its_session_and_got_the_lock_back_goes_on_at_once(pg_db):
-    stop = asyncio.Event()
+async def test_a_leader_that_finds_the_lock_free_after_another_led_meanwhile_abandons_what_it_held(dsn):
+    old, other = _leadership(), _leadership()
+    await _leads(dsn, old)
+    await _end_holder(dsn)  # the old leader is cut off for a while (its reconnects fail) ...
+    await asyncio.sleep(0.1)
+    conn = await _leads(dsn, other)  # ... another replica leads, sends newer values, stops
+    await other.hand_over(conn)
+    await conn.close()
+    with pytest.raises(LeadershipLost):
+        await asyncio.wait_for(old.elect(await _connect(dsn), asyncio.Event()), 10)
+    fresh = _leadership()  # the runner's next generation takes the lock again, as a new replica
+    await _leads(dsn, fresh)
+    assert _wait_of(fresh) == 0, "the other replica stopped cleanly"
+
+
+async def test_a_leader_that_lost_its_session_and_got_the_lock_back_goes_on_at_once(dsn):
     leader = _leadership()
-    conn = await _connect(pg_db.dsn)
-    assert await leader.elect(conn, stop)
-    await _close_holder(pg_db.dsn)
-    again = await _connect(pg_db.dsn)
-    try:
-        assert await leader.elect(again, stop), "nobody else held the lock: it leads again"
-        assert leader.lease.open_in(leader.lease.clock()) == 0
-    finally:
-        await again.close()
+    await _leads(dsn, leader)
+    await _end_holder(dsn)
+    await asyncio.sleep(0.1)
+    await _leads(dsn, leader)  # nobody else led meanwhile: its queue is still the newest
+    assert _wait_of(leader) == 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from bridge import schema
 from bridge.config import Config, parse_config
 from bridge.events import ChangeEvent
 from bridge.observability import metrics as m
@@ -30,8 +31,11 @@ def _config(dsn: str) -> Config:
 
 
 def _set_up(pg_db: Any) -> Config:
-    """The users table and what `setup` makes for it (outbox, trigger), as the test's superuser."""
+    """The users table and what `setup` makes for it (the bridge's schema, outbox, trigger), as the
+    test's superuser."""
     pg_db.execute(DDL)
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        schema.migrate(conn)
     cfg = _config(pg_db.dsn)
     for st in setup_statements(cfg):
         if "privileges" not in st.why:

@@ -503,6 +503,18 @@ async def test_injected_502_answers_html_so_clients_must_parse_defensively(sim: 
     assert unaffected.status_code == 404, "paths limits the fault to matching requests"
 
 
+async def test_a_request_held_by_latency_is_applied_even_when_its_client_gave_up(sim: Sim) -> None:
+    await sim.create("u1")
+    await sim.client.post("/_simulator/faults", json={"latency_ms": 800, "paths": "/external_id/u1$"})
+    with pytest.raises(httpx.ReadTimeout):
+        await sim.client.patch(sim.user_path("u1"), json={"properties": {"tags": {"plan": "late"}}}, timeout=0.2)
+    assert (await sim.control("stats"))["in_progress"] == 1, "the held request is counted while it is held"
+    await sim.client.delete("/_simulator/faults")
+    user = await poll(lambda: sim.user("u1"), lambda body: body["properties"].get("tags", {}).get("plan") == "late")
+    assert user["properties"]["tags"] == {"plan": "late"}, "what OneSignal received, it applies"
+    await poll(lambda: sim.control("stats"), lambda body: body["in_progress"] == 0)
+
+
 async def test_timeout_fault_holds_the_request_until_the_client_leaves_and_applies_nothing(sim: Sim) -> None:
     await sim.client.post("/_simulator/faults", json={"timeout_rate": 1.0})
     with pytest.raises(httpx.ReadTimeout):
@@ -542,7 +554,7 @@ async def test_stats_count_requests_by_endpoint_status_and_rate_limiting(start_s
     await sim.create("u1")
     await sim.client.get(sim.user_path("nobody"))
     stats = await sim.control("stats")
-    assert stats == {"total_requests": 3, "rate_limited": 1,
+    assert stats == {"total_requests": 3, "in_progress": 0, "rate_limited": 1,
                      "by_endpoint": {"POST /apps/{app_id}/users": 2,
                                      "GET /apps/{app_id}/users/by/{alias_label}/{alias_id}": 1},
                      "by_status": {"200": 1, "429": 1, "404": 1},

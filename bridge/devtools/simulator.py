@@ -119,6 +119,7 @@ class Simulator:
         self.settings = settings
         self.faults: Faults | None = None
         self.stopping = asyncio.Event()
+        self.in_progress = 0  # /apps/ requests received and not yet answered (kept across resets)
         self.reset()
 
     @property
@@ -163,8 +164,13 @@ class Simulator:
         if not request.path.startswith(("/apps/", "/api/v1/apps/")):  # /api/v1/: legacy (simlegacy.py)
             return await handler(request)
         status, subject = 500, None
+        self.in_progress += 1
         try:
             try:
+                # The whole request is read first, as a server that accepted it has it: a request
+                # held by a fault is then applied even if its client has gone away meanwhile
+                # (OneSignal does not undo what it received because the caller stopped listening).
+                await request.read()
                 subject = await self._subject(request)
             except web.HTTPException as exc:  # body over client_max_size: refused up front
                 response: web.StreamResponse = _http_error(exc)
@@ -173,6 +179,7 @@ class Simulator:
             status = response.status
             return response
         finally:
+            self.in_progress -= 1
             self._record(request, status, subject)
 
     async def _pipeline(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -344,7 +351,8 @@ class Simulator:
         return _json({"users": self.state.view_all()})
 
     async def control_stats(self, request: web.Request) -> web.Response:
-        return _json({"total_requests": self.total_requests, "by_endpoint": dict(self.by_endpoint),
+        return _json({"total_requests": self.total_requests, "in_progress": self.in_progress,
+                      "by_endpoint": dict(self.by_endpoint),
                       "by_status": dict(self.by_status), "rate_limited": self.rate_limited,
                       "rate_limited_by": dict(self.writes.refused)})
 

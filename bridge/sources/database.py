@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 RECONNECT_MAX_S = 30.0
 STANDBY_POLL_S = 1.0
-HANDOVER_CHANNEL = "onesignal_bridge_handover"  # a leader's notice that it stopped with nothing in flight
 
 
 class DatabaseKind:
@@ -112,6 +113,14 @@ def lease_for(source: Any, request_timeout_s: float) -> Lease:
     return Lease(source.leader_lease_s, source.leader_lease_s + request_timeout_s if wait is None else wait)
 
 
+LEADERS = "onesignal_bridge.leaders"
+_TAKE_EPOCH = (
+    f"INSERT INTO {LEADERS} AS l (lock_name, epoch, clean, holder) VALUES (%s, 1, false, %s)"
+    " ON CONFLICT (lock_name) DO UPDATE SET epoch = l.epoch + 1, clean = false, holder = EXCLUDED.holder,"
+    " updated_at = now() RETURNING epoch"
+)
+
+
 class Leadership:
     """One streaming replica per lock: `elect(conn)` takes a session-level advisory lock on `conn`
     (it goes away with the session, so a dead leader frees it); the other replicas wait as hot
@@ -119,58 +128,50 @@ class Leadership:
     `lock_sql` is the `pg_try_advisory_lock(...)` query of the kind: never change a kind's lock
     key, or two versions of the bridge would both lead during a rolling upgrade.
 
-    Fencing (`bridge.lease`): `lease` says when this replica may send. `keep(conn)` renews it while
-    the session answers; a replica that takes the lock over from another waits the lease's
-    takeover time before its first request, unless that one handed over cleanly (`hand_over`:
-    a notice on `HANDOVER_CHANNEL` naming this lock, sent when it stopped with nothing in flight,
-    and seen after this replica's last failed attempt). A replica that led, lost its session and
-    then finds another replica holding the lock raises `LeadershipLost`: what it still holds is
-    stale and must not be sent."""
+    Fencing (`bridge.lease`): `lease` says when this replica may send; `keep(conn)` renews it while
+    the session holding the lock answers. Each replica that takes the lock starts a new epoch in
+    `onesignal_bridge.leaders` (row `key`), written under the lock; a leader that stops with every
+    request answered marks its epoch clean (`hand_over`). Taking the lock, a replica
+    - finds no row (the stream's first leader) or a clean epoch: it sends at once;
+    - finds another replica's epoch that did not end cleanly (a crash, a partition, a database
+      restart): it waits the lease's takeover time before its first request;
+    - finds an epoch other than its own after it led: another replica led in between, so what this
+      one still holds is older than what that one sent: `LeadershipLost` (the runner abandons it).
+    A replica that led and finds the lock held by another raises `LeadershipLost` as well."""
 
     def __init__(self, lock_sql: str, lock_args: tuple[Any, ...], what: str, poll_s: float,
-                 log: logging.Logger, lease: Lease | None = None) -> None:
+                 log: logging.Logger, lease: Lease | None = None, key: str = "") -> None:
         self.lock_sql, self.lock_args, self.what, self.poll_s, self.log = lock_sql, lock_args, what, poll_s, log
+        self.key = key or what
         self.lease = lease or Lease()
         self.standby = False
-        self.led = False  # this replica held the lock at some point
-        self._handed_over = False  # a clean hand-over notice for this lock since the last failed attempt
+        self.epoch: int | None = None  # the epoch this replica started when it last took the lock
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
-    def _notice(self, note: psycopg.Notify) -> None:
-        if note.channel == HANDOVER_CHANNEL and note.payload == self.what:
-            self._handed_over = True
+    @property
+    def led(self) -> bool:
+        """This replica held the lock at some point."""
+        return self.epoch is not None
+
+    def _lost(self) -> LeadershipLost:
+        return LeadershipLost(
+            f"this replica lost the lock for {self.what} (its database session ended) and another replica "
+            "led since: what this replica had not yet sent is abandoned (the leader re-reads it from the "
+            "database); starting over")
 
     async def elect(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
         """True once `conn` holds the lock; False when `stop` was set while waiting."""
         waited = False
-        self._handed_over = False
-        conn.add_notify_handler(self._notice)
-        await conn.execute(f"LISTEN {HANDOVER_CHANNEL}")
         clock = self.lease.clock
         while not stop.is_set():
             started = clock()
             cur = await conn.execute(self.lock_sql, self.lock_args)
             row = await cur.fetchone()
             if row and row[0]:
-                self.standby = False
-                m.STANDBY.set(0)
-                took_over = waited and not self._handed_over
-                wait = self.lease.acquired(started, took_over)
-                self.led = True
-                if waited:
-                    if took_over:
-                        self.log.warning("this replica now holds the lock for %s: taking over; sending to "
-                                         "OneSignal starts in %.0fs (the previous leader's requests may "
-                                         "still be in flight: source.takeover_wait_s)", self.what, wait)
-                    else:
-                        self.log.warning("this replica now holds the lock for %s: taking over (the previous "
-                                         "leader handed over with nothing in flight)", self.what)
+                await self._take(conn, started, waited)
                 return True
             if self.led:
-                raise LeadershipLost(
-                    f"this replica lost the lock for {self.what} (its database session ended) and another "
-                    "replica leads now: what this replica had not yet sent is abandoned (the new leader "
-                    "re-reads it from the database); starting over as a standby")
-            self._handed_over = False  # a notice before a failed attempt was not for this replica
+                raise self._lost()
             if not waited:
                 self.log.info("another replica streams %s; waiting as a hot standby", self.what)
                 waited = True
@@ -182,9 +183,32 @@ class Leadership:
                 pass
         return False
 
+    async def _take(self, conn: psycopg.AsyncConnection[Any], started: float, waited: bool) -> None:
+        """The lock is held: read how the previous epoch ended, start this replica's, open the lease."""
+        cur = await conn.execute(f"SELECT epoch, clean FROM {LEADERS} WHERE lock_name = %s", (self.key,))
+        last = await cur.fetchone()
+        if self.epoch is not None and (last is None or last[0] != self.epoch):
+            await conn.execute("SELECT pg_advisory_unlock_all()")  # the next generation takes it again
+            raise self._lost()
+        took_over = last is not None and not last[1] and self.epoch is None
+        cur = await conn.execute(_TAKE_EPOCH, (self.key, self.holder))
+        got = await cur.fetchone()
+        assert got is not None  # INSERT ... RETURNING always returns the row
+        self.epoch = int(got[0])
+        self.standby = False
+        m.STANDBY.set(0)
+        wait = self.lease.acquired(started, took_over)
+        if took_over:
+            self.log.warning("this replica now holds the lock for %s: taking over; sending to OneSignal starts "
+                             "in %.0fs (the previous leader did not stop cleanly and its requests may still be "
+                             "in flight: source.takeover_wait_s)", self.what, wait)
+        elif waited:
+            self.log.warning("this replica now holds the lock for %s: taking over (the previous leader stopped "
+                             "with nothing in flight)", self.what)
+
     async def keep(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Renew the lease while `conn` (the session holding the lock) answers; raise when it fails.
-        Runs beside the leader's work until cancelled."""
+        """Renew the lease while `conn` (the session holding the lock, used for nothing else) answers;
+        raise when it fails. Runs beside the leader's work until cancelled."""
         clock = self.lease.clock
         every = max(0.05, self.lease.lease_s / 4)
         while True:
@@ -199,14 +223,15 @@ class Leadership:
         self.lease.end()
 
     async def hand_over(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Tell the standbys that this leader stops with nothing in flight (call it last, then close
-        `conn`, which frees the lock): the next leader need not wait out this one's requests.
+        """Mark this replica's epoch clean: it stops with every request answered, so the next leader
+        need not wait out its requests (call it last, then close `conn`, which frees the lock).
         Skipped, with a line in the log, when `conn` cannot carry it: the next leader then waits."""
         self.lease.end()  # nothing more leaves from here
-        if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            return  # a query was cancelled on it: no notice (the next leader waits; nothing is lost)
+        if self.epoch is None or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return  # a query was cancelled on it: not marked (the next leader waits; nothing is lost)
         try:
-            await conn.execute("SELECT pg_notify(%s, %s)", (HANDOVER_CHANNEL, self.what))
+            await conn.execute(f"UPDATE {LEADERS} SET clean = true, updated_at = now()"
+                               " WHERE lock_name = %s AND epoch = %s", (self.key, self.epoch))
         except psycopg.Error as exc:
-            self.log.info("could not tell the standbys that this leader stopped cleanly (%s): the next "
-                          "leader waits source.takeover_wait_s before sending", clean(exc))
+            self.log.info("could not record that this leader stopped cleanly (%s): the next leader waits "
+                          "source.takeover_wait_s before sending", clean(exc))

@@ -136,7 +136,7 @@ class OutboxSource:
         self.connected = False
         self.leader = False
         self._leadership = Leadership(LOCK_SQL, (), "the outbox", cfg.poll_interval_ms / 1000.0, log,
-                                      lease_for(cfg, config.onesignal.request_timeout_s))
+                                      lease_for(cfg, config.onesignal.request_timeout_s), key="outbox")
         self.lease = self._leadership.lease  # fences what this replica sends (bridge/lease.py)
         self._tables: dict[str, TableDecoder] = {}
         self._unmapped: set[str] = set()  # tables whose rows were skipped (warned once each)
@@ -177,11 +177,15 @@ class OutboxSource:
     async def _session(self, sink: Sink) -> None:
         conn = await self._connect()
         listener: psycopg.AsyncConnection[Any] | None = None
+        # The leader lock lives on a session of its own, which serves nothing else: a long claim,
+        # DELETE or count on `conn` never delays the lease's renewals (bridge/lease.py).
+        lock: psycopg.AsyncConnection[Any] | None = None
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self._check_outbox(conn)
             self.connected = True
-            if not await self._elect(conn):
+            lock = await self._connect()
+            if not await self._elect(lock):
                 return  # stopped while waiting as a standby
             self.leader = True
             await self._load_tables(conn)
@@ -189,7 +193,7 @@ class OutboxSource:
             await listener.execute(f"LISTEN {CHANNEL}")
             self._established = True
             listen_task = asyncio.create_task(self._listen(listener))
-            keep_task = asyncio.create_task(self._leadership.keep(conn))
+            keep_task = asyncio.create_task(self._leadership.keep(lock))
             drain_task = asyncio.create_task(self._drain_loop(conn, sink, listen_task))
             stop_task = asyncio.create_task(self._stop.wait())
             tasks = [listen_task, keep_task, drain_task, stop_task]
@@ -208,7 +212,7 @@ class OutboxSource:
             await asyncio.gather(keep_task, return_exceptions=True)
             await self._final_confirm(conn, sink)
             if sink.idle:  # every request answered: the next leader need not wait for this one's
-                await self._leadership.hand_over(conn)
+                await self._leadership.hand_over(lock)
             log.info("stopped; %d outbox row(s) deleted, %d claimed and left for the next leader",
                      self.deleted, len(self._held))
         finally:
@@ -220,9 +224,9 @@ class OutboxSource:
             self.leader = False
             self._leadership.standby = False
             self._leadership.released()
-            if listener is not None:
-                await listener.close()
-            await conn.close()
+            for c in (listener, lock, conn):
+                if c is not None:
+                    await c.close()
 
     async def _check_outbox(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (OUTBOX,))
@@ -234,7 +238,7 @@ class OutboxSource:
             )
 
     async def _elect(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Take the leader lock on the claiming connection; wait as a hot standby meanwhile."""
+        """Take the leader lock on `conn` (the lock's own session); wait as a hot standby meanwhile."""
         return await self._leadership.elect(conn, self._stop)
 
     @property

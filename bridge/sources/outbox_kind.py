@@ -27,7 +27,8 @@ BRIDGE_GRANTS = (
     "GRANT SELECT, UPDATE ON onesignal_bridge.wakeup TO {role};\n"
     "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.dead_letters TO {role};\n"
     "GRANT USAGE ON SEQUENCE onesignal_bridge.dead_letters_id_seq TO {role};\n"
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO {role};"
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON onesignal_bridge.subscriptions TO {role};\n"
+    "GRANT SELECT, INSERT, UPDATE ON onesignal_bridge.leaders TO {role};"
 )
 
 
@@ -292,6 +293,8 @@ def outbox_checks(config: Config, src: OutboxSourceConfig) -> list[Finding]:
                 "remember email/SMS subscription ids",
                 False,
             ),
+            ("onesignal_bridge.leaders", "TABLE", ("SELECT", "INSERT", "UPDATE"),
+             "record its leadership (fencing a failover: docs/operations.md)", False),
             (
                 "onesignal_bridge.dead_letters",
                 "TABLE",

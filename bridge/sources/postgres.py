@@ -73,7 +73,8 @@ class PostgresSource:
         self.connected = False
         self._tx_pos = "0/0"
         self._leadership = Leadership("SELECT pg_try_advisory_lock(hashtext(%s))", (LOCK_PREFIX + cfg.slot,),
-                                      f"slot {cfg.slot}", STANDBY_POLL_S, log, lease_for(cfg, request_timeout_s))
+                                      f"slot {cfg.slot}", STANDBY_POLL_S, log, lease_for(cfg, request_timeout_s),
+                                      key=f"slot:{cfg.slot}")
         # fences what this replica sends (bridge/lease.py); without `standby` there is no lock to fence with
         self.lease = self._leadership.lease if cfg.standby else None
         self.received_lsn = 0

@@ -144,6 +144,11 @@ def bridge_config(
             "slot": "onesignal_bridge",
             "publication": "onesignal_bridge",
             "snapshot": "never",
+            # Tests restart bridges after SIGKILL all the time; a restart after a crash waits out
+            # the dead process's requests (13 s by default, bridge/lease.py). That wait is what
+            # test_lease, test_leader_fencing and test_operations' standby test are about; the
+            # other tests start sending at once. (`takeover_wait_s: None` restores the default.)
+            "takeover_wait_s": 0,
             **(source or {}),
         },
         "mappings": mappings,

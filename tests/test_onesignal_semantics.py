@@ -37,9 +37,9 @@ MAPPING = {
 }
 
 
-def _start(pg_db, sim, bridge, mapping=None, onesignal=None):  # type: ignore[no-untyped-def]
+def _start(pg_db, sim, bridge, mapping=None, onesignal=None, source=None):  # type: ignore[no-untyped-def]
     pg_db.execute(DDL)
-    cfg = bridge_config(pg_db.dsn, sim.base_url, [mapping or MAPPING])
+    cfg = bridge_config(pg_db.dsn, sim.base_url, [mapping or MAPPING], source=source)
     cfg["metrics"]["port"] = free_port()
     cfg["onesignal"].update(onesignal or {})
     b = bridge(cfg)
@@ -129,7 +129,7 @@ def test_a_delete_issued_right_after_a_create_ends_with_the_user_deleted(pg_db, 
 def test_a_delete_right_after_a_restart_of_a_user_the_previous_process_just_created_still_happens(
         pg_db, sim, bridge):
     sim.config(replication_lag_ms=6000)  # outlasts the restart
-    b = _start(pg_db, sim, bridge).start()
+    b = _start(pg_db, sim, bridge).start()  # takeover_wait_s 0 (bridgeproc): the restart sends at once
     pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'pro')")
     wait_until(lambda: sim.user("1") is not None, what="the user created")
     b.kill()  # the new process does not know it created the user

@@ -39,8 +39,8 @@ def _setup(pg_db, b) -> None:  # type: ignore[no-untyped-def]
 
 def test_hot_standby_takes_over_within_fifteen_seconds_without_losing_a_change(pg_db, sim, bridge):
     pg_db.execute(DDL)
-    leader = bridge(_config(pg_db, sim), name="leader")
-    standby_cfg = _config(pg_db, sim)
+    leader = bridge(_config(pg_db, sim, takeover_wait_s=None), name="leader")  # the default wait
+    standby_cfg = _config(pg_db, sim, takeover_wait_s=None)
     standby = bridge(standby_cfg, name="standby")
     _setup(pg_db, leader)
     leader.start()

@@ -278,7 +278,7 @@ def test_bulk_update_of_50000_rows_converges_with_one_notification(odb, sim, bri
 
 
 def test_sigkill_mid_batch_loses_nothing_and_never_deletes_before_applied(odb, sim, bridge):
-    b = _prepare(odb, sim, bridge, batch_size=50).start()
+    b = _prepare(odb, sim, bridge, batch_size=50, takeover_wait_s=0).start()  # restarts send at once
     odb.execute("INSERT INTO users (id, plan) SELECT g, 'v0' FROM generate_series(1, 40) g")
     wait_until(lambda: len(sim.users()) == 40, what="40 users")
     wait_until(lambda: _depth(odb) == 0, what="outbox emptied")

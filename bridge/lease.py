@@ -51,8 +51,8 @@ class Lease:
         self.lease_s = lease_s
         self.takeover_wait_s = takeover_wait_s
         self.clock = clock
-        self.held_until = -math.inf  # sends stop here unless renewed
-        self.send_from = math.inf  # no sends before the lock was taken
+        self.held_until = -math.inf  # sends stop here unless renewed (closed until the lock is taken)
+        self.send_from = -math.inf  # no sends before this (a takeover's wait)
         self._closed_since: float | None = None  # for the log line when sends wait long
 
     def acquired(self, started_at: float, took_over: bool) -> float:
@@ -60,9 +60,14 @@ class Lease:
         replica held it before (and did not hand over cleanly). Returns how long sends wait."""
         now = self.clock()
         wait = self.takeover_wait_s if took_over else 0.0
-        self.send_from = now + wait
+        # A wait already running goes on: taking the lock again (a reconnect) does not shorten it.
+        self.send_from = max(self.send_from, now + wait)
         self.held_until = started_at + self.lease_s
-        return wait
+        return max(0.0, self.send_from - now)
+
+    def waiting(self) -> bool:
+        """A takeover's wait is still running: the previous leader's requests may be in flight."""
+        return self.clock() < self.send_from
 
     def end(self) -> None:
         """The session holding the lock is closed (or known dead): nothing more leaves until the

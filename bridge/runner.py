@@ -136,6 +136,10 @@ class _Generation:
                 exc = t.exception()
                 if exc is not None:
                     raise exc
+            if source_task not in done:
+                # The dispatcher ends only when the source's shutdown drained it: the source still
+                # confirms what was applied (and records a clean stop); let it finish.
+                await source_task
             return 0
         finally:
             for t in tasks:

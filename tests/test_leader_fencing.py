@@ -58,3 +58,27 @@ def test_an_old_leaders_late_request_does_not_overwrite_the_new_leaders_value(pg
     wait_until(lambda: "another replica led since" in first.logs(), timeout=15,
                what="replica a to abandon what it held and wait as a standby")
     assert first.alive() and second.alive()
+
+
+def test_a_leader_stopped_with_sigterm_hands_over_and_the_next_one_sends_at_once(pg_db, sim, bridge):
+    pg_db.execute(USERS_DDL)
+    first = _replica(pg_db, sim, bridge, "a")
+    out = run_cli("setup", "--config", str(first.config_path))
+    assert out.returncode == 0, out.stderr
+    first.start()
+    wait_until(lambda: "as the leader" in first.logs(), what="replica a to lead")
+    second = _replica(pg_db, sim, bridge, "b", poll_interval_ms=100).start()
+    wait_until(lambda: "hot standby" in second.logs(), what="replica b to wait as a hot standby")
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'v0')")
+    wait_until(lambda: _tags(sim, "1").get("plan") == "v0", what="user 1 created by a")
+
+    assert first.terminate(30) == 0  # a rolling update: SIGTERM, drain, stop
+    assert "stopped; 1 outbox row(s) deleted" in first.logs(), "a confirmed what it applied before it let go"
+    wait_until(lambda: "taking over" in second.logs(), timeout=10, what="replica b to take over")
+    assert "stopped with nothing in flight" in second.logs(), "a's epoch was recorded as a clean stop"
+    assert pg_db.fetch("SELECT epoch, clean FROM onesignal_bridge.leaders WHERE lock_name = 'outbox'") == [
+        (2, False)], "b leads in an epoch of its own"
+    taken = time.monotonic()
+    pg_db.execute("INSERT INTO users (id, plan) VALUES (2, 'v0')")
+    wait_until(lambda: _tags(sim, "2").get("plan") == "v0", what="user 2 created by b")
+    assert time.monotonic() - taken < 5, "b waited as if a had crashed (its takeover wait is 9 s)"

@@ -53,6 +53,17 @@ def test_a_replica_taking_the_lock_over_waits_before_its_first_request():
     assert lease.open_in(125.0) == 0
 
 
+def test_taking_the_lock_again_during_a_takeover_wait_does_not_shorten_it():
+    clock = _Clock()
+    lease = Lease(lease_s=10, takeover_wait_s=25, clock=clock)
+    lease.acquired(started_at=100.0, took_over=True)  # sends from 125
+    clock.t = 102.0
+    lease.end()  # a reconnect: the session that held the lock is gone ...
+    assert lease.acquired(started_at=102.0, took_over=False) == pytest.approx(23)  # ... and taken again
+    assert lease.open_in(110.0) == pytest.approx(15)
+    assert lease.waiting()
+
+
 async def test_the_gate_holds_a_request_until_the_lease_opens_and_lets_it_go_then():
     clock = _Clock()
     lease = Lease(lease_s=10, takeover_wait_s=5, clock=clock)
@@ -100,8 +111,8 @@ def dsn(pg_db) -> str:  # type: ignore[no-untyped-def]
     return str(pg_db.dsn)
 
 
-def _leadership() -> Leadership:
-    return Leadership(LOCK[0], LOCK[1], "the test lock", 0.05, _log, Lease(10, TAKEOVER_S), key="test")
+def _leadership(takeover_wait_s: float = TAKEOVER_S) -> Leadership:
+    return Leadership(LOCK[0], LOCK[1], "the test lock", 0.05, _log, Lease(10, takeover_wait_s), key="test")
 
 
 async def _connect(dsn: str) -> psycopg.AsyncConnection:  # type: ignore[type-arg]
@@ -117,7 +128,8 @@ async def _leads(dsn: str, replica: Leadership) -> psycopg.AsyncConnection:  # t
 
 
 async def _waits(dsn: str, standby: Leadership) -> asyncio.Task[bool]:
-    """`standby` waiting for the lock on a connection of its own (its `elect` task)."""
+    """`standby` waiting for the lock on a connection of its own (its `elect` task; the connection
+    is `_HELD[-1]` when it returns)."""
     task = asyncio.create_task(standby.elect(await _connect(dsn), asyncio.Event()))
     for _ in range(100):
         if standby.standby:
@@ -158,7 +170,7 @@ async def test_a_leader_that_stops_cleanly_lets_the_next_one_send_at_once(dsn):
     leader, standby = _leadership(), _leadership()
     conn = await _leads(dsn, leader)
     waiting = await _waits(dsn, standby)
-    await leader.hand_over(conn)
+    await leader.hand_over(conn, idle=True)
     assert _wait_of(leader) == math.inf, "nothing leaves a leader that handed over"
     await conn.close()
     assert await asyncio.wait_for(waiting, 10)
@@ -183,7 +195,7 @@ async def test_a_replica_that_finds_the_lock_free_after_a_database_restart_still
 async def test_a_clean_stop_counts_only_for_the_leader_that_made_it(dsn):
     a, b, c = _leadership(), _leadership(), _leadership()
     conn_a = await _leads(dsn, a)
-    await a.hand_over(conn_a)
+    await a.hand_over(conn_a, idle=True)
     await conn_a.close()
     await _leads(dsn, b)  # b takes over from a clean stop, then vanishes
     assert _wait_of(b) == 0
@@ -204,12 +216,12 @@ async def test_a_leader_that_lost_its_session_to_a_new_leader_abandons_what_it_h
 
 
 async def test_a_leader_that_finds_the_lock_free_after_another_led_meanwhile_abandons_what_it_held(dsn):
-    old, other = _leadership(), _leadership()
+    old, other = _leadership(), _leadership(takeover_wait_s=0)
     await _leads(dsn, old)
     await _end_holder(dsn)  # the old leader is cut off for a while (its reconnects fail) ...
     await asyncio.sleep(0.1)
-    conn = await _leads(dsn, other)  # ... another replica leads, sends newer values, stops
-    await other.hand_over(conn)
+    conn = await _leads(dsn, other)  # ... another replica waits it out, leads, sends, stops cleanly
+    await other.hand_over(conn, idle=True)
     await conn.close()
     with pytest.raises(LeadershipLost):
         await asyncio.wait_for(old.elect(await _connect(dsn), asyncio.Event()), 10)
@@ -225,3 +237,42 @@ async def test_a_leader_that_lost_its_session_and_got_the_lock_back_goes_on_at_o
     await asyncio.sleep(0.1)
     await _leads(dsn, leader)  # nobody else led meanwhile: its queue is still the newest
     assert _wait_of(leader) == 0
+
+
+async def test_a_leader_still_in_its_takeover_wait_does_not_mark_a_clean_stop(dsn):
+    old, b, c = _leadership(), _leadership(), _leadership()
+    conn_old = await _leads(dsn, old)
+    waiting = await _waits(dsn, b)
+    await conn_old.close()  # the old leader vanishes with requests in flight
+    assert await asyncio.wait_for(waiting, 10)
+    assert _wait_of(b) > 20
+    conn_b = _HELD[1]  # the connection b's election ran on (after the old leader's): it holds the lock
+    await b.hand_over(conn_b, idle=True)  # b is stopped before its wait ended: it sent nothing, is idle ...
+    await conn_b.close()
+    await _leads(dsn, c)
+    assert _wait_of(c) == pytest.approx(TAKEOVER_S, abs=1), "... but the old leader's requests may still land"
+
+
+async def test_a_leader_whose_old_session_still_holds_the_lock_waits_for_it_and_goes_on(dsn):
+    leader = _leadership()
+    first = await _leads(dsn, leader)  # its network drops: the server keeps the old session a while
+    again = asyncio.create_task(leader.elect(await _connect(dsn), asyncio.Event()))
+    for _ in range(100):
+        if leader.standby:
+            break
+        await asyncio.sleep(0.02)
+    assert leader.standby and not again.done(), "its own old session is not another leader"
+    await first.close()  # the server drops the old session
+    assert await asyncio.wait_for(again, 10)
+    assert _wait_of(leader) == 0, "nobody else led: it goes on with what it held"
+
+
+async def test_a_replica_taking_the_lock_from_a_bridge_that_records_no_epoch_waits(dsn):
+    older = await _connect(dsn)  # a bridge from before schema version 3 holds the lock
+    cur = await older.execute(LOCK[0], LOCK[1])
+    assert (await cur.fetchone())[0]
+    standby = _leadership()
+    waiting = await _waits(dsn, standby)
+    await older.close()
+    assert await asyncio.wait_for(waiting, 10)
+    assert _wait_of(standby) == pytest.approx(TAKEOVER_S, abs=1)

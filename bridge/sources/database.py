@@ -146,6 +146,7 @@ class Leadership:
         self.lease = lease or Lease()
         self.standby = False
         self.epoch: int | None = None  # the epoch this replica started when it last took the lock
+        self._keeping = asyncio.Event()  # set: `keep` stops
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     @property
@@ -170,8 +171,10 @@ class Leadership:
             if row and row[0]:
                 await self._take(conn, started, waited)
                 return True
-            if self.led:
-                raise self._lost()
+            if self.led and await self._epoch(conn) != self.epoch:
+                raise self._lost()  # another replica took it over: what this one holds is stale
+            # (Still this replica's epoch: the holder may be its own old session, which the server
+            # has not dropped yet, or a replica that has only just taken it; look again.)
             if not waited:
                 self.log.info("another replica streams %s; waiting as a hot standby", self.what)
                 waited = True
@@ -183,6 +186,11 @@ class Leadership:
                 pass
         return False
 
+    async def _epoch(self, conn: psycopg.AsyncConnection[Any]) -> int | None:
+        cur = await conn.execute(f"SELECT epoch FROM {LEADERS} WHERE lock_name = %s", (self.key,))
+        row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
     async def _take(self, conn: psycopg.AsyncConnection[Any], started: float, waited: bool) -> None:
         """The lock is held: read how the previous epoch ended, start this replica's, open the lease."""
         cur = await conn.execute(f"SELECT epoch, clean FROM {LEADERS} WHERE lock_name = %s", (self.key,))
@@ -190,7 +198,12 @@ class Leadership:
         if self.epoch is not None and (last is None or last[0] != self.epoch):
             await conn.execute("SELECT pg_advisory_unlock_all()")  # the next generation takes it again
             raise self._lost()
-        took_over = last is not None and not last[1] and self.epoch is None
+        if last is None:
+            # No epoch yet: the stream's first leader, unless the lock was held when this replica
+            # came (a bridge from before schema version 3, during the upgrade to it): then wait.
+            took_over = waited
+        else:
+            took_over = self.epoch is None and not last[1]
         cur = await conn.execute(_TAKE_EPOCH, (self.key, self.holder))
         got = await cur.fetchone()
         assert got is not None  # INSERT ... RETURNING always returns the row
@@ -208,30 +221,53 @@ class Leadership:
 
     async def keep(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Renew the lease while `conn` (the session holding the lock, used for nothing else) answers;
-        raise when it fails. Runs beside the leader's work until cancelled."""
+        raise when it fails. Runs beside the leader's work until `stop_keeping` (which lets a query
+        in progress finish, so `conn` can still record a clean stop) or until cancelled."""
         clock = self.lease.clock
         every = max(0.05, self.lease.lease_s / 4)
-        while True:
+        stop = self._keeping = asyncio.Event()
+        while not stop.is_set():
             started = clock()
             await conn.execute("SELECT 1")
             self.lease.renew(started)
-            await asyncio.sleep(every)
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except TimeoutError:
+                pass
+
+    async def stop_keeping(self, task: asyncio.Task[None]) -> None:
+        """End `keep` (its task) between two queries; cancel it if its query does not come back."""
+        self._keeping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.lease.lease_s)
+        except Exception:  # noqa: BLE001 - the session failed or hangs: no clean stop on it anyway
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     def released(self) -> None:
         """The session that held the lock is being closed (or failed): another replica may take the
         lock from now on, so nothing more leaves from here until this one holds it again."""
         self.lease.end()
 
-    async def hand_over(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Mark this replica's epoch clean: it stops with every request answered, so the next leader
-        need not wait out its requests (call it last, then close `conn`, which frees the lock).
-        Skipped, with a line in the log, when `conn` cannot carry it: the next leader then waits."""
+    async def hand_over(self, conn: psycopg.AsyncConnection[Any], idle: bool) -> None:
+        """Stop leading; when `idle` (every request answered), mark this replica's epoch clean, so
+        the next leader need not wait out its requests (call it last, then close `conn`, which frees
+        the lock). Not while its own takeover wait runs (its predecessor's requests may still be in
+        flight), nor when `conn` cannot carry it: the next leader then waits (logged)."""
+        still_waiting = self.lease.waiting()  # its predecessor's requests may still be in flight
         self.lease.end()  # nothing more leaves from here
-        if self.epoch is None or conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            return  # a query was cancelled on it: not marked (the next leader waits; nothing is lost)
-        try:
-            await conn.execute(f"UPDATE {LEADERS} SET clean = true, updated_at = now()"
-                               " WHERE lock_name = %s AND epoch = %s", (self.key, self.epoch))
-        except psycopg.Error as exc:
-            self.log.info("could not record that this leader stopped cleanly (%s): the next leader waits "
-                          "source.takeover_wait_s before sending", clean(exc))
+        if self.epoch is None:
+            return
+        why = ("requests were still unanswered" if not idle
+               else "its own takeover wait had not ended" if still_waiting
+               else "the lock's session was busy" if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE
+               else "")
+        if not why:
+            try:
+                await conn.execute(f"UPDATE {LEADERS} SET clean = true, updated_at = now()"
+                                   " WHERE lock_name = %s AND epoch = %s", (self.key, self.epoch))
+                return
+            except psycopg.Error as exc:
+                why = f"the database refused it: {clean(exc)}"
+        self.log.info("not recorded as a clean stop (%s): the next leader waits source.takeover_wait_s "
+                      "before sending", why)

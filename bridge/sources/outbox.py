@@ -208,11 +208,9 @@ class OutboxSource:
             await asyncio.gather(drain_task, return_exceptions=True)
             if self._drain is not None:
                 await self._drain()  # the lease keeps being renewed meanwhile: what is left may go
-            keep_task.cancel()
-            await asyncio.gather(keep_task, return_exceptions=True)
+            await self._leadership.stop_keeping(keep_task)
             await self._final_confirm(conn, sink)
-            if sink.idle:  # every request answered: the next leader need not wait for this one's
-                await self._leadership.hand_over(lock)
+            await self._leadership.hand_over(lock, sink.idle)  # idle: every request answered
             log.info("stopped; %d outbox row(s) deleted, %d claimed and left for the next leader",
                      self.deleted, len(self._held))
         finally:

@@ -182,10 +182,9 @@ class PostgresSource:
             await asyncio.wait({keep, body}, return_when=asyncio.FIRST_COMPLETED)
             if body.done():
                 body.result()
-                if self._stop.is_set() and sink.idle:  # every request answered: no need to wait for us
-                    keep.cancel()
-                    await asyncio.gather(keep, return_exceptions=True)
-                    await self._leadership.hand_over(leader)
+                if self._stop.is_set():
+                    await self._leadership.stop_keeping(keep)
+                    await self._leadership.hand_over(leader, sink.idle)  # idle: every request answered
                 return
             body.cancel()
             await asyncio.gather(body, return_exceptions=True)

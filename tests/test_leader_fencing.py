@@ -27,16 +27,22 @@ def _lock_holder(db) -> int:  # type: ignore[no-untyped-def]
     return int(rows[0][0])
 
 
-def test_an_old_leaders_late_request_does_not_overwrite_the_new_leaders_value(pg_db, sim, bridge):
+def _leader_and_standby(pg_db, sim, bridge):  # type: ignore[no-untyped-def]
+    """Replica a leading the outbox, replica b waiting behind it. b polls the lock every 100 ms, so
+    it takes over before a has reconnected."""
     pg_db.execute(USERS_DDL)
     first = _replica(pg_db, sim, bridge, "a")
     out = run_cli("setup", "--config", str(first.config_path))
     assert out.returncode == 0, out.stderr
     first.start()
     wait_until(lambda: "as the leader" in first.logs(), what="replica a to lead")
-    # b polls the lock quickly, so it takes over before a has reconnected
     second = _replica(pg_db, sim, bridge, "b", poll_interval_ms=100).start()
     wait_until(lambda: "hot standby" in second.logs(), what="replica b to wait as a hot standby")
+    return first, second
+
+
+def test_an_old_leaders_late_request_does_not_overwrite_the_new_leaders_value(pg_db, sim, bridge):
+    first, second = _leader_and_standby(pg_db, sim, bridge)
     pg_db.execute("INSERT INTO users (id, crm_id, plan) VALUES (1, 'c1', 'v0')")
     wait_until(lambda: _tags(sim, "1").get("plan") == "v0", what="user 1 created by a")
 
@@ -61,14 +67,7 @@ def test_an_old_leaders_late_request_does_not_overwrite_the_new_leaders_value(pg
 
 
 def test_a_leader_stopped_with_sigterm_hands_over_and_the_next_one_sends_at_once(pg_db, sim, bridge):
-    pg_db.execute(USERS_DDL)
-    first = _replica(pg_db, sim, bridge, "a")
-    out = run_cli("setup", "--config", str(first.config_path))
-    assert out.returncode == 0, out.stderr
-    first.start()
-    wait_until(lambda: "as the leader" in first.logs(), what="replica a to lead")
-    second = _replica(pg_db, sim, bridge, "b", poll_interval_ms=100).start()
-    wait_until(lambda: "hot standby" in second.logs(), what="replica b to wait as a hot standby")
+    first, second = _leader_and_standby(pg_db, sim, bridge)
     pg_db.execute("INSERT INTO users (id, plan) VALUES (1, 'v0')")
     wait_until(lambda: _tags(sim, "1").get("plan") == "v0", what="user 1 created by a")
 

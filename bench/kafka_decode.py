@@ -8,6 +8,7 @@ the same topic and `orjson.loads` each value. Target: ratio >= 0.2 (the goal 0.5
     .venv/bin/python bench/kafka_decode.py --quick               # 30,000 records, 2 rounds; prints only
     .venv/bin/python bench/kafka_decode.py --profile FILE        # also one py-spy'd bridge pass
     .venv/bin/python bench/kafka_decode.py --replicas 2          # also 2 bridge processes in one group
+    .venv/bin/python bench/kafka_decode.py --timeline            # and each pass's requests over time
 
 Broker: tansu (tests/kafkabroker.py, memory storage) on loopback. One topic of 4 partitions,
 keyed by the row id (the mapping's identity), holding Debezium PostgreSQL-connector change events
@@ -178,6 +179,19 @@ def check_applied(sim: Simulator, want: dict[str, tuple[str, str] | None]) -> st
     return None
 
 
+def timeline(sim: Simulator) -> str:
+    """The last pass's requests to the simulator, counted per 0.25 s after the first one."""
+    reqs = sim.http.get("/_simulator/requests").json()["requests"]
+    if not reqs:
+        return "no requests"
+    t0 = min(r["time"] for r in reqs)
+    per: dict[float, int] = {}
+    for r in reqs:
+        slot = int((r["time"] - t0) * 4) / 4
+        per[slot] = per.get(slot, 0) + 1
+    return f"{len(reqs)} requests; per 0.25 s: " + " ".join(f"{k:.2f}:{v}" for k, v in sorted(per.items()))
+
+
 def run_bridge(root: Path, bootstrap: str, sim: Simulator, ends: dict[int, int], workdir: Path, name: str,
                want: dict[str, tuple[str, str] | None], timeout: float = 600, profile_to: Path | None = None,
                replicas: int = 1) -> float:
@@ -252,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="one extra bridge pass under py-spy; raw samples to this file")
     ap.add_argument("--replicas", type=int, default=1,
                     help="also run N bridge processes in one consumer group (scale-out), side by side")
+    ap.add_argument("--timeline", action="store_true",
+                    help="after each bridge pass, print its OneSignal requests per 0.25 s (where the time goes)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -292,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                                            replicas=args.replicas)
                 else:
                     secs[who] = run_bridge(trees[who], broker.bootstrap, sim, ends, workdir, f"{who}-{r}", want)
+                    if args.timeline:
+                        print(f"  {who} pass: {timeline(sim)}", flush=True)
                 rates[who].append(args.records / secs[who])
             line = ", ".join(f"{who} {secs[who]:.2f} s ({args.records / secs[who]:,.0f}/s)" for who in readers)
             ratios = ", ".join(f"{who}/plain {secs['plain'] / secs[who]:.3f}" for who in readers[1:])

@@ -22,6 +22,8 @@ from bridge.sources import registry
 
 log = logging.getLogger("bridge.run")
 
+SOURCE_STOP_S = 30.0  # after the dispatcher drained: the source's last confirmations and clean stop
+
 
 async def run_bridge(config: Config, stop: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
@@ -138,8 +140,13 @@ class _Generation:
                     raise exc
             if source_task not in done:
                 # The dispatcher ends only when the source's shutdown drained it: the source still
-                # confirms what was applied (and records a clean stop); let it finish.
-                await source_task
+                # confirms what was applied (and records a clean stop); let it finish, within bounds
+                # (a database that stopped answering must not hold the process).
+                try:
+                    await asyncio.wait_for(asyncio.shield(source_task), SOURCE_STOP_S)
+                except TimeoutError:
+                    log.warning("the source did not finish stopping within %.0fs (is the database answering?); "
+                                "what it did not confirm is read again on the next start", SOURCE_STOP_S)
             return 0
         finally:
             for t in tasks:

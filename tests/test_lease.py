@@ -276,3 +276,14 @@ async def test_a_replica_taking_the_lock_from_a_bridge_that_records_no_epoch_wai
     await older.close()
     assert await asyncio.wait_for(waiting, 10)
     assert _wait_of(standby) == pytest.approx(TAKEOVER_S, abs=1)
+
+
+async def test_an_epoch_written_again_by_another_replica_is_not_taken_for_its_own(dsn):
+    old = _leadership()
+    await _leads(dsn, old)
+    await _end_holder(dsn)  # cut off; then the database fails over and loses the last writes:
+    admin = await _connect(dsn)  # another replica ends up with the same epoch number, cleanly stopped
+    await admin.execute("UPDATE onesignal_bridge.leaders SET holder = 'another-replica', clean = true"
+                        " WHERE lock_name = 'test'")
+    with pytest.raises(LeadershipLost):
+        await asyncio.wait_for(old.elect(await _connect(dsn), asyncio.Event()), 10)

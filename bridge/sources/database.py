@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -146,8 +147,10 @@ class Leadership:
         self.lease = lease or Lease()
         self.standby = False
         self.epoch: int | None = None  # the epoch this replica started when it last took the lock
+        # who started it: host, pid and a random token per epoch, compared with the epoch (a counter
+        # alone could be written again by another replica after a database lost its last writes)
+        self.holder = ""
         self._keeping = asyncio.Event()  # set: `keep` stops
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def led(self) -> bool:
@@ -171,7 +174,7 @@ class Leadership:
             if row and row[0]:
                 await self._take(conn, started, waited)
                 return True
-            if self.led and await self._epoch(conn) != self.epoch:
+            if self.led and await self._epoch(conn) != (self.epoch, self.holder):
                 raise self._lost()  # another replica took it over: what this one holds is stale
             # (Still this replica's epoch: the holder may be its own old session, which the server
             # has not dropped yet, or a replica that has only just taken it; look again.)
@@ -186,16 +189,16 @@ class Leadership:
                 pass
         return False
 
-    async def _epoch(self, conn: psycopg.AsyncConnection[Any]) -> int | None:
-        cur = await conn.execute(f"SELECT epoch FROM {LEADERS} WHERE lock_name = %s", (self.key,))
+    async def _epoch(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, str] | None:
+        cur = await conn.execute(f"SELECT epoch, holder FROM {LEADERS} WHERE lock_name = %s", (self.key,))
         row = await cur.fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None else (int(row[0]), str(row[1]))
 
     async def _take(self, conn: psycopg.AsyncConnection[Any], started: float, waited: bool) -> None:
         """The lock is held: read how the previous epoch ended, start this replica's, open the lease."""
-        cur = await conn.execute(f"SELECT epoch, clean FROM {LEADERS} WHERE lock_name = %s", (self.key,))
+        cur = await conn.execute(f"SELECT epoch, clean, holder FROM {LEADERS} WHERE lock_name = %s", (self.key,))
         last = await cur.fetchone()
-        if self.epoch is not None and (last is None or last[0] != self.epoch):
+        if self.epoch is not None and (last is None or (last[0], last[2]) != (self.epoch, self.holder)):
             await conn.execute("SELECT pg_advisory_unlock_all()")  # the next generation takes it again
             raise self._lost()
         if last is None:
@@ -204,14 +207,15 @@ class Leadership:
             took_over = waited
         else:
             took_over = self.epoch is None and not last[1]
-        cur = await conn.execute(_TAKE_EPOCH, (self.key, self.holder))
+        holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+        cur = await conn.execute(_TAKE_EPOCH, (self.key, holder))
         got = await cur.fetchone()
         assert got is not None  # INSERT ... RETURNING always returns the row
-        self.epoch = int(got[0])
+        self.epoch, self.holder = int(got[0]), holder
         self.standby = False
         m.STANDBY.set(0)
         wait = self.lease.acquired(started, took_over)
-        if took_over:
+        if wait > 0:  # a takeover, or its wait still running when this replica took the lock again
             self.log.warning("this replica now holds the lock for %s: taking over; sending to OneSignal starts "
                              "in %.0fs (the previous leader did not stop cleanly and its requests may still be "
                              "in flight: source.takeover_wait_s)", self.what, wait)

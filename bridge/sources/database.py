@@ -174,7 +174,7 @@ class Leadership:
             if row and row[0]:
                 await self._take(conn, started, waited)
                 return True
-            if self.led and await self._epoch(conn) != (self.epoch, self.holder):
+            if self.led and not self._mine(await self._last(conn)):
                 raise self._lost()  # another replica took it over: what this one holds is stale
             # (Still this replica's epoch: the holder may be its own old session, which the server
             # has not dropped yet, or a replica that has only just taken it; look again.)
@@ -189,16 +189,19 @@ class Leadership:
                 pass
         return False
 
-    async def _epoch(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, str] | None:
-        cur = await conn.execute(f"SELECT epoch, holder FROM {LEADERS} WHERE lock_name = %s", (self.key,))
+    async def _last(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, bool, str] | None:
+        """The lock's last epoch: (epoch, clean, holder), None when no replica recorded one."""
+        cur = await conn.execute(f"SELECT epoch, clean, holder FROM {LEADERS} WHERE lock_name = %s", (self.key,))
         row = await cur.fetchone()
-        return None if row is None else (int(row[0]), str(row[1]))
+        return None if row is None else (int(row[0]), bool(row[1]), str(row[2]))
+
+    def _mine(self, last: tuple[int, bool, str] | None) -> bool:
+        return last is not None and (last[0], last[2]) == (self.epoch, self.holder)
 
     async def _take(self, conn: psycopg.AsyncConnection[Any], started: float, waited: bool) -> None:
         """The lock is held: read how the previous epoch ended, start this replica's, open the lease."""
-        cur = await conn.execute(f"SELECT epoch, clean, holder FROM {LEADERS} WHERE lock_name = %s", (self.key,))
-        last = await cur.fetchone()
-        if self.epoch is not None and (last is None or (last[0], last[2]) != (self.epoch, self.holder)):
+        last = await self._last(conn)
+        if self.epoch is not None and not self._mine(last):
             await conn.execute("SELECT pg_advisory_unlock_all()")  # the next generation takes it again
             raise self._lost()
         if last is None:
@@ -238,6 +241,32 @@ class Leadership:
                 await asyncio.wait_for(stop.wait(), every)
             except TimeoutError:
                 pass
+
+    async def lead(self, conn: psycopg.AsyncConnection[Any], body: Awaitable[None],
+                   stopping: Callable[[], bool], idle: Callable[[], bool]) -> None:
+        """Run `body` (the leader's work) while `conn` holds the lock, renewing the lease beside it
+        from the start; when the lock's session fails, `body` is cancelled and the failure raised.
+        When `body` returns because the source is `stopping`, the stop is recorded clean if `idle`
+        (every request answered). Then the lease ends and `conn` is closed (the lock goes)."""
+        keep = asyncio.create_task(self.keep(conn))
+        work = asyncio.ensure_future(body)
+        try:
+            await asyncio.wait({keep, work}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()
+                if stopping():
+                    await self.stop_keeping(keep)
+                    await self.hand_over(conn, idle())
+                return
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            keep.result()  # raises what ended the lock's session
+        finally:
+            for t in (keep, work):
+                t.cancel()
+            await asyncio.gather(keep, work, return_exceptions=True)
+            self.released()
+            await conn.close()
 
     async def stop_keeping(self, task: asyncio.Task[None]) -> None:
         """End `keep` (its task) between two queries; cancel it if its query does not come back."""

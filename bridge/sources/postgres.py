@@ -176,25 +176,8 @@ class PostgresSource:
             return
         # The lease is renewed beside the stream from the moment the lock is held (a long initial
         # snapshot included); when the lock's session fails, the stream stops with it.
-        keep = asyncio.create_task(self._leadership.keep(leader))
-        body = asyncio.create_task(self._stream_as_leader(sink, leader))
-        try:
-            await asyncio.wait({keep, body}, return_when=asyncio.FIRST_COMPLETED)
-            if body.done():
-                body.result()
-                if self._stop.is_set():
-                    await self._leadership.stop_keeping(keep)
-                    await self._leadership.hand_over(leader, sink.idle)  # idle: every request answered
-                return
-            body.cancel()
-            await asyncio.gather(body, return_exceptions=True)
-            keep.result()  # raises what ended the lock's session
-        finally:
-            for t in (keep, body):
-                t.cancel()
-            await asyncio.gather(keep, body, return_exceptions=True)
-            self._leadership.released()
-            await leader.close()
+        await self._leadership.lead(leader, self._stream_as_leader(sink, leader), self._stop.is_set,
+                                    lambda: sink.idle)
 
     async def _stream_as_leader(self, sink: Sink, leader: psycopg.AsyncConnection[Any] | None) -> None:
         conn = await psycopg.AsyncConnection.connect(
